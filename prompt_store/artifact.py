@@ -1,0 +1,229 @@
+"""The prompt artifact: one safetensors file per task version.
+
+- tensor `prompt_embeddings`: [m, hidden_size], float32 / float16 / bfloat16;
+- header metadata key `ptserve`: JSON with format_version, task_type, template,
+  labels (classify), base_model {name_or_path, hidden_size, vocab_size,
+  fingerprint?} and optional keys that are kept and ignored.
+
+`read_artifact` checks everything that can be checked without the model;
+`check_fits_model` checks the rest against the served model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import ArtifactError, PayloadTooLarge, TemplateError
+from .template import Template, parse_template
+
+TENSOR_NAME = "prompt_embeddings"
+METADATA_KEY = "ptserve"
+FORMAT_VERSION = 1
+TASK_TYPES = ("generate", "classify")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PromptArtifact:
+    embeddings: torch.Tensor  # [m, hidden_size]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def task_type(self) -> str:
+        return self.meta["task_type"]
+
+    @property
+    def template(self) -> Template:
+        return parse_template(self.meta["template"])
+
+    @property
+    def labels(self) -> dict[str, str] | None:
+        return self.meta.get("labels")
+
+    @property
+    def base_model(self) -> dict:
+        return self.meta["base_model"]
+
+
+def read_header(data: bytes) -> dict:
+    """The JSON header of a safetensors file, without loading any tensor."""
+    if len(data) < 8:
+        raise ArtifactError("not a safetensors file: fewer than 8 bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise ArtifactError(f"not a safetensors file: header length {n} exceeds {MAX_HEADER_BYTES} bytes")
+    if 8 + n > len(data):
+        raise ArtifactError(f"not a safetensors file: header length {n} runs past the end of the {len(data)} bytes")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"not a safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("not a safetensors file: header is not a JSON object")
+    return header
+
+
+def read_meta(header: dict) -> dict:
+    """The `ptserve` metadata document of a parsed header, checked for shape."""
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ArtifactError(f"safetensors metadata has no '{METADATA_KEY}' key")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"metadata '{METADATA_KEY}' is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"metadata '{METADATA_KEY}' must be a JSON object")
+    _check_meta(meta)
+    return meta
+
+
+def _check_meta(meta: dict) -> None:
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
+    if meta.get("task_type") not in TASK_TYPES:
+        raise ArtifactError(f"task_type must be one of {list(TASK_TYPES)}, got {meta.get('task_type')!r}")
+    try:
+        parse_template(meta.get("template"))
+    except TemplateError as e:
+        raise ArtifactError(f"bad template: {e}") from None
+    labels = meta.get("labels")
+    if meta["task_type"] == "classify":
+        if not isinstance(labels, dict) or not labels:
+            raise ArtifactError("a classify artifact needs 'labels': a non-empty object of label -> verbalizer text")
+        for name, verbalizer in labels.items():
+            if not name or not isinstance(verbalizer, str) or not verbalizer:
+                raise ArtifactError(f"label {name!r}: verbalizer must be a non-empty string")
+    elif labels is not None:
+        raise ArtifactError("'labels' is only allowed for task_type 'classify'")
+    base = meta.get("base_model")
+    if not isinstance(base, dict):
+        raise ArtifactError("'base_model' must be an object with hidden_size and vocab_size")
+    for key in ("hidden_size", "vocab_size"):
+        if not isinstance(base.get(key), int) or base[key] < 1:
+            raise ArtifactError(f"base_model.{key} must be a positive integer, got {base.get(key)!r}")
+    gen = meta.get("generation")
+    if gen is not None and not isinstance(gen, dict):
+        raise ArtifactError("'generation' must be an object of default sampling parameters")
+
+
+def read_artifact(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PromptArtifact:
+    """Parse and check artifact bytes; raise ArtifactError saying what is wrong."""
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"artifact is {len(data)} bytes; the limit is {max_bytes}")
+    header = read_header(data)
+    if TENSOR_NAME not in header:
+        raise ArtifactError(f"safetensors file has no tensor named '{TENSOR_NAME}' (has {sorted(k for k in header if k != '__metadata__')})")
+    meta = read_meta(header)
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        raise ArtifactError(f"not a valid safetensors file: {e}") from None
+    emb = tensors[TENSOR_NAME]
+    _check_embeddings(emb, meta)
+    return PromptArtifact(embeddings=emb, meta=meta)
+
+
+def _check_embeddings(emb: torch.Tensor, meta: dict) -> None:
+    if emb.dim() != 2:
+        raise ArtifactError(f"'{TENSOR_NAME}' must be 2-D [m, hidden_size], got shape {list(emb.shape)}")
+    if emb.dtype not in FLOAT_DTYPES:
+        raise ArtifactError(f"'{TENSOR_NAME}' must be float32, float16 or bfloat16, got {emb.dtype}")
+    if not torch.isfinite(emb).all():
+        raise ArtifactError(f"'{TENSOR_NAME}' contains NaN or Inf")
+    m = parse_template(meta["template"]).num_virtual_tokens
+    if emb.shape[0] != m:
+        raise ArtifactError(
+            f"'{TENSOR_NAME}' has {emb.shape[0]} rows but template {meta['template']!r} has {m} pseudo tokens"
+        )
+    if emb.shape[1] != meta["base_model"]["hidden_size"]:
+        raise ArtifactError(
+            f"'{TENSOR_NAME}' has {emb.shape[1]} columns but base_model.hidden_size is {meta['base_model']['hidden_size']}"
+        )
+
+
+def check_fits_model(artifact: PromptArtifact, hidden_size: int, vocab_size: int, fingerprint: str | None) -> None:
+    """Refuse an artifact trained for a different model than the one served."""
+    base = artifact.base_model
+    if artifact.embeddings.shape[1] != hidden_size:
+        raise ArtifactError(
+            f"prompt hidden size {artifact.embeddings.shape[1]} does not match the served model's {hidden_size}"
+        )
+    if base["vocab_size"] != vocab_size:
+        raise ArtifactError(f"base_model.vocab_size {base['vocab_size']} does not match the served model's {vocab_size}")
+    theirs = base.get("fingerprint")
+    if theirs is not None and fingerprint is not None and theirs != fingerprint:
+        raise ArtifactError(
+            f"base_model.fingerprint {theirs} does not match the served model's {fingerprint}: "
+            "the prompt was trained on other weights"
+        )
+
+
+def make_artifact(
+    embeddings: torch.Tensor,
+    *,
+    template: str,
+    task_type: str,
+    base_model: dict,
+    labels: dict[str, str] | None = None,
+    **optional,
+) -> PromptArtifact:
+    """Build a checked artifact from a [m, hidden_size] tensor.
+
+    `base_model` needs hidden_size and vocab_size (and may carry name_or_path and
+    fingerprint; `server.model.describe_model` returns one for a loaded model).
+    Extra keyword arguments (task_id, generation, description, metrics...) go into
+    the metadata as they are.
+    """
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "task_type": task_type,
+        "template": template,
+        "base_model": dict(base_model),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **optional,
+    }
+    if labels is not None:
+        meta["labels"] = dict(labels)
+    _check_meta(meta)
+    emb = embeddings.detach().cpu().contiguous()
+    _check_embeddings(emb, meta)
+    return PromptArtifact(embeddings=emb, meta=meta)
+
+
+def artifact_bytes(artifact: PromptArtifact) -> bytes:
+    return st_save({TENSOR_NAME: artifact.embeddings.contiguous()}, metadata={METADATA_KEY: json.dumps(artifact.meta)})
+
+
+def save_artifact(artifact: PromptArtifact, path: str | Path) -> None:
+    Path(path).write_bytes(artifact_bytes(artifact))
+
+
+def load_artifact(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> PromptArtifact:
+    return read_artifact(Path(path).read_bytes(), max_bytes=max_bytes)
+
+
+def summarize(task_id: str, version: int, header: dict) -> dict:
+    """The public summary of a stored task, from its safetensors header alone."""
+    meta = read_meta(header)
+    return {
+        "task_id": task_id,
+        "version": version,
+        "task_type": meta["task_type"],
+        "num_virtual_tokens": parse_template(meta["template"]).num_virtual_tokens,
+        "template": meta["template"],
+        "labels": meta.get("labels"),
+        "base_model": meta["base_model"],
+        "created_at": meta.get("created_at"),
+        "description": meta.get("description"),
+    }

@@ -1,0 +1,1 @@
+"""Training of prompts (issue 3)."""

@@ -1,0 +1,1 @@
+"""ptserve: the HTTP server, scheduler and model runner."""

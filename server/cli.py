@@ -1,0 +1,100 @@
+"""The `ptserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _tiny_model(args) -> None:
+    from .tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.directory, arch=args.arch, seed=args.seed)
+    print(f"wrote a tiny {args.arch} smoke-test model (random weights, meaningless output) to {path}")
+
+
+def _make_artifact(args) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from prompt_store.artifact import TENSOR_NAME, make_artifact, save_artifact
+    from prompt_store.template import parse_template
+
+    from .model import describe_model
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    base = describe_model(model, args.model)
+    if args.embeddings:
+        tensors = load_file(args.embeddings)
+        if TENSOR_NAME not in tensors:
+            sys.exit(f"{args.embeddings} has no tensor named {TENSOR_NAME!r} (has {sorted(tensors)})")
+        rows = tensors[TENSOR_NAME]
+    else:  # random rows on the scale of the embedding matrix: a smoke-test prompt
+        m = parse_template(args.template).num_virtual_tokens
+        weight = model.get_input_embeddings().weight
+        rows = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(args.seed)) * float(weight.std())
+    labels = json.loads(args.labels) if args.labels else None
+    artifact = make_artifact(
+        rows, template=args.template, task_type=args.task_type, labels=labels, base_model=base, description=args.description
+    )
+    save_artifact(artifact, args.output)
+    print(f"wrote {args.output}: {rows.shape[0]} prompt rows of size {rows.shape[1]}, task_type={args.task_type}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptserve", description="Serve P-tuning soft prompts on one frozen LM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server (flags override PTSERVE_* environment settings)")
+    serve.add_argument("--model", help="Hugging Face model id or local directory (PTSERVE_MODEL)")
+    serve.add_argument("--store", help="prompt store: a directory (default ./ptserve-data) or redis://host:port/db")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    serve.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
+    serve.set_defaults(func=_serve)
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny RANDOM-WEIGHT smoke-test model (meaningless output)")
+    tiny.add_argument("directory")
+    tiny.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_tiny_model)
+
+    art = sub.add_parser("make-artifact", help="write a prompt artifact for a model from a tensor (or random rows)")
+    art.add_argument("--model", required=True, help="the model the prompt is for (id or directory)")
+    art.add_argument("--template", required=True, help='e.g. "[P:3]{input}[P:3]"')
+    art.add_argument("--task-type", choices=["generate", "classify"], default="generate")
+    art.add_argument("--labels", help='classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
+    art.add_argument("--embeddings", help=f"safetensors file with a [m, hidden] tensor '{'prompt_embeddings'}'; "
+                     "omit for random rows (a smoke test)")
+    art.add_argument("--seed", type=int, default=0, help="seed of the random rows")
+    art.add_argument("--description")
+    art.add_argument("-o", "--output", required=True)
+    art.set_defaults(func=_make_artifact)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The engine: everything the routes talk to, built once at startup.
+
+It owns the model, the store, the prompt cache, the runner and the scheduler.
+Routes call `upload` / `prepare_*` (blocking: store I/O and tokenization, so
+they run in a worker thread) and `submit`; they never touch the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+from prompt_store.artifact import read_artifact
+from prompt_store.errors import InvalidRequest, TaskNotFound
+from prompt_store.store import PromptStore, check_task_id, open_store
+from prompt_store.template import render
+
+from .model import LoadedModel, load_model
+from .prompts import PromptCache, TaskPrompt, task_prompt
+from .runner import ModelRunner
+from .scheduler import BatchStats, Scheduler
+from .settings import Settings
+from .work import ClassifyWork, GenerateWork, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+
+
+class Engine:
+    def __init__(self, settings: Settings, loaded: LoadedModel, store: PromptStore):
+        self.settings = settings
+        self.loaded = loaded
+        self.store = store
+        self.prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
+        self.runner = ModelRunner(loaded)
+        self.batch_stats = BatchStats()
+        self.scheduler = Scheduler(self.runner, settings.max_batch_size, settings.max_wait_ms / 1000, self.batch_stats)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
+        if loaded is None:
+            loaded = load_model(settings.model, settings.device, settings.dtype)
+        return cls(settings, loaded, open_store(settings.store))
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.store.close()
+
+    # -- tasks -------------------------------------------------------------
+
+    def upload(self, task_id: str, data: bytes) -> dict:
+        """Check the artifact fully against the served model, then store it.
+        Anything wrong raises before the store is touched."""
+        check_task_id(task_id)
+        artifact = read_artifact(data, self.settings.max_artifact_bytes)
+        task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
+        summary = self.store.put(task_id, data)
+        log.info("stored task %s version %d", task_id, summary["version"])
+        return summary
+
+    def summary(self, task_id: str) -> dict:
+        summary = self.store.summary(check_task_id(task_id))
+        if summary is None:
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        return summary
+
+    def delete(self, task_id: str) -> None:
+        if not self.store.delete(check_task_id(task_id)):
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        self.prompts.drop(task_id)
+
+    # -- inference ---------------------------------------------------------
+
+    def _resolve(self, task_id: str, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
+        prompt = self.prompts.get(task_id)
+        if prompt.task_type != task_type:
+            raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
+        ids = render(prompt.template, self.loaded.tokenizer, fields, self.loaded.vocab_size)
+        if len(ids) > self.settings.max_input_tokens:
+            raise InvalidRequest(
+                f"rendered input is {len(ids)} tokens; the limit is {self.settings.max_input_tokens}"
+            )
+        return prompt, ids
+
+    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> GenerateWork:
+        prompt, ids = self._resolve(task_id, "generate", fields)
+        params = self._sampling_params(prompt, overrides)
+        limit = self.loaded.max_positions
+        if limit is not None and len(ids) + params.max_new_tokens > limit:
+            raise InvalidRequest(
+                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the model's "
+                f"{limit} positions"
+            )
+        return GenerateWork(prompt, ids, params)
+
+    def prepare_classify(self, task_id: str, fields: dict[str, str]) -> ClassifyWork:
+        prompt, ids = self._resolve(task_id, "classify", fields)
+        longest = max(len(v) for v in prompt.label_ids)
+        limit = self.loaded.max_positions
+        if limit is not None and len(ids) + longest > limit:
+            raise InvalidRequest(f"input plus verbalizer is {len(ids) + longest} tokens; the model has {limit} positions")
+        return ClassifyWork(prompt, ids)
+
+    def _sampling_params(self, prompt: TaskPrompt, overrides: dict) -> SamplingParams:
+        """Request values win over the artifact's `generation` defaults, which win over the server's."""
+        chosen = {"max_new_tokens": self.settings.default_max_new_tokens}
+        chosen.update({k: v for k, v in prompt.generation.items() if k in _SAMPLING_KEYS and v is not None})
+        chosen.update({k: v for k, v in overrides.items() if k in _SAMPLING_KEYS and v is not None})
+        stop = chosen.get("stop", ())
+        chosen["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        if chosen["max_new_tokens"] > self.settings.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens {chosen['max_new_tokens']} exceeds this server's limit of "
+                f"{self.settings.max_new_tokens_limit}"
+            )
+        return SamplingParams(**chosen)
+
+    def submit(self, work: GenerateWork | ClassifyWork) -> Future:
+        return self.scheduler.submit(work)
+
+    # -- health ------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "batches": self.batch_stats.snapshot(),
+            "prompt_cache": self.prompts.stats(),
+            "queue_depth": self.scheduler.queue_depth(),
+        }

@@ -1,0 +1,126 @@
+"""Task prompts on the device, and the LRU cache that keeps them fresh.
+
+A `TaskPrompt` is one version of one task, ready to run: its template, its
+prompt rows already on the model's device and dtype, and its tokenized
+verbalizers. Objects are immutable; a request holds the one it was resolved
+to, so a newer upload or an eviction never changes a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
+from prompt_store.errors import ArtifactError, StoreUnavailable, TaskNotFound
+from prompt_store.store import PromptStore, check_task_id
+from prompt_store.template import Template, tokenize_text
+
+from .model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class TaskPrompt:
+    task_id: str
+    version: int
+    task_type: str  # "generate" | "classify"
+    template: Template
+    rows: torch.Tensor  # [m, H] on the model's device and dtype
+    labels: tuple[str, ...] = ()
+    label_ids: tuple[tuple[int, ...], ...] = ()  # verbalizer tokens, one tuple per label
+    generation: dict = field(default_factory=dict)  # the artifact's default sampling parameters
+
+
+def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel) -> TaskPrompt:
+    """Check `artifact` against the served model and place its rows on the device."""
+    check_fits_model(artifact, loaded.info["hidden_size"], loaded.vocab_size, loaded.info["fingerprint"])
+    labels = artifact.labels or {}
+    label_ids = []
+    for name, verbalizer in labels.items():
+        ids = tokenize_text(loaded.tokenizer, verbalizer)
+        if not ids:
+            raise ArtifactError(f"label {name!r}: verbalizer {verbalizer!r} tokenizes to no tokens")
+        label_ids.append(tuple(ids))
+    return TaskPrompt(
+        task_id=task_id,
+        version=version,
+        task_type=artifact.task_type,
+        template=artifact.template,
+        rows=artifact.embeddings.to(loaded.device, loaded.dtype),
+        labels=tuple(labels),
+        label_ids=tuple(label_ids),
+        generation=dict(artifact.meta.get("generation") or {}),
+    )
+
+
+class PromptCache:
+    """Bounded LRU of TaskPrompts. Every lookup asks the store for the latest
+    version number (one cheap read) and reloads when it changed."""
+
+    def __init__(self, store: PromptStore, loaded: LoadedModel, capacity: int, max_artifact_bytes: int):
+        self.store = store
+        self.loaded = loaded
+        self.capacity = capacity
+        self.max_artifact_bytes = max_artifact_bytes
+        self._entries: OrderedDict[str, TaskPrompt] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, task_id: str) -> TaskPrompt:
+        check_task_id(task_id)
+        try:
+            version = self.store.version(task_id)
+        except StoreUnavailable:
+            with self._lock:
+                cached = self._entries.get(task_id)
+            if cached is None:
+                raise
+            log.warning("store unreachable; serving cached %s v%d", task_id, cached.version)
+            return cached
+        if version is None:
+            self.drop(task_id)
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        with self._lock:
+            cached = self._entries.get(task_id)
+            if cached is not None and cached.version == version:
+                self._entries.move_to_end(task_id)
+                self.hits += 1
+                return cached
+            self.misses += 1
+        return self._load(task_id)
+
+    def _load(self, task_id: str) -> TaskPrompt:
+        stored = self.store.get(task_id)
+        if stored is None:
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        prompt = task_prompt(task_id, stored.version, read_artifact(stored.data, self.max_artifact_bytes), self.loaded)
+        with self._lock:
+            current = self._entries.get(task_id)
+            if current is None or current.version < prompt.version:
+                self._entries[task_id] = prompt
+            self._entries.move_to_end(task_id)
+            while len(self._entries) > self.capacity:
+                evicted, _ = self._entries.popitem(last=False)
+                self.evictions += 1
+                log.info("prompt cache full: evicted %s", evicted)
+            return self._entries[task_id]
+
+    def drop(self, task_id: str) -> None:
+        with self._lock:
+            self._entries.pop(task_id, None)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "size": len(self._entries),
+                "capacity": self.capacity,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+            }

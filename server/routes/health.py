@@ -1,0 +1,34 @@
+"""Liveness, readiness and batching statistics."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.errors import StoreUnavailable
+
+from .deps import EngineDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse({"status": "loading", "detail": "model is not loaded yet"}, status_code=503)
+    try:
+        await run_in_threadpool(engine.store.ping)
+    except StoreUnavailable as e:
+        return JSONResponse({"status": "unavailable", "detail": str(e)}, status_code=503)
+    return {"status": "ready", "model": engine.loaded.info}
+
+
+@router.get("/v1/stats")
+async def stats(engine: EngineDep):
+    """Batch sizes of every forward batch so far, prompt-cache counters, queue depth."""
+    return engine.stats()

@@ -1,0 +1,52 @@
+"""Managing tasks: upload, list, read, delete prompts."""
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.errors import PayloadTooLarge
+
+from ..schemas import TaskSummary
+from .deps import EngineDep
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it grows past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+@router.put(
+    "/{task_id}",
+    status_code=201,
+    response_model=TaskSummary,
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}},
+)
+async def upload_task(task_id: str, request: Request, engine: EngineDep):
+    """Upload a prompt artifact (safetensors bytes); makes a new version."""
+    data = await _read_body(request, engine.settings.max_artifact_bytes)
+    return await run_in_threadpool(engine.upload, task_id, data)
+
+
+@router.get("", response_model=list[TaskSummary])
+async def list_tasks(engine: EngineDep):
+    return await run_in_threadpool(engine.store.list)
+
+
+@router.get("/{task_id}", response_model=TaskSummary)
+async def get_task(task_id: str, engine: EngineDep):
+    return await run_in_threadpool(engine.summary, task_id)
+
+
+@router.delete("/{task_id}", status_code=204)
+async def delete_task(task_id: str, engine: EngineDep):
+    await run_in_threadpool(engine.delete, task_id)
+    return Response(status_code=204)

@@ -1,0 +1,73 @@
+"""Choosing the next token and deciding when a row is done, per request."""
+
+from __future__ import annotations
+
+import torch
+
+from .work import SamplingParams
+
+
+class RowDecoder:
+    """One generating row: its sampling state, its tokens so far, its stop rules."""
+
+    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], tokenizer, device: torch.device):
+        self.params = params
+        self.eos_ids = eos_ids
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.text: str | None = None
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits: [V] float32 of this row (only called when temperature > 0)."""
+        p = self.params
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the first token)
+            drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def push(self, token: int) -> None:
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+        else:
+            self.token_ids.append(token)
+            if self.params.stop:
+                text = self._decode()
+                hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+                if hits:
+                    self.text = text[: min(hits)]
+                    self.finish_reason = "stop"
+                    return
+            if len(self.token_ids) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+        if self.done and self.text is None:
+            self.text = self._decode()
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+def choose_next_tokens(logits: torch.Tensor, rows: list[RowDecoder]) -> list[int]:
+    """logits: [B, V] -> one token per row: greedy rows by one batched argmax,
+    sampling rows each with its own generator."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i] for i, row in enumerate(rows)]

@@ -1,0 +1,133 @@
+"""The scheduler: gathers concurrent requests of any tasks into batches.
+
+One worker thread owns the model. It waits for the first request, then up to
+`max_wait_s` for more of the same kind (generate or classify), takes at most
+`max_batch_size` of them and hands the batch to the runner. Requests of other
+kinds stay queued, in order, for the next batch. Every batch's size is recorded
+in `BatchStats` (served at GET /v1/stats) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+
+from .runner import ModelRunner
+from .work import ClassifyWork, GenerateWork
+
+log = logging.getLogger(__name__)
+
+Work = GenerateWork | ClassifyWork
+
+
+class BatchStats:
+    def __init__(self, recent: int = 1024):
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.requests = 0
+        self.sizes: Counter[int] = Counter()
+        self.recent: deque[dict] = deque(maxlen=recent)
+
+    def record(self, kind: str, size: int, num_tasks: int, seconds: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.requests += size
+            self.sizes[size] += 1
+            self.recent.append({"kind": kind, "size": size, "tasks": num_tasks, "seconds": round(seconds, 4)})
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "batches": self.batches,
+                "requests": self.requests,
+                "max_batch_size_seen": max(self.sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+                "recent": list(self.recent),
+            }
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats):
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.stats = stats
+        self._queue: deque[Work] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ptserve-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for work in self._queue:
+            work.future.set_exception(RuntimeError("server is shutting down"))
+        self._queue.clear()
+
+    def submit(self, work: Work):
+        """Queue one request; its future resolves to a GenerateResult / ClassifyResult."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("server is shutting down")
+            self._queue.append(work)
+            self._cond.notify_all()
+        return work.future
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _take_batch(self) -> list[Work]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return []
+            kind = self._queue[0].kind
+            deadline = time.monotonic() + self.max_wait_s
+            while not self._stopping:
+                same = sum(1 for w in self._queue if w.kind == kind)
+                remaining = deadline - time.monotonic()
+                if same >= self.max_batch_size or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, rest = [], deque()
+            for w in self._queue:
+                (batch if w.kind == kind and len(batch) < self.max_batch_size else rest).append(w)
+            self._queue = rest
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Work]) -> None:
+        kind = batch[0].kind
+        tasks = {(w.prompt.task_id, w.prompt.version) for w in batch}
+        start = time.perf_counter()
+        try:
+            results = self.runner.generate(batch) if kind == "generate" else self.runner.classify(batch)
+        except Exception as e:  # a failed batch fails its requests, not the server
+            log.exception("%s batch of %d failed", kind, len(batch))
+            for w in batch:
+                w.future.set_exception(e)
+            return
+        seconds = time.perf_counter() - start
+        self.stats.record(kind, len(batch), len(tasks), seconds)
+        log.info("batch kind=%s size=%d tasks=%d seconds=%.3f", kind, len(batch), len(tasks), seconds)
+        for w, r in zip(batch, results):
+            w.future.set_result(r)

@@ -1,0 +1,30 @@
+"""All server settings, in one place. Read from PTSERVE_* environment variables
+(and flags of `ptserve serve`) when `Settings()` is built, never at import time."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PTSERVE_", protected_namespaces=())
+
+    model: str = Field(description="Hugging Face model id or local directory of the frozen causal LM")
+    store: str = Field("./ptserve-data", description="prompt store: a directory (default) or a redis:// / rediss:// URL")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'")
+
+    # Batching: a batch starts when max_batch_size requests wait or the oldest has
+    # waited max_wait_ms. Larger waits batch more under light load but add latency.
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+
+    prompt_cache_size: int = Field(256, ge=1, description="tasks whose prompt rows stay on the device (LRU)")
+    max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_input_tokens: int = Field(4096, ge=1, description="longest rendered sequence (pseudo + text tokens)")
+    log_level: str = "info"

@@ -1,0 +1,80 @@
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import torch
+
+from prompt_store.artifact import make_artifact
+from server.model import load_model
+from server.tiny_model import write_tiny_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {arch: write_tiny_model(root / arch, arch=arch) for arch in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tiny_model_dirs):
+    return tiny_model_dirs["gpt2"]
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def loaded(request, tiny_model_dirs):
+    """Each tiny model, loaded through the same path as a real checkpoint."""
+    return load_model(str(tiny_model_dirs[request.param]), device="cpu", dtype="float32")
+
+
+def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):
+    """An artifact with random rows on the scale of the model's embeddings."""
+    from prompt_store.template import parse_template
+
+    m = parse_template(template).num_virtual_tokens
+    weight = loaded.model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(m, weight.shape[1], generator=g) * float(weight.std()) * 2
+    return make_artifact(rows, template=template, task_type=task_type, labels=labels, base_model=loaded.info, **meta)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server: PTSERVE_TEST_REDIS_URL (set by .ci/run), or one started here."""
+    url = os.environ.get("PTSERVE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture
+def redis_prefix():
+    return f"test-{uuid.uuid4().hex[:8]}"
