@@ -123,11 +123,12 @@ def read_artifact(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PromptArti
         raise PayloadTooLarge(f"artifact is {len(data)} bytes; the limit is {max_bytes}")
     header = read_header(data)
     if TENSOR_NAME not in header:
-        raise ArtifactError(f"safetensors file has no tensor named '{TENSOR_NAME}' (has {sorted(k for k in header if k != '__metadata__')})")
+        names = sorted(k for k in header if k != "__metadata__")
+        raise ArtifactError(f"safetensors file has no tensor named '{TENSOR_NAME}' (has {names})")
     meta = read_meta(header)
     try:
         tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error type for every malformed file
+    except Exception as e:  # safetensors raises assorted types for malformed files
         raise ArtifactError(f"not a valid safetensors file: {e}") from None
     emb = tensors[TENSOR_NAME]
     _check_embeddings(emb, meta)
@@ -146,10 +147,9 @@ def _check_embeddings(emb: torch.Tensor, meta: dict) -> None:
         raise ArtifactError(
             f"'{TENSOR_NAME}' has {emb.shape[0]} rows but template {meta['template']!r} has {m} pseudo tokens"
         )
-    if emb.shape[1] != meta["base_model"]["hidden_size"]:
-        raise ArtifactError(
-            f"'{TENSOR_NAME}' has {emb.shape[1]} columns but base_model.hidden_size is {meta['base_model']['hidden_size']}"
-        )
+    hidden = meta["base_model"]["hidden_size"]
+    if emb.shape[1] != hidden:
+        raise ArtifactError(f"'{TENSOR_NAME}' has {emb.shape[1]} columns but base_model.hidden_size is {hidden}")
 
 
 def check_fits_model(artifact: PromptArtifact, hidden_size: int, vocab_size: int, fingerprint: str | None) -> None:
@@ -160,7 +160,9 @@ def check_fits_model(artifact: PromptArtifact, hidden_size: int, vocab_size: int
             f"prompt hidden size {artifact.embeddings.shape[1]} does not match the served model's {hidden_size}"
         )
     if base["vocab_size"] != vocab_size:
-        raise ArtifactError(f"base_model.vocab_size {base['vocab_size']} does not match the served model's {vocab_size}")
+        raise ArtifactError(
+            f"base_model.vocab_size {base['vocab_size']} does not match the served model's {vocab_size}"
+        )
     theirs = base.get("fingerprint")
     if theirs is not None and fingerprint is not None and theirs != fingerprint:
         raise ArtifactError(

@@ -50,7 +50,12 @@ def _make_artifact(args) -> None:
         rows = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(args.seed)) * float(weight.std())
     labels = json.loads(args.labels) if args.labels else None
     artifact = make_artifact(
-        rows, template=args.template, task_type=args.task_type, labels=labels, base_model=base, description=args.description
+        rows,
+        template=args.template,
+        task_type=args.task_type,
+        labels=labels,
+        base_model=base,
+        description=args.description,
     )
     save_artifact(artifact, args.output)
     print(f"wrote {args.output}: {rows.shape[0]} prompt rows of size {rows.shape[1]}, task_type={args.task_type}")
@@ -82,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     art.add_argument("--template", required=True, help='e.g. "[P:3]{input}[P:3]"')
     art.add_argument("--task-type", choices=["generate", "classify"], default="generate")
     art.add_argument("--labels", help='classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
-    art.add_argument("--embeddings", help=f"safetensors file with a [m, hidden] tensor '{'prompt_embeddings'}'; "
-                     "omit for random rows (a smoke test)")
+    art.add_argument(
+        "--embeddings",
+        help=f"safetensors file with a [m, hidden] tensor '{'prompt_embeddings'}'; omit for random rows (a smoke test)",
+    )
     art.add_argument("--seed", type=int, default=0, help="seed of the random rows")
     art.add_argument("--description")
     art.add_argument("-o", "--output", required=True)

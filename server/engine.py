@@ -81,9 +81,7 @@ class Engine:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
         ids = render(prompt.template, self.loaded.tokenizer, fields, self.loaded.vocab_size)
         if len(ids) > self.settings.max_input_tokens:
-            raise InvalidRequest(
-                f"rendered input is {len(ids)} tokens; the limit is {self.settings.max_input_tokens}"
-            )
+            raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {self.settings.max_input_tokens}")
         return prompt, ids
 
     def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> GenerateWork:
@@ -92,8 +90,7 @@ class Engine:
         limit = self.loaded.max_positions
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise InvalidRequest(
-                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the model's "
-                f"{limit} positions"
+                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the model's {limit} positions"
             )
         return GenerateWork(prompt, ids, params)
 
@@ -102,7 +99,9 @@ class Engine:
         longest = max(len(v) for v in prompt.label_ids)
         limit = self.loaded.max_positions
         if limit is not None and len(ids) + longest > limit:
-            raise InvalidRequest(f"input plus verbalizer is {len(ids) + longest} tokens; the model has {limit} positions")
+            raise InvalidRequest(
+                f"input plus verbalizer is {len(ids) + longest} tokens; the model has {limit} positions"
+            )
         return ClassifyWork(prompt, ids)
 
     def _sampling_params(self, prompt: TaskPrompt, overrides: dict) -> SamplingParams:

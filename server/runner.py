@@ -12,6 +12,7 @@ only, so absolute-position and rotary models see what they would see alone.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -44,6 +45,9 @@ class ModelRunner:
         self.vocab_size = loaded.vocab_size
         self.embed_tokens = loaded.model.get_input_embeddings()
         self.eos_ids = eos_token_ids(loaded)
+        # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- building the batch ------------------------------------------------
 
@@ -101,9 +105,9 @@ class ModelRunner:
             inputs_embeds=self.embed(ids, table),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         positions = positions[:, -1:]  # [B, 1]
         for _ in range(max(w.params.max_new_tokens for w in works)):
@@ -121,8 +125,8 @@ class ModelRunner:
                 inputs_embeds=self.embed_tokens(step),
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_kw: cache},
             )
         return [GenerateResult(row.token_ids, row.text or "", row.finish_reason or "length") for row in rows]
 
@@ -144,7 +148,9 @@ class ModelRunner:
         ids, mask, positions = self._pack(seqs, offsets)
         K = max(len(v) for v in verbalizers)
         # keep logits of the last K+1 positions: kept index t is sequence index T-K-1+t
-        out = self.model(inputs_embeds=self.embed(ids, table), attention_mask=mask, position_ids=positions, logits_to_keep=K + 1)
+        out = self.model(
+            inputs_embeds=self.embed(ids, table), attention_mask=mask, position_ids=positions, logits_to_keep=K + 1
+        )
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # [N, K+1, V]
         scores: list[list[float]] = [[] for _ in works]
         for r, verbalizer in enumerate(verbalizers):

@@ -11,7 +11,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PTSERVE_", protected_namespaces=())
 
     model: str = Field(description="Hugging Face model id or local directory of the frozen causal LM")
-    store: str = Field("./ptserve-data", description="prompt store: a directory (default) or a redis:// / rediss:// URL")
+    store: str = Field(
+        "./ptserve-data", description="prompt store: a directory (default) or a redis:// / rediss:// URL"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")

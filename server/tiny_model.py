@@ -22,7 +22,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 ARCHS = ("gpt2", "llama")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-_CORPUS_MODULES = ("json", "collections", "argparse", "logging", "pathlib", "functools", "itertools", "re", "string", "textwrap")
+_CORPUS_MODULES = (
+    "json",
+    "collections",
+    "argparse",
+    "logging",
+    "pathlib",
+    "functools",
+    "itertools",
+    "re",
+    "string",
+    "textwrap",
+)
 
 
 def local_corpus() -> list[str]:
@@ -31,7 +42,11 @@ def local_corpus() -> list[str]:
     for name in _CORPUS_MODULES:
         mod = importlib.import_module(name)
         for obj in [mod, *vars(mod).values()]:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            doc = (
+                inspect.getdoc(obj)
+                if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj))
+                else None
+            )
             if doc:
                 texts.append(doc)
     return texts
@@ -53,7 +68,9 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(arch: str = "gpt2", seed: int = 0, hidden_size: int = 64, num_layers: int = 2, init_std: float = 0.5):
+def build_tiny_model(
+    arch: str = "gpt2", seed: int = 0, hidden_size: int = 64, num_layers: int = 2, init_std: float = 0.5
+):
     """(model, tokenizer) with random weights drawn N(0, init_std)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")

@@ -56,7 +56,9 @@ def redis_url():
         return
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.fail("redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset")
+        pytest.fail(
+            "redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset"
+        )
     port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

@@ -28,7 +28,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     "/{task_id}",
     status_code=201,
     response_model=TaskSummary,
-    openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "required": True}},
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
 )
 async def upload_task(task_id: str, request: Request, engine: EngineDep):
     """Upload a prompt artifact (safetensors bytes); makes a new version."""

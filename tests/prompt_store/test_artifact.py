@@ -1,0 +1,94 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from prompt_store.artifact import (
+    artifact_bytes,
+    check_fits_model,
+    load_artifact,
+    make_artifact,
+    read_artifact,
+    save_artifact,
+)
+from prompt_store.errors import ArtifactError, PayloadTooLarge
+
+BASE = {"name_or_path": "tiny", "hidden_size": 8, "vocab_size": 100, "fingerprint": "abc"}
+
+
+def artifact(rows=6, template="[P:3]{input}[P:3]", dtype=torch.float32, **kw):
+    return make_artifact(torch.randn(rows, 8).to(dtype), template=template, task_type="generate", base_model=BASE, **kw)
+
+
+def raw(tensors: dict, meta: dict | None) -> bytes:
+    return save(tensors, metadata=None if meta is None else {"ptserve": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip(tmp_path, dtype):
+    a = artifact(dtype=dtype, description="d", generation={"max_new_tokens": 5})
+    save_artifact(a, tmp_path / "a.safetensors")
+    b = load_artifact(tmp_path / "a.safetensors")
+    assert torch.equal(a.embeddings, b.embeddings) and b.embeddings.dtype == dtype
+    assert b.meta["description"] == "d" and b.task_type == "generate" and b.template.num_virtual_tokens == 6
+
+
+def test_unknown_metadata_keys_are_kept():
+    a = artifact(something_new={"x": 1})
+    assert read_artifact(artifact_bytes(a)).meta["something_new"] == {"x": 1}
+
+
+def meta(**over):
+    m = {"format_version": 1, "task_type": "generate", "template": "[P:2]{input}", "base_model": BASE}
+    m.update(over)
+    return {k: v for k, v in m.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"hello", "not a safetensors file"),
+        (struct.pack("<Q", 10**12) + b"{}", "header length"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+        (raw({"other": torch.zeros(2, 8)}, meta()), "no tensor named 'prompt_embeddings'"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, None), "no 'ptserve' key"),
+        (raw({"prompt_embeddings": torch.zeros(3, 8)}, meta()), "3 rows but template"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8, 1)}, meta()), "must be 2-D"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8, dtype=torch.int32)}, meta()), "float32, float16 or bfloat16"),
+        (raw({"prompt_embeddings": torch.full((2, 8), float("nan"))}, meta()), "NaN or Inf"),
+        (raw({"prompt_embeddings": torch.full((2, 8), float("inf"))}, meta()), "NaN or Inf"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(task_type="translate")), "task_type must be one of"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(task_type="classify")), "needs 'labels'"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(format_version=2)), "format_version"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(base_model={"hidden_size": 8})), "vocab_size"),
+        (raw({"prompt_embeddings": torch.zeros(2, 4)}, meta()), "base_model.hidden_size is 8"),
+        (raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(template="[P:0]")), "bad template"),
+    ],
+)
+def test_bad_artifacts_say_what_is_wrong(data, message):
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(data)
+
+
+def test_truncated_file_is_refused():
+    data = artifact_bytes(artifact())
+    with pytest.raises(ArtifactError):
+        read_artifact(data[:-10])
+
+
+def test_size_limit():
+    with pytest.raises(PayloadTooLarge):
+        read_artifact(artifact_bytes(artifact()), max_bytes=100)
+
+
+def test_fits_model_checks():
+    a = artifact()
+    check_fits_model(a, hidden_size=8, vocab_size=100, fingerprint="abc")
+    with pytest.raises(ArtifactError, match="hidden size"):
+        check_fits_model(a, hidden_size=16, vocab_size=100, fingerprint="abc")
+    with pytest.raises(ArtifactError, match="vocab_size"):
+        check_fits_model(a, hidden_size=8, vocab_size=101, fingerprint="abc")
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        check_fits_model(a, hidden_size=8, vocab_size=100, fingerprint="def")

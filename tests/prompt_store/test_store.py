@@ -1,0 +1,102 @@
+"""One suite, run against both backends: a directory on disk and a real redis-server."""
+
+import threading
+
+import pytest
+import torch
+
+from prompt_store.artifact import artifact_bytes, make_artifact, read_artifact
+from prompt_store.disk_store import DiskStore
+from prompt_store.errors import ArtifactError, InvalidTaskId
+from prompt_store.redis_store import RedisStore
+
+BASE = {"name_or_path": "tiny", "hidden_size": 4, "vocab_size": 10}
+
+
+def data(fill: float, template="[P:2]{input}") -> bytes:
+    rows = torch.full((2, 4), fill)
+    return artifact_bytes(make_artifact(rows, template=template, task_type="generate", base_model=BASE))
+
+
+@pytest.fixture(params=["disk", "redis"])
+def store(request, tmp_path):
+    if request.param == "disk":
+        s = DiskStore(tmp_path / "prompts")
+    else:
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix"))
+    yield s
+    s.close()
+
+
+def fill_of(stored) -> float:
+    return float(read_artifact(stored.data).embeddings[0, 0])
+
+
+def test_put_get_versions(store):
+    assert store.get("t") is None and store.version("t") is None and store.summary("t") is None
+    s1 = store.put("t", data(1.0))
+    assert s1["version"] == 1 and s1["task_id"] == "t" and s1["num_virtual_tokens"] == 2
+    s2 = store.put("t", data(2.0))  # overwrite makes a new version
+    assert s2["version"] == 2
+    got = store.get("t")
+    assert got.version == 2 and fill_of(got) == 2.0 and store.version("t") == 2
+    assert store.summary("t")["version"] == 2 and store.summary("t")["template"] == "[P:2]{input}"
+
+
+def test_list_and_delete(store):
+    store.put("b", data(1.0))
+    store.put("a", data(1.0))
+    store.put("a", data(3.0))
+    assert [(s["task_id"], s["version"]) for s in store.list()] == [("a", 2), ("b", 1)]
+    assert store.delete("a") is True
+    assert store.delete("a") is False
+    assert store.get("a") is None and [s["task_id"] for s in store.list()] == ["b"]
+    # versions keep growing after a delete, so a cached (task, version) never names two prompts
+    assert store.put("a", data(4.0))["version"] == 3
+
+
+@pytest.mark.parametrize("bad", ["../x", "", "x" * 200, "a/b", "..", ".", "tâche", "a b"])
+def test_invalid_task_ids(store, bad):
+    for op in (lambda: store.put(bad, data(1.0)), lambda: store.get(bad), lambda: store.delete(bad)):
+        with pytest.raises(InvalidTaskId):
+            op()
+    assert store.list() == []
+
+
+def test_longest_valid_id(store):
+    tid = "A-z_0.9" + "x" * 121
+    assert len(tid) == 128 and store.put(tid, data(1.0))["version"] == 1
+
+
+def test_put_refuses_bytes_that_are_not_an_artifact(store):
+    with pytest.raises(ArtifactError):
+        store.put("t", b"not safetensors at all")
+    assert store.get("t") is None and store.list() == []
+
+
+def test_concurrent_puts_get_distinct_versions(store):
+    versions, errors = [], []
+
+    def put(i):
+        try:
+            versions.append(store.put("c", data(float(i)))["version"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(versions) == list(range(1, 17))
+    latest = store.get("c")
+    assert latest.version == 16
+    read_artifact(latest.data)  # the latest file is whole
+
+
+def test_disk_store_leaves_no_temporary_files(tmp_path):
+    s = DiskStore(tmp_path)
+    for i in range(3):
+        s.put("t", data(float(i)))
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".lock", ".version", "3.safetensors"]

@@ -1,0 +1,58 @@
+import pytest
+
+from prompt_store.errors import TemplateError
+from prompt_store.template import Field, Literal, Pseudo, parse_template, render, tokenize_text
+from server.tiny_model import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer()
+
+
+def test_parse_segments_and_counts():
+    t = parse_template("{premise}[P:3]{hypothesis}?[P:2]")
+    assert t.segments == (Field("premise"), Pseudo(3), Field("hypothesis"), Literal("?"), Pseudo(2))
+    assert t.num_virtual_tokens == 5
+    assert t.fields == ("premise", "hypothesis")
+
+
+def test_whitespace_next_to_pseudo_holes_is_dropped():
+    t = parse_template("[P:2] Review: {input} [P:2] Sentiment:")
+    assert t.segments == (Pseudo(2), Literal("Review: "), Field("input"), Pseudo(2), Literal("Sentiment:"))
+    # whitespace between a field and a pseudo hole is dropped entirely
+    assert parse_template("{input} [P:1]").segments == (Field("input"), Pseudo(1))
+
+
+@pytest.mark.parametrize("bad", ["", "[P:0]{input}"])
+def test_bad_templates(bad):
+    with pytest.raises(TemplateError):
+        parse_template(bad)
+
+
+def test_render_places_virtual_ids_and_tokenizes_segments_separately(tok):
+    V = 1000
+    t = parse_template("[P:2] Review: {input} [P:1] Sentiment:")
+    ids = render(t, tok, {"input": "a fine film"}, V)
+    expected = (
+        [V, V + 1]
+        + tokenize_text(tok, "Review: ")
+        + tokenize_text(tok, "a fine film")
+        + [V + 2]
+        + tokenize_text(tok, "Sentiment:")
+    )
+    assert ids == expected
+
+
+def test_special_token_strings_in_a_template_become_those_tokens(tok):
+    ids = render(parse_template("[P:1]<s>{input}"), tok, {"input": "x"}, 1000)
+    assert ids[:2] == [1000, tok.bos_token_id]
+    assert tok.bos_token_id not in render(parse_template("[P:1]{input}"), tok, {"input": "x"}, 1000)
+
+
+def test_render_field_errors(tok):
+    t = parse_template("{premise}[P:3]{hypothesis}")
+    with pytest.raises(TemplateError, match="missing field"):
+        render(t, tok, {"premise": "a"}, 1000)
+    with pytest.raises(TemplateError, match="unknown field"):
+        render(t, tok, {"premise": "a", "hypothesis": "b", "extra": "c"}, 1000)

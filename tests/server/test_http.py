@@ -1,0 +1,263 @@
+"""End to end: the real server (uvicorn on loopback) with a tiny model."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from prompt_store.artifact import artifact_bytes
+from prompt_store.template import render
+from server.app import create_app
+from server.model import load_model
+from server.runner import eos_token_ids
+from server.settings import Settings
+from tests.conftest import random_prompt
+from tests.oracle import alone_greedy, alone_label_scores
+from tests.server.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir):
+    return load_model(str(gpt2_dir), device="cpu", dtype="float32")
+
+
+def serve(loaded, store: str, **settings):
+    s = Settings(model=loaded.info["name_or_path"], store=store, **{"max_wait_ms": 50, **settings})
+    return LiveServer(create_app(s, loaded))
+
+
+@pytest.fixture
+def server(gpt2, tmp_path):
+    with serve(gpt2, str(tmp_path / "store"), max_batch_size=16) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+GEN_TASKS = {
+    "summarize": ("[P:3]{input}[P:3]", 1),
+    "review": ("[P:2] Review: {input} [P:2] Sentiment:", 2),
+    "nli": ("{premise}[P:4]{hypothesis}?[P:1]", 3),
+}
+CLS_TASKS = {
+    "sentiment": ("[P:2]{input}[P:2] It was", {"positive": " good", "negative": " bad thing"}, 4),
+    "topic": ("Topic of {input}[P:5]", {"json": " json", "logs": " logging", "paths": " a path"}, 5),
+}
+
+
+def upload_all(client, loaded):
+    artifacts = {}
+    for task, (template, seed) in GEN_TASKS.items():
+        artifacts[task] = random_prompt(loaded, template, seed=seed)
+    for task, (template, labels, seed) in CLS_TASKS.items():
+        artifacts[task] = random_prompt(loaded, template, "classify", labels, seed=seed)
+    for task, a in artifacts.items():
+        r = client.put(f"/v1/tasks/{task}", content=artifact_bytes(a))
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == 1 and r.json()["num_virtual_tokens"] == a.embeddings.shape[0]
+    return artifacts
+
+
+def request_for(i):
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "json",
+        "parses",
+        "logging",
+        "paths",
+    ]
+    text = " ".join(words[: 1 + i % len(words)])
+    tasks = [*GEN_TASKS, *CLS_TASKS]
+    task = tasks[i % len(tasks)]
+    if task == "nli":
+        fields = {"premise": text, "hypothesis": words[i % len(words)]}
+        body = {"inputs": fields}
+    else:
+        fields = {"input": text}
+        body = {"input": text}
+    if task in GEN_TASKS:
+        body["max_new_tokens"] = 4 + i % 7
+        return task, "generate", fields, body
+    return task, "classify", fields, body
+
+
+def test_concurrent_mixed_requests_equal_alone_and_are_batched(server, client, gpt2):
+    artifacts = upload_all(client, gpt2)
+    n = 40
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+            calls = []
+            for i in range(n):
+                task, route, _, body = request_for(i)
+                calls.append(ac.post(f"/v1/tasks/{task}/{route}", json=body))
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(fire())
+    eos = eos_token_ids(gpt2)
+    V = gpt2.vocab_size
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        task, route, fields, body = request_for(i)
+        a = artifacts[task]
+        ids = render(a.template, gpt2.tokenizer, fields, V)
+        out = r.json()
+        assert out["task_id"] == task and out["version"] == 1
+        if route == "generate":
+            assert out["token_ids"] == alone_greedy(gpt2.model, a.embeddings, ids, V, body["max_new_tokens"], eos)
+        else:
+            label_ids = [gpt2.tokenizer(v, add_special_tokens=False)["input_ids"] for v in a.labels.values()]
+            expected = alone_label_scores(gpt2.model, a.embeddings, ids, V, label_ids)
+            assert list(out["scores"]) == list(a.labels)
+            assert max(abs(x - y) for x, y in zip(out["scores"].values(), expected)) < 1e-5
+    stats = client.get("/v1/stats").json()["batches"]
+    assert stats["requests"] == n
+    assert stats["max_batch_size_seen"] > 1, stats
+
+
+def test_task_routes_and_new_versions(client, gpt2):
+    a1 = random_prompt(gpt2, "[P:3]{input}", seed=1)
+    a2 = random_prompt(gpt2, "[P:3]{input}", seed=2)
+    assert client.put("/v1/tasks/t1", content=artifact_bytes(a1)).status_code == 201
+    first = client.post("/v1/tasks/t1/generate", json={"input": "hello", "max_new_tokens": 6}).json()
+    assert first["version"] == 1
+    r = client.put("/v1/tasks/t1", content=artifact_bytes(a2))
+    assert r.status_code == 201 and r.json()["version"] == 2
+    second = client.post("/v1/tasks/t1/generate", json={"input": "hello", "max_new_tokens": 6}).json()
+    assert second["version"] == 2 and second["token_ids"] != first["token_ids"]
+    assert client.get("/v1/tasks/t1").json()["version"] == 2
+    assert [t["task_id"] for t in client.get("/v1/tasks").json()] == ["t1"]
+    assert client.delete("/v1/tasks/t1").status_code == 204
+    for r in (
+        client.post("/v1/tasks/t1/generate", json={"input": "hello"}),
+        client.get("/v1/tasks/t1"),
+        client.delete("/v1/tasks/t1"),
+    ):
+        assert r.status_code == 404 and "t1" in r.json()["detail"]
+
+
+def test_health_ready_and_request_errors(client, gpt2):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["model"]["hidden_size"] == 64
+    client.put("/v1/tasks/g", content=artifact_bytes(random_prompt(gpt2, "{premise}[P:2]{hypothesis}")))
+    cases = [
+        ("/v1/tasks/nope/generate", {"input": "x"}, 404, "nope"),
+        ("/v1/tasks/g/classify", {"inputs": {"premise": "a", "hypothesis": "b"}}, 422, "generate task"),
+        ("/v1/tasks/g/generate", {"input": "x"}, 422, "missing field"),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a"}}, 422, "missing field"),
+        ("/v1/tasks/g/generate", {"input": "x", "inputs": {"a": "b"}}, 422, "exactly one"),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "max_new_tokens": 5000}, 422, "limit"),
+        (
+            "/v1/tasks/g/generate",
+            {"inputs": {"premise": "a", "hypothesis": "b"}, "temperature": -1},
+            422,
+            "temperature",
+        ),
+        ("/v1/tasks/bad%20id/generate", {"input": "x"}, 422, "invalid task id"),
+    ]
+    for url, body, status, message in cases:
+        r = client.post(url, json=body)
+        assert r.status_code == status, (url, body, r.text)
+        assert message in r.text, r.text
+
+
+def raw_artifact(rows: torch.Tensor, meta: dict) -> bytes:
+    return save({"prompt_embeddings": rows}, metadata={"ptserve": json.dumps(meta)})
+
+
+def bad_uploads(loaded):
+    H, V = loaded.info["hidden_size"], loaded.vocab_size
+    base = loaded.info
+
+    def meta(**over):
+        m = {"format_version": 1, "task_type": "generate", "template": "[P:2]{input}", "base_model": base}
+        m.update(over)
+        return m
+
+    good_rows = torch.randn(2, H)
+    return [
+        (
+            "wrong hidden size",
+            raw_artifact(torch.randn(2, H * 2), meta(base_model={**base, "hidden_size": H * 2})),
+            422,
+            "hidden size",
+        ),
+        (
+            "wrong vocab size",
+            raw_artifact(good_rows, meta(base_model={**base, "vocab_size": V + 1})),
+            422,
+            "vocab_size",
+        ),
+        (
+            "other weights",
+            raw_artifact(good_rows, meta(base_model={**base, "fingerprint": "0" * 16})),
+            422,
+            "fingerprint",
+        ),
+        ("row count", raw_artifact(torch.randn(3, H), meta()), 422, "3 rows but template"),
+        ("nan", raw_artifact(torch.full((2, H), float("nan")), meta()), 422, "NaN"),
+        ("not safetensors", b"PK\x03\x04 this is a zip file, not safetensors", 422, "not a safetensors file"),
+        (
+            "missing tensor",
+            save({"weights": good_rows}, metadata={"ptserve": json.dumps(meta())}),
+            422,
+            "prompt_embeddings",
+        ),
+        ("unknown task type", raw_artifact(good_rows, meta(task_type="summarize")), 422, "task_type"),
+        ("classify without labels", raw_artifact(good_rows, meta(task_type="classify")), 422, "labels"),
+        ("empty body", b"", 422, "not a safetensors file"),
+        ("too large", b"\0" * (2 * 1024 * 1024), 413, "limit"),
+    ]
+
+
+def test_bad_uploads_are_refused_and_write_nothing(gpt2, tmp_path):
+    with (
+        serve(gpt2, str(tmp_path / "store"), max_artifact_bytes=1024 * 1024) as live,
+        httpx.Client(base_url=live.url, timeout=60) as client,
+    ):
+        good = artifact_bytes(random_prompt(gpt2, "[P:2]{input}", seed=9))
+        assert client.put("/v1/tasks/keep", content=good).status_code == 201
+        before = client.get("/v1/tasks").json()
+        for name, data, status, message in bad_uploads(gpt2):
+            for task in ("keep", "fresh"):
+                r = client.put(f"/v1/tasks/{task}", content=data)
+                assert r.status_code == status, (name, r.text)
+                assert message in r.json()["detail"], (name, r.json())
+        assert client.put("/v1/tasks/bad%20id", content=good).status_code == 422
+        assert client.get("/v1/tasks").json() == before
+        assert client.get("/v1/tasks/fresh").status_code == 404
+        assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keep"]
+        assert client.post("/v1/tasks/keep/generate", json={"input": "still here"}).json()["version"] == 1
+
+
+def test_server_on_redis_store_notices_new_versions(gpt2, redis_url):
+    # a fresh logical database keeps this test apart from the store suite's keys
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    with serve(gpt2, url) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.get("/ready").status_code == 200
+        for seed in (1, 2):
+            r = client.put("/v1/tasks/shared", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}", seed=seed)))
+            assert r.status_code == 201 and r.json()["version"] == seed
+            assert client.post("/v1/tasks/shared/generate", json={"input": "x"}).json()["version"] == seed
+        assert client.delete("/v1/tasks/shared").status_code == 204
+        assert client.post("/v1/tasks/shared/generate", json={"input": "x"}).status_code == 404
