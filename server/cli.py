@@ -8,14 +8,20 @@ import logging
 import sys
 
 
+def serve_settings(args):
+    """Settings from the environment, with the flags that were given on top."""
+    from .settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
 def _serve(args) -> None:
     import uvicorn
 
     from .app import create_app
-    from .settings import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    settings = serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 

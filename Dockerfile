@@ -1,0 +1,41 @@
+# ptserve: one frozen LM serving many soft prompts.
+#   GPU (default):  docker build -t ptserve .
+#   CPU only:       docker build -t ptserve --build-arg TORCH_INDEX=cpu .
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# "cuda": PyPI's default torch wheel (CUDA-enabled); "cpu": the CPU-only wheel index.
+ARG TORCH_INDEX=cuda
+ARG TORCH_VERSION=2.13.0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/models \
+    PTSERVE_HOST=0.0.0.0 \
+    PTSERVE_PORT=8000 \
+    PTSERVE_STORE=/data
+
+RUN useradd --create-home --uid 1000 ptserve \
+    && mkdir -p /models /data && chown ptserve:ptserve /models /data
+
+# torch first: the largest layer, and the one that changes least.
+RUN if [ "$TORCH_INDEX" = "cpu" ]; then \
+        pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/cpu"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY prompt_store ./prompt_store
+COPY server ./server
+COPY ptuning ./ptuning
+RUN pip install .
+
+USER ptserve
+VOLUME ["/models", "/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"
+ENTRYPOINT ["ptserve", "serve"]

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import torch
+from safetensors.torch import save_file
+
+from prompt_store.artifact import load_artifact
+from server.cli import build_parser, serve_settings
+from server.model import load_model
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=cwd, check=True
+    ).stdout
+
+
+def test_console_script_is_installed():
+    assert any(ep.name == "ptserve" and ep.value == "server.cli:main" for ep in entry_points(group="console_scripts"))
+
+
+def test_tiny_model_and_make_artifact(tmp_path):
+    out = run_cli("tiny-model", str(tmp_path / "tiny"), "--arch", "llama")
+    assert "random weights" in out
+    loaded = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32")
+    assert loaded.model.config.model_type == "llama"
+
+    rows = torch.randn(4, loaded.info["hidden_size"])
+    save_file({"prompt_embeddings": rows}, tmp_path / "rows.safetensors")
+    run_cli(
+        "make-artifact", "--model", str(tmp_path / "tiny"), "--template", "[P:2]{input}[P:2]",
+        "--task-type", "classify", "--labels", '{"yes": " yes", "no": " no"}',
+        "--embeddings", str(tmp_path / "rows.safetensors"), "-o", str(tmp_path / "a.safetensors"),
+    )  # fmt: skip
+    a = load_artifact(tmp_path / "a.safetensors")
+    assert torch.equal(a.embeddings, rows)
+    assert a.labels == {"yes": " yes", "no": " no"}
+    assert a.base_model["fingerprint"] == loaded.info["fingerprint"]
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("PTSERVE_MODEL", "from-env")
+    monkeypatch.setenv("PTSERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("PTSERVE_PORT", "9000")
+    s = serve_settings(build_parser().parse_args(["serve", "--port", "9100", "--store", "redis://127.0.0.1:1/0"]))
+    assert (s.model, s.max_batch_size, s.port, s.store) == ("from-env", 7, 9100, "redis://127.0.0.1:1/0")
+    assert s.host == "127.0.0.1" and s.max_wait_ms == 5.0
