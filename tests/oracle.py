@@ -30,12 +30,18 @@ def alone_greedy(model, rows, ids, vocab_size, max_new_tokens, eos_ids) -> list[
 
 
 @torch.no_grad()
-def alone_label_scores(model, rows, ids, vocab_size, label_ids) -> list[float]:
-    """Softmax over labels of the summed log-probability of each verbalizer."""
+def alone_label_logprobs(model, rows, ids, vocab_size, label_ids) -> list[float]:
+    """Summed log-probability of each label's verbalizer tokens after `ids`."""
     scores = []
     for verbalizer in label_ids:
         embeds = alone_embeds(model, rows, ids + list(verbalizer), vocab_size)
         logp = torch.log_softmax(model(inputs_embeds=embeds, use_cache=False).logits[0].float(), dim=-1)
         n = len(ids)
         scores.append(sum(float(logp[n - 1 + j, t]) for j, t in enumerate(verbalizer)))
-    return torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+    return scores
+
+
+def alone_label_scores(model, rows, ids, vocab_size, label_ids) -> list[float]:
+    """Label probabilities: softmax over the labels' summed log-probabilities."""
+    logprobs = alone_label_logprobs(model, rows, ids, vocab_size, label_ids)
+    return torch.softmax(torch.tensor(logprobs, dtype=torch.float64), dim=0).tolist()

@@ -3,13 +3,15 @@ on an absolute-position model (GPT-2) and a rotary one (Llama)."""
 
 import threading
 
+import torch
+
 from prompt_store.template import render
 from server.prompts import task_prompt
 from server.runner import ModelRunner
 from server.scheduler import BatchStats, Scheduler
 from server.work import ClassifyWork, GenerateWork, SamplingParams
 from tests.conftest import random_prompt
-from tests.oracle import alone_greedy, alone_label_scores
+from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
 
 # pseudo tokens before, between and after fields; different prompt lengths
 TEMPLATES = [
@@ -85,10 +87,13 @@ def test_batched_classification_equals_alone(loaded):
     works = [make_classify(loaded, i, LABEL_SETS[i % 3], *TEMPLATES[i % len(TEMPLATES)]) for i in range(6)]
     assert any(len(v) > 1 for w in works for v in w.prompt.label_ids)  # multi-token verbalizers
     for w, r in zip(works, runner.classify(works)):
-        expected = alone_label_scores(loaded.model, w.prompt.rows, w.input_ids, loaded.vocab_size, w.prompt.label_ids)
+        args = (loaded.model, w.prompt.rows, w.input_ids, loaded.vocab_size, w.prompt.label_ids)
         assert list(r.scores) == list(w.prompt.labels)
-        for got, want in zip(r.scores.values(), expected):
+        for got, want in zip(r.scores.values(), alone_label_scores(*args)):
             assert abs(got - want) < 1e-5
+        # probabilities can saturate at 0/1; the raw scores show any difference
+        for got, want in zip(r.logprobs.values(), alone_label_logprobs(*args)):
+            assert abs(got - want) < 1e-4 * max(1.0, abs(want))
         assert r.label == max(r.scores, key=r.scores.get)
 
 
@@ -158,3 +163,12 @@ def test_stop_strings_end_a_row_and_are_cut_from_the_text(loaded):
     assert stopped.text == full.text[: full.text.find(stop)]
     assert stop not in stopped.text
     assert unaffected.token_ids == oracle(loaded, runner, other)
+
+
+def test_serving_leaves_the_weights_untouched(loaded):
+    before = {name: p.clone() for name, p in loaded.model.named_parameters()}
+    runner = ModelRunner(loaded)
+    runner.generate([make_generate(loaded, i, t, f) for i, (t, f) in enumerate(TEMPLATES)])
+    runner.classify([make_classify(loaded, 0, LABEL_SETS[0], *TEMPLATES[0])])
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert all(torch.equal(before[name], p) for name, p in loaded.model.named_parameters())

@@ -1,0 +1,43 @@
+import pytest
+
+from prompt_store.artifact import artifact_bytes
+from prompt_store.disk_store import DiskStore
+from prompt_store.errors import TaskNotFound
+from server.prompts import PromptCache
+from tests.conftest import random_prompt
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DiskStore(tmp_path)
+
+
+def put(store, loaded, task, seed):
+    store.put(task, artifact_bytes(random_prompt(loaded, "[P:2]{input}", seed=seed)))
+
+
+def test_lru_eviction_and_reload(store, loaded):
+    cache = PromptCache(store, loaded, capacity=2, max_artifact_bytes=1 << 20)
+    for i, task in enumerate(["a", "b", "c"]):
+        put(store, loaded, task, i)
+    a = cache.get("a")
+    cache.get("b")
+    assert cache.get("a") is a  # hit
+    cache.get("c")  # evicts b, the least recently used
+    assert cache.stats() == {"size": 2, "capacity": 2, "hits": 1, "misses": 3, "evictions": 1}
+    assert cache.get("b").version == 1 and cache.stats()["evictions"] == 2
+
+
+def test_a_new_version_replaces_the_cached_one_and_delete_forgets_it(store, loaded):
+    cache = PromptCache(store, loaded, capacity=4, max_artifact_bytes=1 << 20)
+    put(store, loaded, "t", 1)
+    old = cache.get("t")
+    put(store, loaded, "t", 2)
+    new = cache.get("t")
+    assert (old.version, new.version) == (1, 2)
+    assert not (old.rows == new.rows).all()
+    assert old.rows.device == loaded.device and new.rows.dtype == loaded.dtype
+    store.delete("t")
+    with pytest.raises(TaskNotFound):
+        cache.get("t")
+    assert cache.stats()["size"] == 0
