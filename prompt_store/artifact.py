@@ -1,6 +1,9 @@
 """The prompt artifact: one safetensors file per task version.
 
 - tensor `prompt_embeddings`: [m, hidden_size], float32 / float16 / bfloat16;
+- optional tensors `head.weight` [num_labels, hidden_size] and `head.bias`
+  [num_labels]: a per-task linear classifier, for encoders without an LM head
+  (row i scores the i-th label of `labels`);
 - header metadata key `ptserve`: JSON with format_version, task_type, template,
   labels (classify), base_model {name_or_path, hidden_size, vocab_size,
   fingerprint?} and optional keys that are kept and ignored.
@@ -25,6 +28,8 @@ from .errors import ArtifactError, PayloadTooLarge, TemplateError
 from .template import Template, parse_template
 
 TENSOR_NAME = "prompt_embeddings"
+HEAD_WEIGHT = "head.weight"
+HEAD_BIAS = "head.bias"
 METADATA_KEY = "ptserve"
 FORMAT_VERSION = 1
 TASK_TYPES = ("generate", "classify")
@@ -37,6 +42,7 @@ MAX_HEADER_BYTES = 1024 * 1024
 class PromptArtifact:
     embeddings: torch.Tensor  # [m, hidden_size]
     meta: dict = field(default_factory=dict)
+    head: tuple[torch.Tensor, torch.Tensor] | None = None  # weight [L, hidden_size], bias [L]
 
     @property
     def task_type(self) -> str:
@@ -132,7 +138,29 @@ def read_artifact(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PromptArti
         raise ArtifactError(f"not a valid safetensors file: {e}") from None
     emb = tensors[TENSOR_NAME]
     _check_embeddings(emb, meta)
-    return PromptArtifact(embeddings=emb, meta=meta)
+    head = None
+    if HEAD_WEIGHT in tensors or HEAD_BIAS in tensors:
+        if HEAD_WEIGHT not in tensors or HEAD_BIAS not in tensors:
+            raise ArtifactError(f"a head needs both '{HEAD_WEIGHT}' and '{HEAD_BIAS}'")
+        head = (tensors[HEAD_WEIGHT], tensors[HEAD_BIAS])
+        _check_head(head, meta)
+    return PromptArtifact(embeddings=emb, meta=meta, head=head)
+
+
+def _check_head(head: tuple[torch.Tensor, torch.Tensor], meta: dict) -> None:
+    weight, bias = head
+    labels = meta.get("labels") or {}
+    want_w, want_b = [len(labels), meta["base_model"]["hidden_size"]], [len(labels)]
+    if meta["task_type"] != "classify":
+        raise ArtifactError("head tensors are only allowed for task_type 'classify'")
+    if list(weight.shape) != want_w or list(bias.shape) != want_b:
+        raise ArtifactError(
+            f"head shapes {list(weight.shape)} / {list(bias.shape)} must be {want_w} / {want_b} "
+            "(one row per label, hidden_size columns)"
+        )
+    for name, t in ((HEAD_WEIGHT, weight), (HEAD_BIAS, bias)):
+        if t.dtype not in FLOAT_DTYPES or not torch.isfinite(t).all():
+            raise ArtifactError(f"'{name}' must be a finite float32, float16 or bfloat16 tensor")
 
 
 def _check_embeddings(emb: torch.Tensor, meta: dict) -> None:
@@ -178,12 +206,14 @@ def make_artifact(
     task_type: str,
     base_model: dict,
     labels: dict[str, str] | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
     **optional,
 ) -> PromptArtifact:
     """Build a checked artifact from a [m, hidden_size] tensor.
 
     `base_model` needs hidden_size and vocab_size (and may carry name_or_path and
     fingerprint; `server.model.describe_model` returns one for a loaded model).
+    `head`: (weight [L, H], bias [L]) of a per-task classifier, for encoder models.
     Extra keyword arguments (task_id, generation, description, metrics...) go into
     the metadata as they are.
     """
@@ -200,11 +230,17 @@ def make_artifact(
     _check_meta(meta)
     emb = embeddings.detach().cpu().contiguous()
     _check_embeddings(emb, meta)
-    return PromptArtifact(embeddings=emb, meta=meta)
+    if head is not None:
+        head = tuple(t.detach().cpu().contiguous() for t in head)
+        _check_head(head, meta)
+    return PromptArtifact(embeddings=emb, meta=meta, head=head)
 
 
 def artifact_bytes(artifact: PromptArtifact) -> bytes:
-    return st_save({TENSOR_NAME: artifact.embeddings.contiguous()}, metadata={METADATA_KEY: json.dumps(artifact.meta)})
+    tensors = {TENSOR_NAME: artifact.embeddings.contiguous()}
+    if artifact.head is not None:
+        tensors[HEAD_WEIGHT], tensors[HEAD_BIAS] = (t.contiguous() for t in artifact.head)
+    return st_save(tensors, metadata={METADATA_KEY: json.dumps(artifact.meta)})
 
 
 def save_artifact(artifact: PromptArtifact, path: str | Path) -> None:
@@ -225,6 +261,7 @@ def summarize(task_id: str, version: int, header: dict) -> dict:
         "num_virtual_tokens": parse_template(meta["template"]).num_virtual_tokens,
         "template": meta["template"],
         "labels": meta.get("labels"),
+        "has_head": HEAD_WEIGHT in header,
         "base_model": meta["base_model"],
         "created_at": meta.get("created_at"),
         "description": meta.get("description"),

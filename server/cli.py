@@ -68,6 +68,8 @@ def _make_artifact(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tiny_model import ARCHS
+
     parser = argparse.ArgumentParser(prog="ptserve", description="Serve P-tuning soft prompts on one frozen LM")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="write a tiny RANDOM-WEIGHT smoke-test model (meaningless output)")
     tiny.add_argument("directory")
-    tiny.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    tiny.add_argument("--arch", choices=list(ARCHS), default="gpt2")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_model)
 

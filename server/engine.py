@@ -40,7 +40,7 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
         if loaded is None:
-            loaded = load_model(settings.model, settings.device, settings.dtype)
+            loaded = load_model(settings.model, settings.device, settings.dtype, settings.model_family)
         return cls(settings, loaded, open_store(settings.store))
 
     def start(self) -> None:
@@ -85,6 +85,11 @@ class Engine:
         return prompt, ids
 
     def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> GenerateWork:
+        if self.loaded.family != "causal":
+            raise InvalidRequest(
+                f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
+                "not a causal LM: it cannot generate text, only classify"
+            )
         prompt, ids = self._resolve(task_id, "generate", fields)
         params = self._sampling_params(prompt, overrides)
         limit = self.loaded.max_positions
@@ -96,6 +101,8 @@ class Engine:
 
     def prepare_classify(self, task_id: str, fields: dict[str, str]) -> ClassifyWork:
         prompt, ids = self._resolve(task_id, "classify", fields)
+        if self.loaded.family != "causal" and ids.count(self.loaded.mask_token_id) != 1:
+            raise InvalidRequest(f"the input must not contain the {self.loaded.tokenizer.mask_token} token")
         longest = max(len(v) for v in prompt.label_ids)
         limit = self.loaded.max_positions
         if limit is not None and len(ids) + longest > limit:

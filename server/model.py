@@ -7,11 +7,32 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# causal: generate and classify by verbalizer; masked: classify at [MASK];
+# encoder (no LM head): classify with a per-task linear head at [MASK]
+FAMILIES = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "encoder": AutoModel}
+
+
+def detect_family(config) -> str:
+    """From the checkpoint's `architectures`: *ForCausalLM / *LMHeadModel -> causal,
+    *ForMaskedLM -> masked, a bare *Model -> encoder."""
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+        if arch.endswith("ForMaskedLM"):
+            return "masked"
+    if archs and all(arch.endswith("Model") for arch in archs):
+        return "encoder"
+    raise ValueError(
+        f"cannot tell whether {archs or 'this model'} is a causal LM, a masked LM or an encoder; "
+        "set PTSERVE_MODEL_FAMILY to causal, masked or encoder"
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,18 +84,27 @@ class LoadedModel:
     dtype: torch.dtype
     info: dict  # describe_model(): name_or_path, hidden_size, vocab_size, fingerprint
     max_positions: int | None
+    family: str = "causal"  # a key of FAMILIES
 
     @property
     def vocab_size(self) -> int:
         return self.info["vocab_size"]
 
+    @property
+    def mask_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "mask_token_id", None)
 
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", family: str = "auto") -> LoadedModel:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    log.info("loading %s on %s as %s", name_or_path, dev, dt)
+    if family == "auto":
+        family = detect_family(AutoConfig.from_pretrained(name_or_path))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose auto or one of {list(FAMILIES)}")
+    log.info("loading %s (%s) on %s as %s", name_or_path, family, dev, dt)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+    model = FAMILIES[family].from_pretrained(name_or_path, dtype=dt)
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(
         model=model,
@@ -83,4 +113,5 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> 
         dtype=dt,
         info=describe_model(model, name_or_path),
         max_positions=max_positions(model.config),
+        family=family,
     )

@@ -18,7 +18,7 @@ import torch
 from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
 from prompt_store.errors import ArtifactError, StoreUnavailable, TaskNotFound
 from prompt_store.store import PromptStore, check_task_id
-from prompt_store.template import Template, tokenize_text
+from prompt_store.template import Template, render, tokenize_text
 
 from .model import LoadedModel
 
@@ -35,6 +35,7 @@ class TaskPrompt:
     labels: tuple[str, ...] = ()
     label_ids: tuple[tuple[int, ...], ...] = ()  # verbalizer tokens, one tuple per label
     generation: dict = field(default_factory=dict)  # the artifact's default sampling parameters
+    head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
 
 
 def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel) -> TaskPrompt:
@@ -46,7 +47,14 @@ def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: Lo
         ids = tokenize_text(loaded.tokenizer, verbalizer)
         if not ids:
             raise ArtifactError(f"label {name!r}: verbalizer {verbalizer!r} tokenizes to no tokens")
+        if loaded.family == "masked" and len(ids) != 1:
+            raise ArtifactError(
+                f"label {name!r}: a masked LM scores one token at [MASK], "
+                f"but verbalizer {verbalizer!r} is {len(ids)} tokens"
+            )
         label_ids.append(tuple(ids))
+    _check_family(artifact, loaded)
+    head = None if artifact.head is None else tuple(t.to(loaded.device, loaded.dtype) for t in artifact.head)
     return TaskPrompt(
         task_id=task_id,
         version=version,
@@ -56,7 +64,29 @@ def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: Lo
         labels=tuple(labels),
         label_ids=tuple(label_ids),
         generation=dict(artifact.meta.get("generation") or {}),
+        head=head,
     )
+
+
+def _check_family(artifact: PromptArtifact, loaded: LoadedModel) -> None:
+    """What each model family can serve (see server/scoring.py)."""
+    if loaded.family == "causal":
+        if artifact.head is not None:
+            raise ArtifactError("head tensors are for encoder models; the served model is a causal LM")
+        return
+    if artifact.task_type != "classify":
+        raise ArtifactError(f"the served model is a {loaded.family} model: it can only serve classify tasks")
+    if loaded.family == "encoder" and artifact.head is None:
+        raise ArtifactError("the served model is an encoder without an LM head: a classify task needs head tensors")
+    if loaded.family == "masked" and artifact.head is not None:
+        raise ArtifactError("head tensors are for encoder models; the served model is a masked LM")
+    empty = {name: "" for name in artifact.template.fields}
+    ids = render(artifact.template, loaded.tokenizer, empty, loaded.vocab_size)
+    if ids.count(loaded.mask_token_id) != 1:
+        raise ArtifactError(
+            f"template {artifact.template.source!r} must contain exactly one {loaded.tokenizer.mask_token} token "
+            f"for a {loaded.family} model"
+        )
 
 
 class PromptCache:

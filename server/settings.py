@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    model_family: str = Field("auto", description="'auto' (from the checkpoint), 'causal', 'masked' or 'encoder'")
     dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'")
 
     # Batching: a batch starts when max_batch_size requests wait or the oldest has

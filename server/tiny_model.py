@@ -17,11 +17,22 @@ import inspect
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-ARCHS = ("gpt2", "llama")
+# gpt2, llama: causal LMs; bert: a masked LM; bert-encoder: a BERT with no LM head
+ARCHS = ("gpt2", "llama", "bert", "bert-encoder")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _CORPUS_MODULES = (
     "json",
     "collections",
@@ -52,7 +63,8 @@ def local_corpus() -> list[str]:
     return texts
 
 
-def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int = 512, add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE. `add_bos`: prepend <s> by default, as Llama tokenizers do."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -63,8 +75,35 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(local_corpus(), trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def train_wordpiece_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer with BERT's special tokens."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(local_corpus(), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -74,7 +113,9 @@ def build_tiny_model(
     """(model, tokenizer) with random weights drawn N(0, init_std)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    tokenizer = train_tokenizer()
+    if arch.startswith("bert"):
+        return _build_tiny_bert(arch, seed, hidden_size, num_layers, init_std)
+    tokenizer = train_tokenizer(add_bos=arch == "llama")
     ids = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -100,6 +141,23 @@ def build_tiny_model(
             **ids,
         )
         model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer
+
+
+def _build_tiny_bert(arch: str, seed: int, hidden_size: int, num_layers: int, init_std: float):
+    tokenizer = train_wordpiece_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+        initializer_range=init_std,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config) if arch == "bert" else BertModel(config, add_pooling_layer=False)
     return model.eval(), tokenizer
 
 

@@ -1,0 +1,69 @@
+"""Training data: JSONL, one example per line.
+
+Each line is an object with the template's fields plus `label` (classify) or
+`output` (generate). A line that does not fit is an error naming its number.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from prompt_store.errors import InvalidRequest
+from prompt_store.template import Template
+
+
+class DataError(InvalidRequest):
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    fields: dict[str, str]
+    target: str  # the label name (classify) or the output text (generate)
+    line: int  # 1-based line number in its file
+
+
+def load_examples(path: str | Path, template: Template, task_type: str, labels: dict[str, str] | None) -> list[Example]:
+    target_key = "label" if task_type == "classify" else "output"
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            missing = [k for k in (*template.fields, target_key) if k not in obj]
+            if missing:
+                raise DataError(
+                    f"{where}: missing {missing} (template {template.source!r} needs {list(template.fields)})"
+                )
+            values = {k: obj[k] for k in (*template.fields, target_key)}
+            bad = [k for k, v in values.items() if not isinstance(v, str)]
+            if bad:
+                raise DataError(f"{where}: {bad} must be strings")
+            if task_type == "classify" and values["label"] not in labels:
+                raise DataError(f"{where}: unknown label {values['label']!r}; the labels are {list(labels)}")
+            examples.append(Example({k: values[k] for k in template.fields}, values[target_key], n))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def split_dev(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded shuffle, then the last `fraction` of it is the dev set."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--dev-fraction must be between 0 and 1, got {fraction}")
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    n_dev = max(1, round(len(shuffled) * fraction))
+    if n_dev >= len(shuffled):
+        raise DataError(f"{len(examples)} examples are too few to hold out a dev set")
+    return shuffled[:-n_dev], shuffled[-n_dev:]
