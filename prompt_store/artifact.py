@@ -81,9 +81,14 @@ def read_header(data: bytes) -> dict:
 
 def read_meta(header: dict) -> dict:
     """The `ptserve` metadata document of a parsed header, checked for shape."""
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ArtifactError("safetensors '__metadata__' must be an object of strings")
+    raw = metadata.get(METADATA_KEY)
     if raw is None:
         raise ArtifactError(f"safetensors metadata has no '{METADATA_KEY}' key")
+    if not isinstance(raw, str):
+        raise ArtifactError(f"metadata '{METADATA_KEY}' must be a JSON string")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -100,9 +105,11 @@ def _check_meta(meta: dict) -> None:
     if meta.get("task_type") not in TASK_TYPES:
         raise ArtifactError(f"task_type must be one of {list(TASK_TYPES)}, got {meta.get('task_type')!r}")
     try:
-        parse_template(meta.get("template"))
+        template = parse_template(meta.get("template"))
     except TemplateError as e:
         raise ArtifactError(f"bad template: {e}") from None
+    if template.num_virtual_tokens == 0:
+        raise ArtifactError(f"template {meta['template']!r} has no [P:n] pseudo tokens")
     labels = meta.get("labels")
     if meta["task_type"] == "classify":
         if not isinstance(labels, dict) or not labels:
@@ -116,7 +123,7 @@ def _check_meta(meta: dict) -> None:
     if not isinstance(base, dict):
         raise ArtifactError("'base_model' must be an object with hidden_size and vocab_size")
     for key in ("hidden_size", "vocab_size"):
-        if not isinstance(base.get(key), int) or base[key] < 1:
+        if not isinstance(base.get(key), int) or isinstance(base[key], bool) or base[key] < 1:
             raise ArtifactError(f"base_model.{key} must be a positive integer, got {base.get(key)!r}")
     gen = meta.get("generation")
     if gen is not None and not isinstance(gen, dict):

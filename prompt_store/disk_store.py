@@ -10,16 +10,18 @@ A per-task `flock` serialises puts, also across processes.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .artifact import read_header, summarize
-from .errors import StoreUnavailable
-from .store import PromptStore, StoredPrompt, check_task_id
+from .errors import ArtifactError, StoreUnavailable
+from .store import PromptStore, StoredPrompt, check_task_id, is_task_id
 
 _SUFFIX = ".safetensors"
+log = logging.getLogger(__name__)
 
 
 class DiskStore(PromptStore):
@@ -76,14 +78,18 @@ class DiskStore(PromptStore):
 
     def put(self, task_id: str, data: bytes) -> dict:
         header = read_header(data)
-        with self._locked(task_id) as d:
-            old = self._versions(d)
-            version = max([self._high_water(d), *old]) + 1
-            self._write_atomic(d / f"{version}{_SUFFIX}", data)
-            self._write_atomic(d / ".version", str(version).encode())
-            for v in old:
-                (d / f"{v}{_SUFFIX}").unlink(missing_ok=True)
-        return summarize(task_id, version, header)
+        summary = summarize(task_id, 0, header)
+        try:
+            with self._locked(task_id) as d:
+                old = self._versions(d)
+                version = max([self._high_water(d), *old]) + 1
+                self._write_atomic(d / f"{version}{_SUFFIX}", data)
+                self._write_atomic(d / ".version", str(version).encode())
+                for v in old:
+                    (d / f"{v}{_SUFFIX}").unlink(missing_ok=True)
+        except OSError as e:  # disk full, permissions: nothing half-written, say why
+            raise StoreUnavailable(f"prompt directory {self.root}: cannot write: {e}") from None
+        return {**summary, "version": version}
 
     def _latest(self, task_id: str) -> tuple[int, Path] | None:
         d = self._dir(task_id)
@@ -111,12 +117,19 @@ class DiskStore(PromptStore):
         return summarize(task_id, stored.version, read_header(stored.data)) if stored else None
 
     def list(self) -> list[dict]:
+        """Every task; entries that are not task directories (lost+found, a
+        corrupt file) are logged and skipped, so one bad entry hides no others."""
         out = []
         for d in sorted(self.root.iterdir()):
-            if d.is_dir():
+            if not d.is_dir() or not is_task_id(d.name):
+                continue
+            try:
                 s = self.summary(d.name)
-                if s is not None:
-                    out.append(s)
+            except (ArtifactError, OSError) as e:
+                log.warning("prompt store: skipping %s: %s", d, e)
+                continue
+            if s is not None:
+                out.append(s)
         return out
 
     def delete(self, task_id: str) -> bool:

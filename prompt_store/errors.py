@@ -36,5 +36,9 @@ class TaskNotFound(PtserveError, KeyError):
         return str(self.args[0]) if self.args else "task not found"
 
 
-class StoreUnavailable(PtserveError):
+class ServiceUnavailable(PtserveError):
+    """The server cannot take this request now (shutting down, store down) -> 503."""
+
+
+class StoreUnavailable(ServiceUnavailable):
     """The prompt store cannot be reached -> 503."""

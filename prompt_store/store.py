@@ -16,8 +16,12 @@ from .errors import InvalidTaskId
 _TASK_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
+def is_task_id(task_id) -> bool:
+    return isinstance(task_id, str) and bool(_TASK_ID.fullmatch(task_id)) and task_id not in (".", "..")
+
+
 def check_task_id(task_id: str) -> str:
-    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id) or task_id in (".", ".."):
+    if not is_task_id(task_id):
         shown = task_id if not isinstance(task_id, str) or len(task_id) <= 40 else task_id[:40] + "..."
         raise InvalidTaskId(
             f"invalid task id {shown!r}: use 1-128 characters of A-Z a-z 0-9 . _ - (and not '.' or '..')"

@@ -118,11 +118,16 @@ def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: in
         if isinstance(seg, Pseudo):
             ids.extend(range(vocab_size + next_virtual, vocab_size + next_virtual + seg.count))
             next_virtual += seg.count
-        elif isinstance(seg, Field):
-            value = fields[seg.name]
-            if not isinstance(value, str):
+            continue
+        if isinstance(seg, Field):
+            text = fields[seg.name]
+            if not isinstance(text, str):
                 raise TemplateError(f"field {seg.name!r} must be a string")
-            ids.extend(tokenize_text(tokenizer, value))
         else:
-            ids.extend(tokenize_text(tokenizer, seg.text))
+            text = seg.text
+        tokens = tokenize_text(tokenizer, text)
+        # an id past the embedding matrix would be read as a pseudo token
+        if tokens and max(tokens) >= vocab_size:
+            raise TemplateError(f"{text[:40]!r} tokenizes to id {max(tokens)}, outside the model's {vocab_size} rows")
+        ids.extend(tokens)
     return ids

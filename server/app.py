@@ -3,20 +3,23 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import InvalidRequest, PayloadTooLarge, PtserveError, StoreUnavailable, TaskNotFound
+from prompt_store.errors import InvalidRequest, PayloadTooLarge, PtserveError, ServiceUnavailable, TaskNotFound
 
 from .engine import Engine
 from .model import LoadedModel
 from .routes import health, inference, tasks
 from .settings import Settings
 
-_STATUS = {TaskNotFound: 404, PayloadTooLarge: 413, InvalidRequest: 422, StoreUnavailable: 503}
+log = logging.getLogger(__name__)
+
+_STATUS = {TaskNotFound: 404, PayloadTooLarge: 413, InvalidRequest: 422, ServiceUnavailable: 503}
 
 
 def _status_of(error: PtserveError) -> int:
@@ -45,6 +48,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
         return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
 
     app.include_router(health.router)
     app.include_router(tasks.router)

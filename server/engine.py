@@ -33,7 +33,7 @@ class Engine:
         self.loaded = loaded
         self.store = store
         self.prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
-        self.runner = ModelRunner(loaded)
+        self.runner = ModelRunner(loaded, settings.max_classify_rows)
         self.batch_stats = BatchStats()
         self.scheduler = Scheduler(self.runner, settings.max_batch_size, settings.max_wait_ms / 1000, self.batch_stats)
 
@@ -57,7 +57,14 @@ class Engine:
         Anything wrong raises before the store is touched."""
         check_task_id(task_id)
         artifact = read_artifact(data, self.settings.max_artifact_bytes)
-        task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
+        prompt = task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
+        if prompt.labels and len(prompt.labels) > self.settings.max_labels:
+            raise InvalidRequest(f"{len(prompt.labels)} labels; this server allows at most {self.settings.max_labels}")
+        if prompt.task_type == "generate":
+            try:
+                self._sampling_params(prompt, {})
+            except InvalidRequest as e:
+                raise InvalidRequest(f"bad 'generation' defaults in the artifact: {e}") from None
         summary = self.store.put(task_id, data)
         log.info("stored task %s version %d", task_id, summary["version"])
         return summary
@@ -117,13 +124,19 @@ class Engine:
         chosen.update({k: v for k, v in prompt.generation.items() if k in _SAMPLING_KEYS and v is not None})
         chosen.update({k: v for k, v in overrides.items() if k in _SAMPLING_KEYS and v is not None})
         stop = chosen.get("stop", ())
-        chosen["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        if chosen["max_new_tokens"] > self.settings.max_new_tokens_limit:
+        if isinstance(stop, str):
+            chosen["stop"] = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            chosen["stop"] = tuple(stop)
+        else:
+            raise InvalidRequest(f"stop must be a string or a list of strings, got {stop!r}")
+        params = SamplingParams(**chosen)
+        if params.max_new_tokens > self.settings.max_new_tokens_limit:
             raise InvalidRequest(
                 f"max_new_tokens {chosen['max_new_tokens']} exceeds this server's limit of "
                 f"{self.settings.max_new_tokens_limit}"
             )
-        return SamplingParams(**chosen)
+        return params
 
     def submit(self, work: GenerateWork | ClassifyWork) -> Future:
         return self.scheduler.submit(work)

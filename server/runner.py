@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
 
 from .model import LoadedModel
-from .sampling import RowDecoder, choose_next_tokens
+from .sampling import RowDecoder
 from .scoring import LabelQuery, LabelScorer, embed, pack, prompt_table
 from .work import ClassifyResult, ClassifyWork, GenerateResult, GenerateWork
 
@@ -33,8 +34,11 @@ def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+OnFinish = Callable[[int, "GenerateResult | Exception"], None]
+
+
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, max_classify_rows: int = 256):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -42,6 +46,7 @@ class ModelRunner:
         self.embed_tokens = loaded.model.get_input_embeddings()
         self.eos_ids = eos_token_ids(loaded)
         self.score_labels = LabelScorer(loaded)
+        self.max_classify_rows = max_classify_rows  # bounds one classify forward: (request, label) rows
         # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -65,14 +70,38 @@ class ModelRunner:
         return out, cache, mask, positions[:, -1:]
 
     @torch.inference_mode()
-    def generate(self, works: list[GenerateWork]) -> list[GenerateResult]:
+    def generate(
+        self, works: list[GenerateWork], on_finish: OnFinish | None = None
+    ) -> list[GenerateResult | Exception]:
+        """Greedy/sampled continuation of every work. `on_finish(i, result)` is
+        called as soon as row i is done, so a short request need not wait for the
+        batch's longest. A row whose sampling fails gets its exception as result;
+        the other rows go on."""
         rows = [RowDecoder(w.params, self.eos_ids, self.tokenizer, self.device) for w in works]
+        results: list[GenerateResult | Exception | None] = [None] * len(works)
+
+        def finish(i: int, result: GenerateResult | Exception) -> None:
+            results[i] = result
+            if on_finish is not None:
+                on_finish(i, result)
+
         out, cache, mask, positions = self.prefill(works)
         for _ in range(max(w.params.max_new_tokens for w in works)):
-            next_ids = choose_next_tokens(out.logits[:, -1, :], rows)
-            for row, token in zip(rows, next_ids):
-                if not row.done:
-                    row.push(token)
+            logits = out.logits[:, -1, :]  # [B, V]
+            greedy = logits.argmax(dim=-1).tolist()
+            next_ids = [0] * len(rows)
+            for i, row in enumerate(rows):
+                if row.done:
+                    continue
+                try:
+                    next_ids[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]
+                    row.push(next_ids[i])
+                except Exception as e:  # one bad row must not sink its batch-mates
+                    row.finish_reason = "error"
+                    finish(i, e)
+                    continue
+                if row.done:
+                    finish(i, GenerateResult(row.token_ids, row.text or "", row.finish_reason))
             if all(row.done for row in rows):
                 break
             # decode: one token per row; finished rows ride along and are ignored
@@ -86,24 +115,35 @@ class ModelRunner:
                 use_cache=True,
                 **{self._cache_kw: cache},
             )
-        return [GenerateResult(row.token_ids, row.text or "", row.finish_reason or "length") for row in rows]
+        return results
 
     # -- classify ----------------------------------------------------------
 
     @torch.inference_mode()
     def classify(self, works: list[ClassifyWork]) -> list[ClassifyResult]:
-        """Label probabilities: the softmax over each request's label scores (server/scoring.py)."""
-        queries = [LabelQuery(w.input_ids, w.prompt.rows, w.prompt.label_ids, w.prompt.head) for w in works]
+        """Label probabilities: the softmax over each request's label scores
+        (server/scoring.py), in forward passes of at most max_classify_rows rows."""
+        scores: list[torch.Tensor] = []
+        for chunk in self._classify_chunks(works):
+            queries = [LabelQuery(w.input_ids, w.prompt.rows, w.prompt.label_ids, w.prompt.head) for w in chunk]
+            scores.extend(self.score_labels(queries))
         results = []
-        for w, scores in zip(works, self.score_labels(queries)):
-            logprobs = scores.double().tolist()
-            probs = torch.softmax(scores.double(), dim=0).tolist()
-            by_label = dict(zip(w.prompt.labels, probs))
-            results.append(
-                ClassifyResult(
-                    label=max(by_label, key=by_label.get),
-                    scores=by_label,
-                    logprobs=dict(zip(w.prompt.labels, logprobs)),
-                )
-            )
+        for w, s in zip(works, scores):
+            s = s.double()
+            probs = dict(zip(w.prompt.labels, torch.softmax(s, dim=0).tolist()))
+            logprobs = dict(zip(w.prompt.labels, s.tolist()))
+            results.append(ClassifyResult(label=max(probs, key=probs.get), scores=probs, logprobs=logprobs))
         return results
+
+    def _classify_chunks(self, works: list[ClassifyWork]) -> list[list[ClassifyWork]]:
+        """A causal LM runs one row per (request, label); other families one per request."""
+        per_work = [len(w.prompt.label_ids) if self.score_labels.family == "causal" else 1 for w in works]
+        chunks: list[list[ClassifyWork]] = [[]]
+        used = 0
+        for w, n in zip(works, per_work):
+            if chunks[-1] and used + n > self.max_classify_rows:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(w)
+            used += n
+        return chunks

@@ -64,10 +64,3 @@ class RowDecoder:
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-
-
-def choose_next_tokens(logits: torch.Tensor, rows: list[RowDecoder]) -> list[int]:
-    """logits: [B, V] -> one token per row: greedy rows by one batched argmax,
-    sampling rows each with its own generator."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i] for i, row in enumerate(rows)]

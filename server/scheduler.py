@@ -14,6 +14,8 @@ import threading
 import time
 from collections import Counter, deque
 
+from prompt_store.errors import ServiceUnavailable
+
 from .runner import ModelRunner
 from .work import ClassifyWork, GenerateWork
 
@@ -70,14 +72,15 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
         for work in self._queue:
-            work.future.set_exception(RuntimeError("server is shutting down"))
+            if work.future.set_running_or_notify_cancel():  # False: the client already went away
+                work.future.set_exception(ServiceUnavailable("server is shutting down"))
         self._queue.clear()
 
     def submit(self, work: Work):
         """Queue one request; its future resolves to a GenerateResult / ClassifyResult."""
         with self._cond:
             if self._stopping:
-                raise RuntimeError("server is shutting down")
+                raise ServiceUnavailable("server is shutting down")
             self._queue.append(work)
             self._cond.notify_all()
         return work.future
@@ -93,7 +96,7 @@ class Scheduler:
             if self._stopping:
                 return []
             kind = self._queue[0].kind
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = self._queue[0].submitted_at + self.max_wait_s  # the oldest request waits at most max_wait
             while not self._stopping:
                 same = sum(1 for w in self._queue if w.kind == kind)
                 remaining = deadline - time.monotonic()
@@ -119,15 +122,25 @@ class Scheduler:
         kind = batch[0].kind
         tasks = {(w.prompt.task_id, w.prompt.version) for w in batch}
         start = time.perf_counter()
+
+        def finish(i: int, result) -> None:
+            if isinstance(result, Exception):
+                batch[i].future.set_exception(result)
+            else:
+                batch[i].future.set_result(result)
+
         try:
-            results = self.runner.generate(batch) if kind == "generate" else self.runner.classify(batch)
-        except Exception as e:  # a failed batch fails its requests, not the server
+            if kind == "generate":
+                self.runner.generate(batch, on_finish=finish)
+            else:
+                for i, result in enumerate(self.runner.classify(batch)):
+                    finish(i, result)
+        except Exception as e:  # a failed forward pass fails its requests, not the server
             log.exception("%s batch of %d failed", kind, len(batch))
             for w in batch:
-                w.future.set_exception(e)
+                if not w.future.done():
+                    w.future.set_exception(e)
             return
         seconds = time.perf_counter() - start
         self.stats.record(kind, len(batch), len(tasks), seconds)
         log.info("batch kind=%s size=%d tasks=%d seconds=%.3f", kind, len(batch), len(tasks), seconds)
-        for w, r in zip(batch, results):
-            w.future.set_result(r)

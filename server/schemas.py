@@ -22,12 +22,15 @@ class InferenceInputs(BaseModel):
 
 
 class GenerateRequest(InferenceInputs):
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (the default)")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 = off")
+    """Unset fields fall back to the task artifact's `generation` defaults, then
+    the server's. Ranges are checked in server/work.py (SamplingParams)."""
+
+    max_new_tokens: int | None = Field(None, description=">= 1, up to the server's limit")
+    temperature: float | None = Field(None, description="0 = greedy (the default), else 0.001-100")
+    top_p: float | None = Field(None, description="nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: int | None = Field(None, description="keep the k most likely tokens; 0 = off")
     stop: str | list[str] | None = Field(None, description="stop strings; not included in the text")
-    seed: int | None = None
+    seed: int | None = Field(None, description="0 <= seed < 2**63; same seed, same draws")
 
     def sampling_overrides(self) -> dict:
         return self.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed"})

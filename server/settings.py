@@ -30,4 +30,6 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = Field(64, ge=1)
     max_input_tokens: int = Field(4096, ge=1, description="longest rendered sequence (pseudo + text tokens)")
+    max_labels: int = Field(256, ge=1, description="labels per classify task")
+    max_classify_rows: int = Field(256, ge=1, description="(request, label) rows per classify forward pass")
     log_level: str = "info"

@@ -47,13 +47,8 @@ def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, *
     return make_artifact(rows, template=template, task_type=task_type, labels=labels, base_model=loaded.info, **meta)
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server: PTSERVE_TEST_REDIS_URL (set by .ci/run), or one started here."""
-    url = os.environ.get("PTSERVE_TEST_REDIS_URL")
-    if url:
-        yield url
-        return
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a free loopback port, with no persistence."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail(
@@ -64,14 +59,25 @@ def redis_url():
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server: PTSERVE_TEST_REDIS_URL (set by .ci/run), or one started here."""
+    url = os.environ.get("PTSERVE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    proc, url = start_redis()
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
         proc.terminate()
         proc.wait()

@@ -92,3 +92,32 @@ def test_fits_model_checks():
         check_fits_model(a, hidden_size=8, vocab_size=101, fingerprint="abc")
     with pytest.raises(ArtifactError, match="fingerprint"):
         check_fits_model(a, hidden_size=8, vocab_size=100, fingerprint="def")
+
+
+def header_bytes(header: dict) -> bytes:
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"__metadata__": "x", "prompt_embeddings": {}}, "'__metadata__' must be an object"),
+        ({"__metadata__": {"ptserve": 5}, "prompt_embeddings": {}}, "must be a JSON string"),
+    ],
+)
+def test_malformed_metadata_is_an_artifact_error(header, message):
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(header_bytes(header))
+
+
+def test_a_template_without_pseudo_tokens_is_refused():
+    with pytest.raises(ArtifactError, match="no \\[P:n\\] pseudo tokens"):
+        make_artifact(torch.zeros(0, 8), template="{input}", task_type="generate", base_model=BASE)
+
+
+def test_booleans_are_not_sizes():
+    with pytest.raises(ArtifactError, match="hidden_size"):
+        make_artifact(
+            torch.zeros(2, 8), template="[P:2]", task_type="generate", base_model={**BASE, "hidden_size": True}
+        )

@@ -57,9 +57,10 @@ def test_list_and_delete(store):
 
 @pytest.mark.parametrize("bad", ["../x", "", "x" * 200, "a/b", "..", ".", "tâche", "a b"])
 def test_invalid_task_ids(store, bad):
-    for op in (lambda: store.put(bad, data(1.0)), lambda: store.get(bad), lambda: store.delete(bad)):
+    ops = (store.get, store.version, store.summary, store.delete, lambda t: store.put(t, data(1.0)))
+    for op in ops:
         with pytest.raises(InvalidTaskId):
-            op()
+            op(bad)
     assert store.list() == []
 
 
@@ -100,3 +101,13 @@ def test_disk_store_leaves_no_temporary_files(tmp_path):
     for i in range(3):
         s.put("t", data(float(i)))
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".lock", ".version", "3.safetensors"]
+
+
+def test_disk_listing_skips_entries_that_are_not_tasks(tmp_path):
+    s = DiskStore(tmp_path)
+    s.put("good", data(1.0))
+    s.put("broken", data(1.0))
+    (tmp_path / "lost+found").mkdir()  # the root of a mounted ext4 volume has one
+    (tmp_path / "stray.txt").write_text("x")
+    (tmp_path / "broken" / "1.safetensors").write_bytes(b"garbage")
+    assert [t["task_id"] for t in s.list()] == ["good"]

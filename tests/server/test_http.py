@@ -14,7 +14,7 @@ from server.app import create_app
 from server.model import load_model
 from server.runner import eos_token_ids
 from server.settings import Settings
-from tests.conftest import random_prompt
+from tests.conftest import random_prompt, start_redis
 from tests.oracle import alone_greedy, alone_label_scores
 from tests.server.live_server import LiveServer
 
@@ -97,7 +97,15 @@ def request_for(i):
     return task, "classify", fields, body
 
 
-def test_concurrent_mixed_requests_equal_alone_and_are_batched(server, client, gpt2):
+def test_concurrent_mixed_requests_equal_alone_and_are_batched(loaded, tmp_path):
+    with (
+        serve(loaded, str(tmp_path / "store"), max_batch_size=16) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        check_concurrent_requests(server, client, loaded)
+
+
+def check_concurrent_requests(server, client, gpt2):
     artifacts = upload_all(client, gpt2)
     n = 40
 
@@ -129,6 +137,7 @@ def test_concurrent_mixed_requests_equal_alone_and_are_batched(server, client, g
     stats = client.get("/v1/stats").json()["batches"]
     assert stats["requests"] == n
     assert stats["max_batch_size_seen"] > 1, stats
+    assert any(b["tasks"] > 1 for b in stats["recent"]), "no batch mixed different tasks"
 
 
 def test_task_routes_and_new_versions(client, gpt2):
@@ -171,6 +180,16 @@ def test_health_ready_and_request_errors(client, gpt2):
             "temperature",
         ),
         ("/v1/tasks/bad%20id/generate", {"input": "x"}, 422, "invalid task id"),
+        (
+            "/v1/tasks/g/generate",
+            {"inputs": {"premise": "a", "hypothesis": "b"}, "temperature": 1e-45},
+            422,
+            "temperature",
+        ),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "seed": 2**70}, 422, "seed"),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "stop": [""]}, 422, "stop"),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "top_p": 0}, 422, "top_p"),
+        ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "top_k": -1}, 422, "top_k"),
     ]
     for url, body, status, message in cases:
         r = client.post(url, json=body)
@@ -261,3 +280,44 @@ def test_server_on_redis_store_notices_new_versions(gpt2, redis_url):
             assert client.post("/v1/tasks/shared/generate", json={"input": "x"}).json()["version"] == seed
         assert client.delete("/v1/tasks/shared").status_code == 204
         assert client.post("/v1/tasks/shared/generate", json={"input": "x"}).status_code == 404
+
+
+def test_artifact_generation_defaults_are_checked_at_upload_and_used(client, gpt2):
+    for bad, message in [
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": 5}, "stop"),
+        ({"top_p": 0, "temperature": 1}, "top_p"),
+        ({"seed": 2**70, "temperature": 1}, "seed"),
+        ({"max_new_tokens": 10**6}, "max_new_tokens"),
+    ]:
+        a = random_prompt(gpt2, "[P:2]{input}", generation=bad)
+        r = client.put("/v1/tasks/defaults", content=artifact_bytes(a))
+        assert r.status_code == 422 and message in r.json()["detail"], (bad, r.text)
+    assert client.get("/v1/tasks/defaults").status_code == 404
+    a = random_prompt(gpt2, "[P:2]{input}", seed=3, generation={"max_new_tokens": 3})
+    assert client.put("/v1/tasks/defaults", content=artifact_bytes(a)).status_code == 201
+    out = client.post("/v1/tasks/defaults/generate", json={"input": "abc"}).json()
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 3
+    out = client.post("/v1/tasks/defaults/generate", json={"input": "abc", "max_new_tokens": 5}).json()
+    assert len(out["token_ids"]) == 5  # the request wins over the artifact
+
+
+def test_store_outage_cached_prompts_keep_serving(gpt2):
+    proc, url = start_redis()
+    try:
+        with serve(gpt2, url) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+            for task in ("warm", "cold"):
+                r = client.put(f"/v1/tasks/{task}", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+                assert r.status_code == 201
+            assert client.post("/v1/tasks/warm/generate", json={"input": "x"}).status_code == 200
+            proc.terminate()
+            proc.wait()
+            assert client.get("/ready").status_code == 503
+            assert client.post("/v1/tasks/warm/generate", json={"input": "x"}).status_code == 200
+            r = client.post("/v1/tasks/cold/generate", json={"input": "x"})
+            assert r.status_code == 503 and "unreachable" in r.json()["detail"]
+            r = client.put("/v1/tasks/new", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+            assert r.status_code == 503
+    finally:
+        proc.kill()
+        proc.wait()

@@ -172,3 +172,34 @@ def test_serving_leaves_the_weights_untouched(loaded):
     runner.classify([make_classify(loaded, 0, LABEL_SETS[0], *TEMPLATES[0])])
     assert all(not p.requires_grad for p in loaded.model.parameters())
     assert all(torch.equal(before[name], p) for name, p in loaded.model.named_parameters())
+
+
+def test_a_row_whose_sampling_fails_does_not_sink_its_batch(loaded, monkeypatch):
+    from server.sampling import RowDecoder
+
+    real_sample = RowDecoder.sample
+
+    def sample(self, logits):
+        if self.params.seed == 666:
+            raise RuntimeError("sampling blew up")
+        return real_sample(self, logits)
+
+    monkeypatch.setattr(RowDecoder, "sample", sample)
+    runner = ModelRunner(loaded)
+    good = make_generate(loaded, 0, *TEMPLATES[0])
+    bad = make_generate(loaded, 1, *TEMPLATES[1], temperature=1.0, seed=666)
+    finished = []
+    results = runner.generate([good, bad], on_finish=lambda i, r: finished.append(i))
+    assert isinstance(results[1], RuntimeError)
+    assert results[0].token_ids == oracle(loaded, runner, good)
+    assert finished[0] == 1  # the failed row is reported at once
+
+
+def test_classification_is_split_into_bounded_forward_passes(loaded):
+    works = [make_classify(loaded, i, LABEL_SETS[i % 3], *TEMPLATES[i % len(TEMPLATES)]) for i in range(5)]
+    whole = ModelRunner(loaded).classify(works)
+    small = ModelRunner(loaded, max_classify_rows=3)
+    assert [len(c) for c in small._classify_chunks(works)] == [1, 1, 1, 1, 1]
+    for a, b in zip(whole, small.classify(works)):
+        assert a.label == b.label
+        assert max(abs(x - y) for x, y in zip(a.logprobs.values(), b.logprobs.values())) < 1e-4
