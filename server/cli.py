@@ -29,8 +29,46 @@ def _serve(args) -> None:
 def _tiny_model(args) -> None:
     from .tiny_model import write_tiny_model
 
-    path = write_tiny_model(args.directory, arch=args.arch, seed=args.seed)
+    path = write_tiny_model(args.directory, arch=args.arch, seed=args.seed, init_std=args.init_std)
     print(f"wrote a tiny {args.arch} smoke-test model (random weights, meaningless output) to {path}")
+
+
+def _train(args) -> None:
+    from prompt_store.artifact import artifact_bytes, save_artifact
+    from prompt_store.template import parse_template
+    from ptuning.data import load_examples, split_dev
+    from ptuning.train import PromptTrainer, TrainConfig
+
+    from .client import push_artifact
+    from .model import load_model
+
+    if args.push and not args.task_id:
+        sys.exit("--push needs --task-id")
+    logging.basicConfig(level=logging.WARNING)
+    labels = json.loads(args.labels) if args.labels else None
+    config = TrainConfig(
+        task_type=args.task_type, template=args.template, labels=labels, encoder=args.encoder, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
+    )  # fmt: skip
+    template = parse_template(config.template)
+    examples = load_examples(args.data, template, config.task_type, labels)
+    if args.dev:
+        train, dev = examples, load_examples(args.dev, template, config.task_type, labels)
+    else:
+        train, dev = split_dev(examples, args.dev_fraction, args.seed)
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    print(f"training a {args.encoder} prompt encoder on {len(train)} examples ({len(dev)} dev), "
+          f"{loaded.family} model {args.model}", flush=True)  # fmt: skip
+    result = PromptTrainer(loaded, config).fit(train, dev)
+    metrics = result.artifact.meta["metrics"]
+    if args.task_id:
+        result.artifact.meta["task_id"] = args.task_id
+    save_artifact(result.artifact, args.output)
+    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    print(f"wrote {args.output}: {shown}")
+    if args.push:
+        summary = push_artifact(args.push, args.task_id, artifact_bytes(result.artifact))
+        print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}")
 
 
 def _make_artifact(args) -> None:
@@ -88,7 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--arch", choices=list(ARCHS), default="gpt2")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--init-std", type=float, default=0.5, help="weight scale; large = peaked outputs")
     tiny.set_defaults(func=_tiny_model)
+
+    train = sub.add_parser("train", help="train a task's prompt (P-tuning) on a frozen model")
+    train.add_argument("--model", required=True, help="model id or directory (causal LM, masked LM or encoder)")
+    train.add_argument("--data", required=True, help="JSONL: the template's fields + label (classify) / output")
+    dev = train.add_mutually_exclusive_group()
+    dev.add_argument("--dev", help="JSONL dev set (default: hold out --dev-fraction of --data)")
+    dev.add_argument("--dev-fraction", type=float, default=0.2)
+    train.add_argument("--task-type", choices=["classify", "generate"], default="classify")
+    train.add_argument("--template", default="[P:3]{input}[P:3]", help="default: the paper's (3, x, 3)")
+    train.add_argument("--labels", help='classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
+    train.add_argument("--encoder", choices=["lstm", "mlp", "none"], default="lstm")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--lr", type=float, default=1e-2)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--patience", type=int, default=5, help="epochs without a better dev metric before stopping")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("-o", "--output", required=True)
+    train.add_argument(
+        "--push", metavar="URL", help="upload the result to a running server, e.g. http://127.0.0.1:8000"
+    )
+    train.add_argument("--task-id")
+    train.set_defaults(func=_train)
 
     art = sub.add_parser("make-artifact", help="write a prompt artifact for a model from a tensor (or random rows)")
     art.add_argument("--model", required=True, help="the model the prompt is for (id or directory)")

@@ -161,13 +161,13 @@ def _build_tiny_bert(arch: str, seed: int, hidden_size: int, num_layers: int, in
     return model.eval(), tokenizer
 
 
-def write_tiny_model(directory: str | Path, arch: str = "gpt2", seed: int = 0) -> Path:
+def write_tiny_model(directory: str | Path, arch: str = "gpt2", seed: int = 0, init_std: float = 0.5) -> Path:
     directory = Path(directory)
-    model, tokenizer = build_tiny_model(arch, seed)
+    model, tokenizer = build_tiny_model(arch, seed, init_std=init_std)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "README.txt").write_text(
         "ptserve tiny smoke-test model: RANDOM WEIGHTS, its output is meaningless text.\n"
-        f"arch={arch} seed={seed}. Made by `ptserve tiny-model`.\n"
+        f"arch={arch} seed={seed} init_std={init_std}. Made by `ptserve tiny-model`.\n"
     )
     return directory

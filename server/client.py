@@ -1,0 +1,41 @@
+"""A minimal client for a running ptserve (standard library only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+class ClientError(RuntimeError):
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _call(method: str, url: str, data: bytes | None = None, content_type: str | None = None, timeout: float = 120):
+    req = urllib.request.Request(url, data=data, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        raw = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(raw).get("detail", raw)
+        except (json.JSONDecodeError, AttributeError):
+            detail = raw
+        raise ClientError(e.code, str(detail)) from None
+    return json.loads(body) if body else None
+
+
+def push_artifact(base_url: str, task_id: str, data: bytes) -> dict:
+    """Upload artifact bytes as a new version of `task_id`; returns the task summary."""
+    return _call("PUT", f"{base_url.rstrip('/')}/v1/tasks/{task_id}", data, "application/octet-stream")
+
+
+def classify(base_url: str, task_id: str, fields: dict[str, str]) -> dict:
+    body = json.dumps({"inputs": fields}).encode()
+    return _call("POST", f"{base_url.rstrip('/')}/v1/tasks/{task_id}/classify", body, "application/json")

@@ -1,0 +1,147 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prompt_store.artifact import load_artifact
+from prompt_store.errors import InvalidRequest
+from prompt_store.template import parse_template
+from ptuning.data import DataError, Example, load_examples, split_dev
+from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
+from ptuning.train import PromptTrainer, TrainConfig
+from server.app import create_app
+from server.client import classify
+from server.model import load_model
+from server.settings import Settings
+from server.tiny_model import write_tiny_model
+from tests.server.live_server import LiveServer
+
+# per family: tiny arch, template, labels (masked LMs need single-token verbalizers)
+FAMILIES = {
+    "causal": ("gpt2", "[P:3]{input}[P:3]", LABELS),
+    "masked": ("bert", "[CLS][P:3]{input}[P:3][MASK][SEP]", {"yes": "true", "no": "no"}),
+    "encoder": ("bert-encoder", "[CLS][P:3]{input}[P:3][MASK][SEP]", {"yes": "yes", "no": "no"}),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-models")
+    # a gentler scale than the serving tests' models: easier to train
+    return {f: write_tiny_model(root / f, arch, init_std=0.1) for f, (arch, _, _) in FAMILIES.items()}
+
+
+def examples(n, seed):
+    return [Example({"input": r["input"]}, r["label"], i + 1) for i, r in enumerate(keyword_examples(n, seed))]
+
+
+def weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "mlp", "none"])
+def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, encoder):
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    before = weights_digest(loaded.model)
+    config = TrainConfig(labels=LABELS, encoder=encoder, epochs=2, progress=False)
+    trainer = PromptTrainer(loaded, config)
+    start = [p.detach().clone() for p in trainer.encoder.parameters()]
+    result = trainer.fit(examples(48, 0), examples(16, 1))
+    assert weights_digest(loaded.model) == before
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.encoder.parameters()))
+    a = result.artifact
+    assert a.embeddings.shape == (6, loaded.info["hidden_size"])
+    assert a.meta["metrics"]["encoder"] == encoder and 0 <= a.meta["metrics"]["dev_accuracy"] <= 1
+    assert len(result.history) == 2
+
+
+def test_same_seed_same_artifact(model_dirs):
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+
+    def run(seed):
+        config = TrainConfig(labels=LABELS, encoder="lstm", epochs=2, seed=seed, progress=False)
+        return PromptTrainer(loaded, config).fit(examples(48, 0), examples(16, 1)).artifact
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.embeddings, b.embeddings)
+    strip = lambda m: {k: v for k, v in m["metrics"].items() if k != "seconds_per_epoch"}  # noqa: E731
+    assert strip(a.meta) == strip(b.meta)
+    assert not torch.equal(a.embeddings, c.embeddings)
+
+
+def test_it_learns_an_input_dependent_task(model_dirs):
+    """Dev accuracy well above the best constant answer (the majority label's share)."""
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    train, dev = examples(200, 0), examples(100, 1)
+    majority = max(sum(e.target == lab for e in dev) for lab in LABELS) / len(dev)
+    config = TrainConfig(labels=LABELS, encoder="mlp", epochs=12, patience=12, progress=False)
+    acc = PromptTrainer(loaded, config).fit(train, dev).artifact.meta["metrics"]["dev_accuracy"]
+    assert acc >= majority + 0.1, (acc, majority)
+
+
+def test_generate_training_lowers_the_target_loss(model_dirs):
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    data = [
+        Example({"input": e.fields["input"]}, " json" if e.target == "yes" else " path", e.line)
+        for e in examples(64, 0)
+    ]
+    config = TrainConfig(task_type="generate", encoder="mlp", epochs=6, patience=6, progress=False)
+    result = PromptTrainer(loaded, config).fit(data[:48], data[48:])
+    losses = [h["dev_loss"] for h in result.history]
+    assert min(losses[1:]) < losses[0]
+    assert result.artifact.task_type == "generate" and "dev_loss" in result.artifact.meta["metrics"]
+
+
+def test_bad_lines_are_errors_naming_the_line(tmp_path):
+    t = parse_template("[P:2]{input}")
+    path = tmp_path / "d.jsonl"
+    cases = [
+        ('{"input": "a", "label": "yes"}\n{"label": "no"}\n', "line 2: missing \\['input'\\]"),
+        ('{"input": "a", "label": "maybe"}\n', "line 1: unknown label 'maybe'"),
+        ('{"input": "a", "label": "yes"}\n\nnot json\n', "line 3: not valid JSON"),
+        ('{"input": 5, "label": "yes"}\n', "line 1: \\['input'\\] must be strings"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_examples(path, t, "classify", LABELS)
+    with pytest.raises(DataError, match="between 0 and 1"):
+        split_dev(examples(10, 0), 1.5, 0)
+    with pytest.raises(InvalidRequest, match="labels"):
+        TrainConfig(task_type="classify", labels=None)
+    with pytest.raises(ValueError, match="'gru'"):
+        TrainConfig(labels=LABELS, encoder="gru")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, family, tmp_path):
+    """`ptserve train --push` to a running server; the server's classify route on
+    the dev set gives exactly the accuracy the trainer reported."""
+    _, template, labels = FAMILIES[family]
+    loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
+    write_jsonl(keyword_examples(96, 0), tmp_path / "train.jsonl")
+    dev = write_jsonl(keyword_examples(40, 1), tmp_path / "dev.jsonl")
+    settings = Settings(model=str(model_dirs[family]), store=str(tmp_path / "store"))
+    with LiveServer(create_app(settings, loaded)) as live:
+        out = subprocess.run(
+            [sys.executable, "-m", "server.cli", "train", "--model", str(model_dirs[family]),
+             "--data", str(tmp_path / "train.jsonl"), "--dev", str(dev), "--template", template,
+             "--labels", json.dumps(labels), "--encoder", "mlp", "--epochs", "3",
+             "-o", str(tmp_path / "task.safetensors"), "--push", live.url, "--task-id", "kw"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "pushed to" in out and "version 1" in out
+        artifact = load_artifact(tmp_path / "task.safetensors")
+        assert (artifact.head is not None) == (family == "encoder")
+        rows = [json.loads(line) for line in dev.read_text().splitlines()]
+        served = [classify(live.url, "kw", {"input": r["input"]})["label"] for r in rows]
+    accuracy = sum(s == r["label"] for s, r in zip(served, rows)) / len(rows)
+    assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
