@@ -1,0 +1,122 @@
+"""Masked LMs classify at [MASK] with single-token verbalizers; encoders without
+an LM head classify with the task's linear head at [MASK]. Batched == alone."""
+
+import httpx
+import pytest
+import torch
+
+from prompt_store.artifact import artifact_bytes, make_artifact
+from prompt_store.errors import ArtifactError
+from prompt_store.template import parse_template, render
+from server.app import create_app
+from server.model import load_model
+from server.prompts import task_prompt
+from server.runner import ModelRunner
+from server.settings import Settings
+from server.tiny_model import write_tiny_model
+from server.work import ClassifyWork
+from tests.oracle import alone_embeds
+from tests.server.live_server import LiveServer
+
+TEMPLATES = [
+    ("[CLS][P:3]{input}[P:3][MASK][SEP]", {"input": "json is a format"}),
+    ("[CLS]{premise}[SEP][P:2]{hypothesis}[P:2][MASK][SEP]", {"premise": "a file", "hypothesis": "the path"}),
+    ("[CLS][P:5] {input} [MASK][SEP]", {"input": "the return value of the list"}),
+]
+LABEL_SETS = [{"a": "true", "b": "no"}, {"x": "json", "y": "path", "z": "file"}]
+
+
+@pytest.fixture(scope="module", params=["bert", "bert-encoder"])
+def family_model(request, tmp_path_factory):
+    d = write_tiny_model(tmp_path_factory.mktemp(request.param) / "m", request.param)
+    return load_model(str(d), device="cpu", dtype="float32")
+
+
+def artifact(loaded, template, labels, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    H = loaded.info["hidden_size"]
+    rows = torch.randn(parse_template(template).num_virtual_tokens, H, generator=g)
+    head = None
+    if loaded.family == "encoder":
+        head = (torch.randn(len(labels), H, generator=g), torch.randn(len(labels), generator=g))
+    return make_artifact(rows, template=template, task_type="classify", labels=labels, base_model=loaded.info,
+                         head=head, **kw)  # fmt: skip
+
+
+@torch.no_grad()
+def alone_scores(loaded, prompt, ids):
+    """No padding, one request: log-scores of the labels at the [MASK]."""
+    out = loaded.model(inputs_embeds=alone_embeds(loaded.model, prompt.rows, ids, loaded.vocab_size))
+    at = ids.index(loaded.mask_token_id)
+    if loaded.family == "masked":
+        logp = torch.log_softmax(out.logits[0, at], dim=-1)
+        return [float(logp[v[0]]) for v in prompt.label_ids]
+    w, b = prompt.head
+    return torch.log_softmax(w @ out.last_hidden_state[0, at] + b, dim=-1).tolist()
+
+
+def test_family_is_detected(family_model):
+    assert (
+        family_model.family == {"BertForMaskedLM": "masked", "BertModel": "encoder"}[type(family_model.model).__name__]
+    )
+
+
+def test_batched_classification_equals_alone(family_model):
+    loaded = family_model
+    runner = ModelRunner(loaded)
+    works = []
+    for i in range(6):
+        template, fields = TEMPLATES[i % len(TEMPLATES)]
+        prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[i % 2], seed=i), loaded)
+        works.append(ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
+    results = runner.classify(works)
+    labels_seen = set()
+    for w, r in zip(works, results):
+        expected = alone_scores(loaded, w.prompt, w.input_ids)
+        assert max(abs(a - b) for a, b in zip(r.logprobs.values(), expected)) < 1e-4
+        want = torch.softmax(torch.tensor(expected, dtype=torch.float64), 0).tolist()
+        assert max(abs(a - b) for a, b in zip(r.scores.values(), want)) < 1e-5
+        labels_seen.add(r.label)
+    assert len(labels_seen) > 1  # the prompts and inputs matter
+
+
+def test_what_such_models_refuse(family_model):
+    loaded = family_model
+    gen = make_artifact(torch.zeros(2, loaded.info["hidden_size"]), template="[P:2]{input}", task_type="generate",
+                        base_model=loaded.info)  # fmt: skip
+    with pytest.raises(ArtifactError, match="can only serve classify"):
+        task_prompt("t", 1, gen, loaded)
+    with pytest.raises(ArtifactError, match="exactly one \\[MASK\\]"):
+        task_prompt("t", 1, artifact(loaded, "[CLS][P:2]{input}[SEP]", LABEL_SETS[0], 0), loaded)
+    if loaded.family == "masked":
+        with pytest.raises(ArtifactError, match="one token"):
+            task_prompt("t", 1, artifact(loaded, TEMPLATES[0][0], {"a": "false", "b": "no"}, 0), loaded)
+    else:
+        no_head = make_artifact(torch.zeros(6, loaded.info["hidden_size"]), template=TEMPLATES[0][0],
+                                task_type="classify", labels=LABEL_SETS[0], base_model=loaded.info)  # fmt: skip
+        with pytest.raises(ArtifactError, match="head tensors"):
+            task_prompt("t", 1, no_head, loaded)
+
+
+def test_served_over_http_and_generate_is_a_422(family_model, tmp_path):
+    loaded = family_model
+    settings = Settings(model=loaded.info["name_or_path"], store=str(tmp_path / "store"))
+    with LiveServer(create_app(settings, loaded)) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        a = artifact(loaded, *TEMPLATES[0][:1], LABEL_SETS[0], seed=1)
+        r = client.put("/v1/tasks/cls", content=artifact_bytes(a))
+        assert r.status_code == 201 and r.json()["has_head"] == (loaded.family == "encoder")
+        r = client.post("/v1/tasks/cls/classify", json={"input": "json is a format"})
+        assert r.status_code == 200 and set(r.json()["scores"]) == {"a", "b"}
+        r = client.post("/v1/tasks/cls/generate", json={"input": "x"})
+        assert r.status_code == 422 and "cannot generate" in r.json()["detail"]
+        r = client.post("/v1/tasks/cls/classify", json={"input": "two [MASK] tokens"})
+        assert r.status_code == 422 and "[MASK]" in r.json()["detail"]
+
+
+def test_head_tensors_on_a_causal_model_are_refused(loaded):
+    assert loaded.family == "causal"  # `loaded` is the tiny GPT-2 and Llama
+    H = loaded.info["hidden_size"]
+    a = make_artifact(torch.zeros(2, H), template="[P:2]{input}", task_type="classify", labels={"a": " a"},
+                      base_model=loaded.info, head=(torch.zeros(1, H), torch.zeros(1)))  # fmt: skip
+    with pytest.raises(ArtifactError, match="head tensors are for encoder models"):
+        task_prompt("t", 1, a, loaded)
