@@ -71,6 +71,49 @@ def _train(args) -> None:
         print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}")
 
 
+def _import_peft(args) -> None:
+    from pathlib import Path
+
+    from prompt_store.artifact import save_artifact
+    from prompt_store.peft import CONFIG_FILE, WEIGHTS_FILE, artifact_from_peft, parse_peft_config
+
+    from .client import push_peft
+    from .model import default_bos_token, load_model
+
+    if not args.push and not args.output:
+        sys.exit("give --push URL (the server converts for its model) and/or -o FILE (converted here, needs a model)")
+    folder = Path(args.directory)
+    if args.output:
+        config = parse_peft_config((folder / CONFIG_FILE).read_bytes())
+        model = args.model or config.get("base_model_name_or_path")
+        if not model:
+            sys.exit(f"{CONFIG_FILE} names no base model: give --model")
+        loaded = load_model(model, device="cpu", dtype="float32")
+        artifact = artifact_from_peft(
+            config, (folder / WEIGHTS_FILE).read_bytes(), base_model=loaded.info,
+            bos_token=default_bos_token(loaded.tokenizer),
+        )  # fmt: skip
+        artifact.meta["task_id"] = args.task_id
+        save_artifact(artifact, args.output)
+        print(f"wrote {args.output}: template {artifact.meta['template']!r}")
+    if args.push:
+        summary = push_peft(args.push, args.task_id, folder)
+        print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}, "
+              f"template {summary['template']!r}")  # fmt: skip
+
+
+def _export_peft(args) -> None:
+    from prompt_store.artifact import load_artifact
+    from prompt_store.peft import export_peft
+
+    from .model import default_bos_token, load_model
+
+    artifact = load_artifact(args.artifact)
+    loaded = load_model(args.model or artifact.base_model["name_or_path"], device="cpu", dtype="float32")
+    out = export_peft(artifact, args.output, default_bos_token(loaded.tokenizer))
+    print(f"wrote PEFT PROMPT_TUNING adapter to {out}")
+
+
 def _make_artifact(args) -> None:
     import torch
     from safetensors.torch import load_file
@@ -151,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--task-id")
     train.set_defaults(func=_train)
+
+    imp = sub.add_parser("import-peft", help="convert a PEFT prompt-tuning / P-tuning adapter folder")
+    imp.add_argument("directory", help="folder with adapter_config.json and adapter_model.safetensors")
+    imp.add_argument("--task-id", required=True)
+    imp.add_argument("--push", metavar="URL", help="upload to a running server, which converts for its model")
+    imp.add_argument("-o", "--output", help="write the artifact here (converted locally)")
+    imp.add_argument("--model", help="the base model, for -o (default: the adapter's base_model_name_or_path)")
+    imp.set_defaults(func=_import_peft)
+
+    exp = sub.add_parser("export-peft", help="write a prefix-only artifact as a PEFT PROMPT_TUNING folder")
+    exp.add_argument("artifact")
+    exp.add_argument("-o", "--output", required=True, help="the folder to write")
+    exp.add_argument("--model", help="the base model (default: the artifact's base_model.name_or_path)")
+    exp.set_defaults(func=_export_peft)
 
     art = sub.add_parser("make-artifact", help="write a prompt artifact for a model from a tensor (or random rows)")
     art.add_argument("--model", required=True, help="the model the prompt is for (id or directory)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import uuid
 
 
 class ClientError(RuntimeError):
@@ -34,6 +35,27 @@ def _call(method: str, url: str, data: bytes | None = None, content_type: str | 
 def push_artifact(base_url: str, task_id: str, data: bytes) -> dict:
     """Upload artifact bytes as a new version of `task_id`; returns the task summary."""
     return _call("PUT", f"{base_url.rstrip('/')}/v1/tasks/{task_id}", data, "application/octet-stream")
+
+
+def push_peft(base_url: str, task_id: str, directory) -> dict:
+    """Upload a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from pathlib import Path
+
+    from prompt_store.peft import CONFIG_FILE, WEIGHTS_FILE
+
+    directory = Path(directory)
+    boundary = uuid.uuid4().hex
+    parts = []
+    for field, name in (("adapter_config", CONFIG_FILE), ("adapter_model", WEIGHTS_FILE)):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + (directory / name).read_bytes()
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    url = f"{base_url.rstrip('/')}/v1/tasks/{task_id}/peft"
+    return _call("PUT", url, body, f"multipart/form-data; boundary={boundary}")
 
 
 def classify(base_url: str, task_id: str, fields: dict[str, str]) -> dict:

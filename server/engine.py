@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 
-from prompt_store.artifact import read_artifact
+from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.errors import InvalidRequest, TaskNotFound
+from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, check_task_id, open_store
 from prompt_store.template import render
 
-from .model import LoadedModel, load_model
+from .model import LoadedModel, default_bos_token, load_model
 from .prompts import PromptCache, TaskPrompt, task_prompt
 from .runner import ModelRunner
 from .scheduler import BatchStats, Scheduler
@@ -68,6 +69,17 @@ class Engine:
         summary = self.store.put(task_id, data)
         log.info("stored task %s version %d", task_id, summary["version"])
         return summary
+
+    def upload_peft(self, task_id: str, config: bytes, weights: bytes) -> dict:
+        """Convert a PEFT prompt-tuning / P-tuning adapter for the served model, then upload it."""
+        check_task_id(task_id)
+        artifact = artifact_from_peft(
+            parse_peft_config(config),
+            weights,
+            base_model=self.loaded.info,
+            bos_token=default_bos_token(self.loaded.tokenizer),
+        )
+        return self.upload(task_id, artifact_bytes(artifact))
 
     def summary(self, task_id: str) -> dict:
         summary = self.store.summary(check_task_id(task_id))

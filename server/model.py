@@ -68,6 +68,15 @@ def describe_model(model, name_or_path: str) -> dict:
     }
 
 
+def default_bos_token(tokenizer) -> str | None:
+    """The BOS token's text when the tokenizer prepends it by default, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token if with_special[:1] == [bos] else None
+
+
 def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)

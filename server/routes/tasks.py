@@ -1,6 +1,6 @@
 """Managing tasks: upload, list, read, delete prompts."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import PayloadTooLarge
@@ -39,6 +39,23 @@ async def upload_task(task_id: str, request: Request, engine: EngineDep):
     """Upload a prompt artifact (safetensors bytes); makes a new version."""
     data = await _read_body(request, engine.settings.max_artifact_bytes)
     return await run_in_threadpool(engine.upload, task_id, data)
+
+
+async def _read_file(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{upload.filename or 'file'} exceeds the limit of {limit} bytes")
+    return data
+
+
+@router.put("/{task_id}/peft", status_code=201, response_model=TaskSummary)
+async def upload_peft(task_id: str, adapter_config: UploadFile, adapter_model: UploadFile, engine: EngineDep):
+    """Upload a PEFT PROMPT_TUNING / P_TUNING adapter as it was saved: multipart fields
+    `adapter_config` (adapter_config.json) and `adapter_model` (adapter_model.safetensors)."""
+    limit = engine.settings.max_artifact_bytes
+    config = await _read_file(adapter_config, limit)
+    weights = await _read_file(adapter_model, limit)
+    return await run_in_threadpool(engine.upload_peft, task_id, config, weights)
 
 
 @router.get("", response_model=list[TaskSummary])

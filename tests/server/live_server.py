@@ -10,6 +10,7 @@ from tests.conftest import free_port
 
 class LiveServer:
     def __init__(self, app):
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
