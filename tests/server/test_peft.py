@@ -66,10 +66,11 @@ def test_import_serve_and_match(loaded, tmp_path, kind):
     peft_model = make_adapter(model_dir, kind, tmp_path / "adapter")
     settings = Settings(model=model_dir, store=str(tmp_path / "store"))
     with LiveServer(create_app(settings, loaded)) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        folder = tmp_path / "adapter"
         files = {
-            "adapter_config": ("adapter_config.json", (tmp_path / "adapter" / "adapter_config.json").read_bytes()),
-            "adapter_model": ("adapter_model.safetensors", (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()),
-        }  # fmt: skip
+            "adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+            "adapter_model": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes()),
+        }
         r = client.put("/v1/tasks/from-peft/peft", files=files)
         assert r.status_code == 201, r.text
         m = peft_model.peft_config["default"].num_virtual_tokens
