@@ -54,7 +54,8 @@ def synthetic(epochs: int) -> list[str]:
     dev = [Example({"input": r["input"]}, r["label"], i) for i, r in enumerate(keyword_examples(100, 1))]
     lines = [
         "## 1. tiny random GPT-2 (hidden 64, 2 layers, init_std 0.1), synthetic keyword task",
-        f"train {len(train)}, dev {len(dev)}; template [P:3]{{input}}[P:3]; lr 1e-2; {epochs} epochs, patience {epochs}",
+        f"train {len(train)}, dev {len(dev)}; template [P:3]{{input}}[P:3]; lr 1e-2; "
+        f"{epochs} epochs, patience {epochs}",
         "",
         "| encoder | dev accuracy | best epoch | chance | best constant | CPU s/epoch |",
         "|---|---|---|---|---|---|",
