@@ -226,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from prompt_store.errors import PtserveError
+
+    from .client import ClientError
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (PtserveError, ClientError, FileNotFoundError) as e:  # the user's mistake: one line, no traceback
+        sys.exit(f"ptserve {args.command}: error: {e}")
 
 
 if __name__ == "__main__":
