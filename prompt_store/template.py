@@ -60,6 +60,13 @@ class Template:
         return tuple(names)
 
 
+def static_prefix(template: Template) -> Template:
+    """The segments before the first field: rendered the same for every request
+    of a task (rule 2), so their keys and values can be computed once."""
+    first_field = next((i for i, s in enumerate(template.segments) if isinstance(s, Field)), len(template.segments))
+    return Template(source=template.source, segments=template.segments[:first_field])
+
+
 def parse_template(source: str) -> Template:
     if not isinstance(source, str) or not source:
         raise TemplateError("template must be a non-empty string")

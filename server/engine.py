@@ -16,6 +16,9 @@ from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, check_task_id, open_store
 from prompt_store.template import render
 
+from .continuous import ContinuousBatcher
+from .continuous_scheduler import ContinuousScheduler
+from .decoders import decoder_for
 from .model import LoadedModel, default_bos_token, load_model
 from .prompts import PromptCache, TaskPrompt, task_prompt
 from .runner import ModelRunner
@@ -36,7 +39,34 @@ class Engine:
         self.prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
         self.runner = ModelRunner(loaded, settings.max_classify_rows)
         self.batch_stats = BatchStats()
-        self.scheduler = Scheduler(self.runner, settings.max_batch_size, settings.max_wait_ms / 1000, self.batch_stats)
+        self.batcher = self._continuous_batcher(settings, loaded)
+        wait = settings.max_wait_ms / 1000
+        if self.batcher is not None:
+            self.scheduler = ContinuousScheduler(
+                self.batcher, self.runner, settings.max_batch_size, wait, self.batch_stats
+            )
+        else:
+            self.scheduler = Scheduler(self.runner, settings.max_batch_size, wait, self.batch_stats)
+        log.info("engine: %s", "continuous" if self.batcher is not None else "static")
+
+    @staticmethod
+    def _continuous_batcher(settings: Settings, loaded: LoadedModel) -> ContinuousBatcher | None:
+        if settings.engine == "static" or loaded.family != "causal":
+            return None
+        decoder = decoder_for(loaded.model)
+        if decoder is None:
+            if settings.engine == "continuous":
+                raise ValueError(f"engine=continuous does not cover model_type {loaded.model.config.model_type!r}")
+            return None
+        max_len = min(settings.max_seq_len, loaded.max_positions or settings.max_seq_len)
+        return ContinuousBatcher(
+            loaded,
+            decoder,
+            max_running=settings.max_running,
+            max_len=max_len,
+            max_tokens=settings.max_tokens_in_flight or settings.max_running * max_len,
+            prefix_cache_size=settings.prefix_cache_size,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
@@ -111,10 +141,11 @@ class Engine:
             )
         prompt, ids = self._resolve(task_id, "generate", fields)
         params = self._sampling_params(prompt, overrides)
-        limit = self.loaded.max_positions
+        limit = self.batcher.max_len if self.batcher is not None else self.loaded.max_positions
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise InvalidRequest(
-                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the model's {limit} positions"
+                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the {limit} positions "
+                "a request may use here"
             )
         return GenerateWork(prompt, ids, params)
 
@@ -159,5 +190,8 @@ class Engine:
         return {
             "batches": self.batch_stats.snapshot(),
             "prompt_cache": self.prompts.stats(),
+            "engine": "continuous" if self.batcher is not None else "static",
+            "running": self.batcher.running if self.batcher is not None else None,
+            "prefix_cache": self.batcher.prefixes.stats() if self.batcher is not None else None,
             "queue_depth": self.scheduler.queue_depth(),
         }

@@ -18,7 +18,7 @@ import torch
 from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
 from prompt_store.errors import ArtifactError, StoreUnavailable, TaskNotFound
 from prompt_store.store import PromptStore, check_task_id
-from prompt_store.template import Template, render, tokenize_text
+from prompt_store.template import Template, render, static_prefix, tokenize_text
 
 from .model import LoadedModel
 
@@ -36,6 +36,7 @@ class TaskPrompt:
     label_ids: tuple[tuple[int, ...], ...] = ()  # verbalizer tokens, one tuple per label
     generation: dict = field(default_factory=dict)  # the artifact's default sampling parameters
     head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
+    prefix_len: int = 0  # tokens before the template's first field: the same in every request
 
 
 def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel) -> TaskPrompt:
@@ -65,6 +66,7 @@ def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: Lo
         label_ids=tuple(label_ids),
         generation=dict(artifact.meta.get("generation") or {}),
         head=head,
+        prefix_len=len(render(static_prefix(artifact.template), loaded.tokenizer, {}, loaded.vocab_size)),
     )
 
 

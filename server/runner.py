@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .model import LoadedModel
-from .sampling import RowDecoder
+from .sampling import RowDecoder, step_rows
 from .scoring import LabelQuery, LabelScorer, embed, pack, prompt_table
 from .work import ClassifyResult, ClassifyWork, GenerateResult, GenerateWork
 
@@ -87,21 +87,9 @@ class ModelRunner:
 
         out, cache, mask, positions = self.prefill(works)
         for _ in range(max(w.params.max_new_tokens for w in works)):
-            logits = out.logits[:, -1, :]  # [B, V]
-            greedy = logits.argmax(dim=-1).tolist()
-            next_ids = [0] * len(rows)
-            for i, row in enumerate(rows):
-                if row.done:
-                    continue
-                try:
-                    next_ids[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]
-                    row.push(next_ids[i])
-                except Exception as e:  # one bad row must not sink its batch-mates
-                    row.finish_reason = "error"
-                    finish(i, e)
-                    continue
-                if row.done:
-                    finish(i, GenerateResult(row.token_ids, row.text or "", row.finish_reason))
+            next_ids, finished = step_rows(out.logits[:, -1, :], rows)
+            for i in finished:
+                finish(i, rows[i].result())
             if all(row.done for row in rows):
                 break
             # decode: one token per row; finished rows ride along and are ignored

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .work import SamplingParams
+from .work import GenerateResult, SamplingParams
 
 
 class RowDecoder:
@@ -17,6 +17,7 @@ class RowDecoder:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.text: str | None = None
+        self.error: Exception | None = None
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -64,3 +65,29 @@ class RowDecoder:
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+    def result(self) -> GenerateResult | Exception:
+        if self.error is not None:
+            return self.error
+        return GenerateResult(self.token_ids, self.text or "", self.finish_reason or "length")
+
+
+def step_rows(logits: torch.Tensor, rows: list[RowDecoder]) -> tuple[list[int], list[int]]:
+    """Choose and record one token per unfinished row. logits: [B, V].
+    -> (the chosen tokens, 0 for rows already done; indices of rows that finished
+    now). Greedy rows share one argmax; sampling rows use their own generator. A
+    row whose sampling fails finishes with its exception; the others go on."""
+    greedy = logits.argmax(dim=-1).tolist()
+    chosen = [0] * len(rows)
+    finished = []
+    for i, row in enumerate(rows):
+        if row.done:
+            continue
+        try:
+            chosen[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]
+            row.push(chosen[i])
+        except Exception as e:  # one bad row must not sink its batch-mates
+            row.error, row.finish_reason = e, "error"
+        if row.done:
+            finished.append(i)
+    return chosen, finished

@@ -33,9 +33,13 @@ class BatchStats:
         self.recent: deque[dict] = deque(maxlen=recent)
 
     def record(self, kind: str, size: int, num_tasks: int, seconds: float) -> None:
+        """One forward batch of `size` rows. Kinds: generate / classify (static
+        engine); prefill / decode / classify (continuous engine, where a
+        request's rows appear again in every decode step)."""
         with self._lock:
             self.batches += 1
-            self.requests += size
+            if kind != "decode":
+                self.requests += size
             self.sizes[size] += 1
             self.recent.append({"kind": kind, "size": size, "tasks": num_tasks, "seconds": round(seconds, 4)})
 

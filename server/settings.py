@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_wait_ms: float = Field(5.0, ge=0)
 
+    # The engine: "continuous" batching over a slot KV cache (Llama-style and GPT-2
+    # models) or "static" batches through the plain Hugging Face forward (any
+    # causal LM). "auto" picks continuous where the architecture allows it.
+    engine: str = Field("auto", pattern="^(auto|continuous|static)$")
+    max_running: int = Field(32, ge=1, description="continuous: rows decoding at once (KV-cache slots)")
+    max_seq_len: int = Field(1024, ge=8, description="continuous: input + new tokens per row (slot length)")
+    max_tokens_in_flight: int = Field(0, ge=0, description="continuous: bound on the sum of input + max_new_tokens "
+                                      "over running rows; 0 = max_running * max_seq_len")  # fmt: skip
+    prefix_cache_size: int = Field(64, ge=0, description="continuous: task prefixes whose keys/values are kept")
     prompt_cache_size: int = Field(256, ge=1, description="tasks whose prompt rows stay on the device (LRU)")
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")

@@ -1,0 +1,149 @@
+"""Iteration-level (continuous) batching of generate work over a slot KV cache.
+
+Between two decode steps, newcomers are admitted (their prefill runs as one
+batch) and finished rows leave at once, so no request waits for the longest
+one in its batch. Row i of the running batch lives in slot i of the cache.
+A newcomer whose task prefix is in the prefix cache starts from a copy of it
+and prefills only the rest of its tokens; one whose prefix is not yet cached
+prefills everything and leaves its prefix in the cache for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import SlotKVCache
+from .model import LoadedModel
+from .prefix_cache import PrefixCache
+from .runner import eos_token_ids
+from .sampling import RowDecoder, step_rows
+from .scoring import embed, prompt_table
+from .work import GenerateResult, GenerateWork
+
+log = logging.getLogger(__name__)
+
+OnFinish = Callable[[GenerateWork, "GenerateResult | Exception"], None]
+
+
+@dataclass(eq=False)
+class Row:
+    work: GenerateWork
+    decoder: RowDecoder
+    length: int = 0  # positions 0..length-1 of its slot hold keys and values
+    next_token: int = 0  # the last token chosen: fed at position `length` by the next step
+
+
+class ContinuousBatcher:
+    def __init__(self, loaded: LoadedModel, decoder, max_running: int, max_len: int, max_tokens: int,
+                 prefix_cache_size: int, reuse_prefixes: bool = True):  # fmt: skip
+        self.loaded = loaded
+        self.decoder = decoder
+        self.lm_head = loaded.model.get_output_embeddings()
+        self.embed_tokens = loaded.model.get_input_embeddings()
+        self.eos_ids = eos_token_ids(loaded)
+        self.max_running = max_running
+        self.max_len = max_len
+        self.max_tokens = max_tokens  # bound on the sum of (input + max_new_tokens) over running rows
+        self.reuse_prefixes = reuse_prefixes
+        self.cache = SlotKVCache(decoder.num_layers, max_running, decoder.kv_heads, max_len, decoder.head_dim,
+                                 loaded.dtype, loaded.device)  # fmt: skip
+        self.prefixes = PrefixCache(prefix_cache_size)
+        self.rows: list[Row] = []
+
+    # -- admission -----------------------------------------------------------
+
+    @staticmethod
+    def need(work: GenerateWork) -> int:
+        return len(work.input_ids) + work.params.max_new_tokens
+
+    def tokens_in_flight(self) -> int:
+        return sum(self.need(r.work) for r in self.rows)
+
+    def fits(self, work: GenerateWork, admitted: list[GenerateWork]) -> bool:
+        """Would `work` fit beside the running rows and those already admitted this step?"""
+        if len(self.rows) + len(admitted) >= self.max_running:
+            return False
+        used = self.tokens_in_flight() + sum(self.need(w) for w in admitted)
+        return used + self.need(work) <= self.max_tokens or not (self.rows or admitted)
+
+    # -- prefill of newcomers --------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, works: list[GenerateWork], on_finish: OnFinish) -> None:
+        """Prefill `works` as one batch in free slots; choose their first tokens."""
+        first_slot = len(self.rows)
+        starts, seqs, fresh_prefix = [], [], []
+        for i, w in enumerate(works):
+            slot = first_slot + i
+            p = min(w.prompt.prefix_len, len(w.input_ids) - 1) if self.reuse_prefixes else 0
+            cached = self.prefixes.get((w.prompt.task_id, w.prompt.version)) if p > 0 else None
+            if cached is not None:
+                self.cache.load(slot, cached)
+                starts.append(p)
+                seqs.append(w.input_ids[p:])
+            else:
+                starts.append(0)
+                seqs.append(w.input_ids)
+            fresh_prefix.append(p if cached is None and p > 0 else 0)
+        B, T = len(works), max(len(s) for s in seqs)
+        dev = self.loaded.device
+        table, offsets = prompt_table([w.prompt.rows for w in works])
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, (seq, off) in enumerate(zip(seqs, offsets)):  # right-padded; virtual ids shifted
+            row = torch.tensor(seq, dtype=torch.long)
+            ids[b, : len(seq)] = torch.where(row >= self.loaded.vocab_size, row + off, row)
+        # positions continue past each row's end for its padding; those writes land
+        # at positions the row will overwrite before it ever reads them
+        positions = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).clamp(max=self.max_len - 1)
+        slots = torch.arange(first_slot, first_slot + B, device=dev)
+        x = embed(self.embed_tokens, ids.to(dev), table, self.loaded.vocab_size)
+        hidden = self.decoder.hidden(x, positions.to(dev), slots, self.cache)  # [B, T, H]
+        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        logits = self.lm_head(hidden[torch.arange(B, device=dev), last])  # [B, V]
+
+        for i, w in enumerate(works):
+            if fresh_prefix[i]:
+                self.prefixes.put(
+                    (w.prompt.task_id, w.prompt.version), self.cache.export(first_slot + i, fresh_prefix[i])
+                )
+        new_rows = [
+            Row(w, RowDecoder(w.params, self.eos_ids, self.loaded.tokenizer, dev), len(w.input_ids)) for w in works
+        ]
+        self.rows.extend(new_rows)
+        self._advance(logits, first_slot, on_finish)
+
+    # -- one decode step for every running row --------------------------------
+
+    @torch.inference_mode()
+    def step(self, on_finish: OnFinish) -> None:
+        n = len(self.rows)
+        dev = self.loaded.device
+        tokens = torch.tensor([r.next_token for r in self.rows], device=dev)[:, None]  # [n, 1]
+        positions = torch.tensor([[r.length] for r in self.rows], device=dev)  # [n, 1]
+        hidden = self.decoder.hidden(self.embed_tokens(tokens), positions, n, self.cache)  # [n, 1, H]
+        for r in self.rows:
+            r.length += 1
+        self._advance(self.lm_head(hidden[:, 0]), 0, on_finish)
+
+    def _advance(self, logits: torch.Tensor, first: int, on_finish: OnFinish) -> None:
+        """Sample for rows first.. (logits [B, V] in that order); retire finished rows."""
+        rows = self.rows[first:]
+        chosen, finished = step_rows(logits, [r.decoder for r in rows])
+        for r, token in zip(rows, chosen):
+            r.next_token = token
+        for i in sorted((first + j for j in finished), reverse=True):
+            row = self.rows[i]
+            on_finish(row.work, row.decoder.result())
+            last = len(self.rows) - 1
+            if i != last:  # keep running rows in slots 0..n-1
+                self.cache.move(last, i, self.rows[last].length)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)

@@ -1,0 +1,51 @@
+"""A preallocated KV cache of fixed slots, one running sequence per slot.
+
+A token's keys and values are stored at index = its position in its own
+sequence, so rows of different lengths never need padding or a shared clock,
+and a row can join or leave between any two decode steps. Running rows are
+kept in slots 0..n-1 (`move` fills a freed slot with the last row), so a
+decode step reads the cache as a plain view, with no gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots = slots
+        self.max_len = max_len
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v: [B, kv_heads, T, head_dim] at positions [B, T] of slots [B]."""
+        b = slots[:, None].expand_as(positions)  # [B, T]
+        # advanced indexing on dims 0 and 2 puts (B, T) first: [B, T, kv_heads, head_dim]
+        self.keys[layer][b, :, positions] = k.transpose(1, 2)
+        self.values[layer][b, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots: torch.Tensor | int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, kv_heads, length, head_dim] of keys and values. An int `slots` means
+        slots 0..slots-1 (a view: the decode path); a tensor gathers those slots."""
+        if isinstance(slots, int):
+            return self.keys[layer][:slots, :, :length], self.values[layer][:slots, :, :length]
+        return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst."""
+        for kv in (*self.keys, *self.values):
+            kv[dst, :, :length] = kv[src, :, :length]
+
+    def export(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of one slot's first `length` positions, per layer (for the prefix cache)."""
+        return [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def load(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Place an exported prefix at positions 0.. of `slot`."""
+        for layer, (k, v) in enumerate(kv):
+            n = k.shape[1]
+            self.keys[layer][slot, :, :n] = k
+            self.values[layer][slot, :, :n] = v
