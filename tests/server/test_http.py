@@ -97,11 +97,13 @@ def request_for(i):
     return task, "classify", fields, body
 
 
-def test_concurrent_mixed_requests_equal_alone_and_are_batched(loaded, tmp_path):
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_concurrent_mixed_requests_equal_alone_and_are_batched(loaded, tmp_path, engine):
     with (
-        serve(loaded, str(tmp_path / "store"), max_batch_size=16) as server,
+        serve(loaded, str(tmp_path / "store"), max_batch_size=16, engine=engine) as server,
         httpx.Client(base_url=server.url, timeout=60) as client,
     ):
+        assert client.get("/v1/stats").json()["engine"] == engine
         check_concurrent_requests(server, client, loaded)
 
 
