@@ -43,6 +43,10 @@ def parse_peft_config(raw: bytes | str) -> dict:
 
 def artifact_from_peft(config: dict, weights: bytes, *, base_model: dict, bos_token: str | None) -> PromptArtifact:
     """A generate-task artifact from a PEFT adapter's config and weights bytes."""
+    for key in ("num_virtual_tokens", "token_dim"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ArtifactError(f"{CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
     peft_type = config.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise ArtifactError(f"peft_type {peft_type!r} is not one ptserve imports; it takes {list(PEFT_TYPES)}")
@@ -77,13 +81,14 @@ def export_peft(artifact: PromptArtifact, directory: str | Path, bos_token: str 
     Only prefix-only templates (`[P:m]{input}`, or `[P:m]<bos>{input}` where the
     tokenizer adds that BOS itself) have a PEFT equivalent."""
     m = artifact.embeddings.shape[0]
-    if artifact.template.segments not in (
-        (Pseudo(m), Field("input")),
-        (Pseudo(m), Literal(bos_token or "\0"), Field("input")),
-    ):
+    if artifact.task_type != "generate":
+        raise ArtifactError("only generate tasks export to PEFT (a CAUSAL_LM prompt has no labels)")
+    # PEFT feeds [virtual tokens] + what the tokenizer gives, BOS included when it adds one
+    expected = (Pseudo(m), Literal(bos_token), Field("input")) if bos_token else (Pseudo(m), Field("input"))
+    if artifact.template.segments != expected:
         raise ArtifactError(
-            f"template {artifact.template.source!r} has no PEFT equivalent: PEFT places all virtual tokens "
-            f"before the input, i.e. {peft_template(m, bos_token)!r}"
+            f"template {artifact.template.source!r} has no PEFT equivalent for this tokenizer: PEFT places all "
+            f"virtual tokens before the tokenized input, i.e. {peft_template(m, bos_token)!r}"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

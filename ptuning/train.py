@@ -22,10 +22,11 @@ from prompt_store.artifact import PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import parse_template, render, tokenize_text
 from server.model import LoadedModel
+from server.prompts import TaskPrompt, check_classify_input, task_prompt
 from server.runner import eos_token_ids
 from server.scoring import LabelQuery, LabelScorer, embed, pack
 
-from .data import Example
+from .data import DataError, Example
 from .encoder import EncoderKind, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ class TrainConfig:
         EncoderKind(self.encoder)  # raises on an unknown encoder, naming it
         if self.task_type not in ("classify", "generate"):
             raise InvalidRequest(f"task_type must be classify or generate, got {self.task_type!r}")
-        if self.task_type == "classify" and not self.labels:
-            raise InvalidRequest("a classify task needs labels: a JSON object label -> verbalizer text")
+        if self.task_type == "classify":
+            if not isinstance(self.labels, dict) or not self.labels:
+                raise InvalidRequest("a classify task needs labels: a JSON object label -> verbalizer text")
+            bad = {k: v for k, v in self.labels.items() if not isinstance(v, str) or not v}
+            if bad:
+                raise InvalidRequest(f"every verbalizer must be a non-empty string; got {bad}")
+        elif self.labels:
+            raise InvalidRequest("labels are only for --task-type classify")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise InvalidRequest("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -76,7 +83,9 @@ class PromptTrainer:
         if loaded.family != "causal" and config.task_type == "generate":
             raise InvalidRequest(f"a {loaded.family} model cannot be trained to generate; use a causal LM")
         self.labels = dict(config.labels or {})
-        self.label_ids = tuple(tuple(tokenize_text(loaded.tokenizer, v)) for v in self.labels.values())
+        # the server's own checks, on a stand-in artifact: refuse now what it would refuse at upload
+        self.check_prompt = self._server_view(loaded)
+        self.label_ids = self.check_prompt.label_ids
         self.scorer = LabelScorer(loaded)
         self.eos = sorted(eos_token_ids(loaded))[:1]
 
@@ -94,6 +103,14 @@ class PromptTrainer:
             raise InvalidRequest("nothing to train: train_prompt is off and the model has no head")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr)
 
+    def _server_view(self, loaded: LoadedModel) -> TaskPrompt:
+        m, H = self.template.num_virtual_tokens, loaded.info["hidden_size"]
+        L = len(self.labels)
+        head = (torch.zeros(L, H), torch.zeros(L)) if loaded.family == "encoder" else None
+        stand_in = make_artifact(torch.zeros(m, H), template=self.config.template, task_type=self.config.task_type,
+                                 labels=self.labels or None, base_model=loaded.info, head=head)  # fmt: skip
+        return task_prompt("training", 0, stand_in, loaded)
+
     def _generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
 
@@ -101,15 +118,20 @@ class PromptTrainer:
         tok = self.loaded.tokenizer
         names = list(self.labels)
         items = []
+        limit = self.loaded.max_positions
         for ex in examples:
             try:
                 ids = render(self.template, tok, ex.fields, self.V)
+                if self.config.task_type == "classify":
+                    check_classify_input(self.check_prompt, ids, self.loaded)
+                    items.append(_Item(ids, names.index(ex.target)))
+                    continue
+                target = tokenize_text(tok, ex.target) + self.eos
+                if limit is not None and len(ids) + len(target) > limit:
+                    raise InvalidRequest(f"input plus output is {len(ids) + len(target)} tokens; the model has {limit}")
+                items.append(_Item(ids, target))
             except InvalidRequest as e:
-                raise InvalidRequest(f"line {ex.line}: {e}") from None
-            if self.config.task_type == "classify":
-                items.append(_Item(ids, names.index(ex.target)))
-            else:
-                items.append(_Item(ids, tokenize_text(tok, ex.target) + self.eos))
+                raise DataError(f"line {ex.line}: {e}") from None
         return items
 
     def _rows(self) -> torch.Tensor:
@@ -140,14 +162,17 @@ class PromptTrainer:
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, items: list[_Item]) -> dict:
-        total, correct = 0.0, 0
+        """dev_loss: mean over examples (classify) or over target tokens (generate),
+        so it does not depend on the batch size."""
+        total, weight, correct = 0.0, 0, 0
         for start in range(0, len(items), self.config.batch_size):
             batch = items[start : start + self.config.batch_size]
             loss, predicted = self._losses(rows, batch)
-            total += float(loss) * len(batch)
+            n = len(batch) if predicted is not None else sum(len(it.target) for it in batch)
+            total, weight = total + float(loss) * n, weight + n
             if predicted is not None:
                 correct += sum(int(p) == it.target for p, it in zip(predicted.tolist(), batch))
-        metrics = {"dev_loss": total / len(items)}
+        metrics = {"dev_loss": total / weight}
         if self.config.task_type == "classify":
             metrics["dev_accuracy"] = correct / len(items)
         return metrics

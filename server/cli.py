@@ -35,6 +35,7 @@ def _tiny_model(args) -> None:
 
 def _train(args) -> None:
     from prompt_store.artifact import artifact_bytes, save_artifact
+    from prompt_store.store import check_task_id
     from prompt_store.template import parse_template
     from ptuning.data import load_examples, split_dev
     from ptuning.train import PromptTrainer, TrainConfig
@@ -44,8 +45,10 @@ def _train(args) -> None:
 
     if args.push and not args.task_id:
         sys.exit("--push needs --task-id")
+    if args.task_id:
+        check_task_id(args.task_id)
     logging.basicConfig(level=logging.WARNING)
-    labels = json.loads(args.labels) if args.labels else None
+    labels = _json_arg("--labels", args.labels)
     config = TrainConfig(
         task_type=args.task_type, template=args.template, labels=labels, encoder=args.encoder, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
@@ -56,7 +59,7 @@ def _train(args) -> None:
         train, dev = examples, load_examples(args.dev, template, config.task_type, labels)
     else:
         train, dev = split_dev(examples, args.dev_fraction, args.seed)
-    loaded = load_model(args.model, device=args.device, dtype="float32")
+    loaded = load_model(args.model, device=args.device, dtype="float32", family=args.model_family)
     print(f"training a {args.encoder} prompt encoder on {len(train)} examples ({len(dev)} dev), "
           f"{loaded.family} model {args.model}", flush=True)  # fmt: skip
     result = PromptTrainer(loaded, config).fit(train, dev)
@@ -76,19 +79,21 @@ def _import_peft(args) -> None:
 
     from prompt_store.artifact import save_artifact
     from prompt_store.peft import CONFIG_FILE, WEIGHTS_FILE, artifact_from_peft, parse_peft_config
+    from prompt_store.store import check_task_id
 
     from .client import push_peft
     from .model import default_bos_token, load_model
 
     if not args.push and not args.output:
         sys.exit("give --push URL (the server converts for its model) and/or -o FILE (converted here, needs a model)")
+    check_task_id(args.task_id)
     folder = Path(args.directory)
     if args.output:
         config = parse_peft_config((folder / CONFIG_FILE).read_bytes())
         model = args.model or config.get("base_model_name_or_path")
         if not model:
             sys.exit(f"{CONFIG_FILE} names no base model: give --model")
-        loaded = load_model(model, device="cpu", dtype="float32")
+        loaded = load_model(model, device="cpu", dtype="float32", family=args.model_family)
         artifact = artifact_from_peft(
             config, (folder / WEIGHTS_FILE).read_bytes(), base_model=loaded.info,
             bos_token=default_bos_token(loaded.tokenizer),
@@ -103,14 +108,16 @@ def _import_peft(args) -> None:
 
 
 def _export_peft(args) -> None:
+    from transformers import AutoTokenizer
+
     from prompt_store.artifact import load_artifact
     from prompt_store.peft import export_peft
 
-    from .model import default_bos_token, load_model
+    from .model import default_bos_token
 
     artifact = load_artifact(args.artifact)
-    loaded = load_model(args.model or artifact.base_model["name_or_path"], device="cpu", dtype="float32")
-    out = export_peft(artifact, args.output, default_bos_token(loaded.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(args.model or artifact.base_model["name_or_path"])  # BOS rule only
+    out = export_peft(artifact, args.output, default_bos_token(tokenizer))
     print(f"wrote PEFT PROMPT_TUNING adapter to {out}")
 
 
@@ -135,7 +142,7 @@ def _make_artifact(args) -> None:
         m = parse_template(args.template).num_virtual_tokens
         weight = model.get_input_embeddings().weight
         rows = torch.randn(m, weight.shape[1], generator=torch.Generator().manual_seed(args.seed)) * float(weight.std())
-    labels = json.loads(args.labels) if args.labels else None
+    labels = _json_arg("--labels", args.labels)
     artifact = make_artifact(
         rows,
         template=args.template,
@@ -146,6 +153,20 @@ def _make_artifact(args) -> None:
     )
     save_artifact(artifact, args.output)
     print(f"wrote {args.output}: {rows.shape[0]} prompt rows of size {rows.shape[1]}, task_type={args.task_type}")
+
+
+def _json_arg(flag: str, text: str | None):
+    from prompt_store.errors import InvalidRequest
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"{flag} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f'{flag} must be a JSON object, e.g. {{"positive": " good"}}; got {text!r}')
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=int, default=5, help="epochs without a better dev metric before stopping")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
+    train.add_argument("--model-family", default="auto", choices=["auto", "causal", "masked", "encoder"])
     train.add_argument("-o", "--output", required=True)
     train.add_argument(
         "--push", metavar="URL", help="upload the result to a running server, e.g. http://127.0.0.1:8000"
@@ -201,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--push", metavar="URL", help="upload to a running server, which converts for its model")
     imp.add_argument("-o", "--output", help="write the artifact here (converted locally)")
     imp.add_argument("--model", help="the base model, for -o (default: the adapter's base_model_name_or_path)")
+    imp.add_argument("--model-family", default="auto", choices=["auto", "causal", "masked", "encoder"])
     imp.set_defaults(func=_import_peft)
 
     exp = sub.add_parser("export-peft", help="write a prefix-only artifact as a PEFT PROMPT_TUNING folder")
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (PtserveError, ClientError, FileNotFoundError) as e:  # the user's mistake: one line, no traceback
+    except (PtserveError, ClientError, OSError, ValueError) as e:  # the user's mistake: one line, no traceback
         sys.exit(f"ptserve {args.command}: error: {e}")
 
 

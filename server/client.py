@@ -9,8 +9,10 @@ import uuid
 
 
 class ClientError(RuntimeError):
+    """An error answer (status >= 400) or no answer at all (status 0)."""
+
     def __init__(self, status: int, detail: str):
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)
         self.status = status
         self.detail = detail
 
@@ -29,6 +31,8 @@ def _call(method: str, url: str, data: bytes | None = None, content_type: str | 
         except (json.JSONDecodeError, AttributeError):
             detail = raw
         raise ClientError(e.code, str(detail)) from None
+    except (urllib.error.URLError, OSError) as e:  # refused, unreachable, timed out
+        raise ClientError(0, f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
     return json.loads(body) if body else None
 
 

@@ -20,7 +20,7 @@ from .continuous import ContinuousBatcher
 from .continuous_scheduler import ContinuousScheduler
 from .decoders import decoder_for
 from .model import LoadedModel, default_bos_token, load_model
-from .prompts import PromptCache, TaskPrompt, task_prompt
+from .prompts import PromptCache, TaskPrompt, check_classify_input, task_prompt
 from .runner import ModelRunner
 from .scheduler import BatchStats, Scheduler
 from .settings import Settings
@@ -151,14 +151,7 @@ class Engine:
 
     def prepare_classify(self, task_id: str, fields: dict[str, str]) -> ClassifyWork:
         prompt, ids = self._resolve(task_id, "classify", fields)
-        if self.loaded.family != "causal" and ids.count(self.loaded.mask_token_id) != 1:
-            raise InvalidRequest(f"the input must not contain the {self.loaded.tokenizer.mask_token} token")
-        longest = max(len(v) for v in prompt.label_ids)
-        limit = self.loaded.max_positions
-        if limit is not None and len(ids) + longest > limit:
-            raise InvalidRequest(
-                f"input plus verbalizer is {len(ids) + longest} tokens; the model has {limit} positions"
-            )
+        check_classify_input(prompt, ids, self.loaded)
         return ClassifyWork(prompt, ids)
 
     def _sampling_params(self, prompt: TaskPrompt, overrides: dict) -> SamplingParams:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
-from prompt_store.errors import ArtifactError, StoreUnavailable, TaskNotFound
+from prompt_store.errors import ArtifactError, InvalidRequest, StoreUnavailable, TaskNotFound
 from prompt_store.store import PromptStore, check_task_id
 from prompt_store.template import Template, render, static_prefix, tokenize_text
 
@@ -68,6 +68,16 @@ def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: Lo
         head=head,
         prefix_len=len(render(static_prefix(artifact.template), loaded.tokenizer, {}, loaded.vocab_size)),
     )
+
+
+def check_classify_input(prompt: TaskPrompt, ids: list[int], loaded: LoadedModel) -> None:
+    """What a rendered classify input must satisfy, for the server and the trainer alike."""
+    if loaded.family != "causal" and ids.count(loaded.mask_token_id) != 1:
+        raise InvalidRequest(f"the input must not contain the {loaded.tokenizer.mask_token} token")
+    longest = max(len(v) for v in prompt.label_ids) if loaded.family == "causal" else 0
+    limit = loaded.max_positions
+    if limit is not None and len(ids) + longest > limit:
+        raise InvalidRequest(f"input plus verbalizer is {len(ids) + longest} tokens; the model has {limit} positions")
 
 
 def _check_family(artifact: PromptArtifact, loaded: LoadedModel) -> None:

@@ -33,16 +33,19 @@ def prompt_table(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(blocks), offsets
 
 
-def pack(seqs: list[list[int]], offsets: list[int], vocab_size: int, device: torch.device):
-    """Left-pad into ids [B, T], attention_mask [B, T] and position_ids [B, T]
-    (positions count real tokens only); virtual ids of row b shift by offsets[b]."""
+def pack(seqs: list[list[int]], offsets: list[int], vocab_size: int, device: torch.device, left: bool = True):
+    """Pad into ids [B, T], attention_mask [B, T] and position_ids [B, T]
+    (positions count real tokens only); virtual ids of row b shift by offsets[b].
+    Left padding (causal LMs: every row ends at T-1) or right padding (masked LMs
+    and encoders, which then number positions themselves)."""
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, (seq, off) in enumerate(zip(seqs, offsets)):
         row = torch.tensor(seq, dtype=torch.long)
-        ids[b, T - len(seq) :] = torch.where(row >= vocab_size, row + off, row)
-        mask[b, T - len(seq) :] = 1
+        span = slice(T - len(seq), T) if left else slice(0, len(seq))
+        ids[b, span] = torch.where(row >= vocab_size, row + off, row)
+        mask[b, span] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -88,10 +91,16 @@ class LabelScorer:
         return self._at_mask(queries)
 
     def _inputs(self, seqs: list[list[int]], rows: list[torch.Tensor]):
+        """Causal LMs: left-padded, with position ids. Masked LMs and encoders:
+        right-padded and no position ids, so a model whose positions do not start
+        at 0 (RoBERTa starts after its padding index) numbers them its own way."""
+        causal = self.family == "causal"
         table, offsets = prompt_table(rows)
-        ids, mask, positions = pack(seqs, offsets, self.vocab_size, self.device)
-        return ids, dict(inputs_embeds=embed(self.embed_tokens, ids, table, self.vocab_size), attention_mask=mask,
-                         position_ids=positions)  # fmt: skip
+        ids, mask, positions = pack(seqs, offsets, self.vocab_size, self.device, left=causal)
+        inputs = dict(inputs_embeds=embed(self.embed_tokens, ids, table, self.vocab_size), attention_mask=mask)
+        if causal:
+            inputs["position_ids"] = positions
+        return ids, inputs
 
     def _causal(self, queries: list[LabelQuery]) -> list[torch.Tensor]:
         seqs, rows, verbalizers = [], [], []

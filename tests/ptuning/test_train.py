@@ -46,11 +46,13 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("encoder", ["lstm", "mlp", "none"])
-def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, encoder):
-    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+@pytest.mark.parametrize("family, encoder", [("causal", "lstm"), ("causal", "mlp"), ("causal", "none"),
+                                             ("masked", "lstm"), ("encoder", "mlp")])  # fmt: skip
+def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, family, encoder):
+    _, template, labels = FAMILIES[family]
+    loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
     before = weights_digest(loaded.model)
-    config = TrainConfig(labels=LABELS, encoder=encoder, epochs=2, progress=False)
+    config = TrainConfig(labels=labels, template=template, encoder=encoder, epochs=2, progress=False)
     trainer = PromptTrainer(loaded, config)
     start = [p.detach().clone() for p in trainer.encoder.parameters()]
     result = trainer.fit(examples(48, 0), examples(16, 1))
@@ -59,19 +61,25 @@ def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, encode
     assert any(not torch.equal(a, b) for a, b in zip(start, trainer.encoder.parameters()))
     a = result.artifact
     assert a.embeddings.shape == (6, loaded.info["hidden_size"])
+    assert (a.head is not None) == (family == "encoder")
     assert a.meta["metrics"]["encoder"] == encoder and 0 <= a.meta["metrics"]["dev_accuracy"] <= 1
     assert len(result.history) == 2
 
 
-def test_same_seed_same_artifact(model_dirs):
-    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+@pytest.mark.parametrize("family", ["causal", "encoder"])
+def test_same_seed_same_artifact(model_dirs, family):
+    """Same tensors and figures (the artifact also records created_at and seconds per epoch)."""
+    _, template, labels = FAMILIES[family]
+    loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
 
     def run(seed):
-        config = TrainConfig(labels=LABELS, encoder="lstm", epochs=2, seed=seed, progress=False)
+        config = TrainConfig(labels=labels, template=template, encoder="lstm", epochs=2, seed=seed, progress=False)
         return PromptTrainer(loaded, config).fit(examples(48, 0), examples(16, 1)).artifact
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.embeddings, b.embeddings)
+    if family == "encoder":
+        assert all(torch.equal(x, y) for x, y in zip(a.head, b.head))
     strip = lambda m: {k: v for k, v in m["metrics"].items() if k != "seconds_per_epoch"}  # noqa: E731
     assert strip(a.meta) == strip(b.meta)
     assert not torch.equal(a.embeddings, c.embeddings)
@@ -145,3 +153,62 @@ def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, fami
         served = [classify(live.url, "kw", {"input": r["input"]})["label"] for r in rows]
     accuracy = sum(s == r["label"] for s, r in zip(served, rows)) / len(rows)
     assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
+
+
+def test_generate_loss_with_padding_equals_each_example_alone(model_dirs):
+    """The target-token alignment in a left-padded batch: batch loss == token-weighted mean of alone losses."""
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    trainer = PromptTrainer(loaded, TrainConfig(task_type="generate", encoder="mlp", progress=False))
+    pairs = [("a", " json parse"), ("the quick brown fox jumps", " path"), ("of to and", " file open write stat")]
+    data = [Example({"input": t}, out, i) for i, (t, out) in enumerate(pairs)]
+    items = trainer._items(data)
+    rows = trainer._rows().detach()
+    with torch.no_grad():
+        batch_loss, _ = trainer._losses(rows, items)
+        alone = [(float(trainer._losses(rows, [it])[0]), len(it.target)) for it in items]
+    expected = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
+    assert abs(float(batch_loss) - expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "family, config, message",
+    [
+        ("masked", dict(labels={"yes": "true", "no": "no"}), "exactly one \\[MASK\\]"),  # default template
+        ("masked", dict(labels={"yes": "false", "no": "no"}, template=FAMILIES["masked"][1]), "one token"),
+        ("causal", dict(labels=LABELS, template="{input} is it?"), "no \\[P:n\\] pseudo tokens"),
+        ("causal", dict(task_type="generate", labels=LABELS), "labels are only for"),
+        ("causal", dict(labels={"yes": ""}), "non-empty string"),
+        ("causal", dict(labels=["yes", "no"]), "needs labels"),
+    ],
+)
+def test_the_trainer_refuses_what_the_server_would(model_dirs, family, config, message):
+    loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
+    with pytest.raises(InvalidRequest, match=message):
+        PromptTrainer(loaded, TrainConfig(progress=False, **config))
+
+
+def test_lines_the_server_would_refuse_are_errors_naming_the_line(model_dirs):
+    _, template, labels = FAMILIES["masked"]
+    loaded = load_model(str(model_dirs["masked"]), device="cpu", dtype="float32")
+    trainer = PromptTrainer(loaded, TrainConfig(labels=labels, template=template, progress=False))
+    bad = [Example({"input": "fine"}, "yes", 1), Example({"input": "two [MASK] here"}, "no", 2)]
+    with pytest.raises(DataError, match="line 2: .*\\[MASK\\]"):
+        trainer._items(bad)
+    causal = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    trainer = PromptTrainer(causal, TrainConfig(labels=LABELS, progress=False))
+    with pytest.raises(DataError, match="line 7: .*positions"):
+        trainer._items([Example({"input": "json " * 600}, "yes", 7)])
+
+
+def test_cli_errors_are_one_line(model_dirs, tmp_path):
+    data = write_jsonl(keyword_examples(20, 0), tmp_path / "d.jsonl")
+    base = [sys.executable, "-m", "server.cli", "train", "--model", str(model_dirs["causal"]), "--data", str(data),
+            "-o", str(tmp_path / "t.safetensors"), "--epochs", "1"]  # fmt: skip
+    cases = [
+        (["--labels", "{yes"], "--labels is not valid JSON"),
+        (["--labels", json.dumps(LABELS), "--push", "http://127.0.0.1:9", "--task-id", "a b"], "invalid task id"),
+        (["--labels", json.dumps(LABELS), "--push", "http://127.0.0.1:9", "--task-id", "ok"], "cannot reach"),
+    ]
+    for extra, message in cases:
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -120,3 +120,29 @@ def test_head_tensors_on_a_causal_model_are_refused(loaded):
                       base_model=loaded.info, head=(torch.zeros(1, H), torch.zeros(1)))  # fmt: skip
     with pytest.raises(ArtifactError, match="head tensors are for encoder models"):
         task_prompt("t", 1, a, loaded)
+
+
+def test_roberta_style_positions_are_numbered_by_the_model(tmp_path):
+    """RoBERTa's positions start after its padding index; right padding and no
+    position ids let it number them itself, so batched == alone."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from server.tiny_model import train_wordpiece_tokenizer
+
+    tok = train_wordpiece_tokenizer()
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, pad_token_id=tok.pad_token_id, max_position_embeddings=130,
+                           initializer_range=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    RobertaForMaskedLM(config).save_pretrained(tmp_path / "rb")
+    tok.save_pretrained(tmp_path / "rb")
+    loaded = load_model(str(tmp_path / "rb"), device="cpu", dtype="float32")
+    assert loaded.family == "masked"
+    runner = ModelRunner(loaded)
+    works = []
+    for i, (template, fields) in enumerate(TEMPLATES):
+        prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[0], seed=i), loaded)
+        works.append(ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
+    for w, r in zip(works, runner.classify(works)):
+        expected = alone_scores(loaded, w.prompt, w.input_ids)
+        assert max(abs(a - b) for a, b in zip(r.logprobs.values(), expected)) < 1e-4

@@ -119,6 +119,11 @@ def test_bad_peft_uploads_are_422(loaded, tmp_path):
         (b'{"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 5}', weights, "CAUSAL_LM"),
         (b'{"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 7}', weights, "num_virtual"),
         (b'{"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5}', b"junk", "safetensors"),
+        (
+            b'{"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": "5"}',
+            weights,
+            "positive integer",
+        ),
     ]
     with LiveServer(create_app(settings, loaded)) as live, httpx.Client(base_url=live.url, timeout=60) as client:
         for config, model, message in cases:
@@ -126,7 +131,7 @@ def test_bad_peft_uploads_are_422(loaded, tmp_path):
             r = client.put("/v1/tasks/bad/peft", files=files)
             assert r.status_code == 422 and message in r.json()["detail"], r.text
         r = client.put("/v1/tasks/bad/peft", files={"adapter_config": ("c.json", b"{}")})
-        assert r.status_code == 422  # a missing file
+        assert r.status_code == 422 and "adapter_model" in r.text  # a missing file
         assert client.get("/v1/tasks").json() == []
 
 
@@ -146,3 +151,8 @@ def test_export_loads_in_peft_and_gives_the_same_logits(loaded, tmp_path):
                                base_model=loaded.info)  # fmt: skip
     with pytest.raises(ArtifactError, match="no PEFT equivalent"):
         export_peft(not_prefix, tmp_path / "nope", bos)
+    # the BOS must match what the tokenizer adds, or PEFT would feed another sequence
+    other_bos = make_artifact(rows, template="[P:6]<s>{input}" if bos is None else "[P:6]{input}",
+                              task_type="generate", base_model=loaded.info)  # fmt: skip
+    with pytest.raises(ArtifactError, match="no PEFT equivalent"):
+        export_peft(other_bos, tmp_path / "nope2", bos)
