@@ -11,6 +11,7 @@ prefills everything and leaves its prefix in the cache for the next request.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,8 +134,11 @@ class ContinuousBatcher:
         """Sample for rows first.. (logits [B, V] in that order); retire finished rows."""
         rows = self.rows[first:]
         chosen, finished = step_rows(logits, [r.decoder for r in rows])
+        now = time.monotonic()
         for r, token in zip(rows, chosen):
             r.next_token = token
+            if r.work.first_token_at is None:
+                r.work.first_token_at = now
         for i in sorted((first + j for j in finished), reverse=True):
             row = self.rows[i]
             on_finish(row.work, row.decoder.result())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -88,6 +89,10 @@ class ModelRunner:
         out, cache, mask, positions = self.prefill(works)
         for _ in range(max(w.params.max_new_tokens for w in works)):
             next_ids, finished = step_rows(out.logits[:, -1, :], rows)
+            if works[0].first_token_at is None:
+                now = time.monotonic()
+                for w in works:
+                    w.first_token_at = now
             for i in finished:
                 finish(i, rows[i].result())
             if all(row.done for row in rows):

@@ -57,6 +57,7 @@ class GenerateWork:
     params: SamplingParams
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # time.monotonic() when its first token was chosen
     kind = "generate"
 
 

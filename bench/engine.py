@@ -1,0 +1,278 @@
+"""Engine benchmark: generated tokens/s, time to first token and per-token
+latency, side by side in one run, for
+
+  (a) ptserve's continuous engine, requests over several tasks (mixed);
+  (b) the same requests, all of ONE task;
+  (c) Hugging Face `generate` on one mixed batch, with inputs_embeds;
+  (d) one task per forward pass: HF `generate` per task, one task after another
+      (how PEFT serves prompt tuning);
+  (e) one request at a time through ptserve's engine;
+  (p) requests arriving over time (Poisson, --rate per second) through the real
+      scheduler (ContinuousScheduler), if --rate is given.
+
+Models have random weights of a given shape (nothing is downloaded). Every
+request generates exactly --new-tokens tokens (EOS is disabled), greedy.
+
+    python bench/engine.py --shape gpt2-small --concurrency 32           # CPU
+    python bench/engine.py --shape llama-1b --device cuda --dtype bfloat16 \\
+        --tasks 8 --prompt-len 20 --input-len 64 --new-tokens 128 --concurrency 64 --write
+
+Latencies: TTFT = first token chosen - request submitted; per-token =
+(finished - first token) / (new tokens - 1). For (c) and (d), whose requests
+share one `generate` call per batch, a logits processor stamps each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
+
+from prompt_store.artifact import make_artifact  # noqa: E402
+from server.continuous import ContinuousBatcher  # noqa: E402
+from server.continuous_scheduler import ContinuousScheduler  # noqa: E402
+from server.decoders import decoder_for  # noqa: E402
+from server.model import LoadedModel, describe_model  # noqa: E402
+from server.prompts import task_prompt  # noqa: E402
+from server.runner import ModelRunner  # noqa: E402
+from server.scheduler import BatchStats  # noqa: E402
+from server.scoring import embed, pack, prompt_table  # noqa: E402
+from server.work import GenerateWork, SamplingParams  # noqa: E402
+
+SHAPES = {
+    # the issue's 1.1B Llama shape
+    "llama-1b": lambda: LlamaForCausalLM(LlamaConfig(
+        hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)),
+    "gpt2-small": lambda: GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)),
+    "tiny": lambda: LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=512, max_position_embeddings=512)),
+}  # fmt: skip
+
+
+class NoText:
+    """Stands in for a tokenizer: the benchmark needs no text, and no EOS."""
+
+    eos_token_id = None
+    bos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def build(shape: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    torch.manual_seed(0)
+    model = SHAPES[shape]().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = None  # every request generates exactly --new-tokens
+    pos = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    return LoadedModel(model, NoText(), torch.device(device), dtype, describe_model(model, shape), pos, "causal")
+
+
+def make_requests(loaded, tasks: int, n: int, prompt_len: int, input_len: int, new: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = loaded.model.get_input_embeddings().weight
+    prompts = []
+    for t in range(tasks):
+        rows = torch.randn(prompt_len, weight.shape[1], generator=g) * float(weight.float().std())
+        artifact = make_artifact(rows, template=f"[P:{prompt_len}]{{input}}", task_type="generate",
+                                 base_model=loaded.info)  # fmt: skip
+        prompts.append(task_prompt(f"task{t}", 1, artifact, loaded))
+    V = loaded.vocab_size
+    pseudo = list(range(V, V + prompt_len))
+    rng = random.Random(seed)
+    return [
+        (prompts[i % tasks], pseudo + [rng.randrange(V) for _ in range(input_len)], SamplingParams(max_new_tokens=new))
+        for i in range(n)
+    ]
+
+
+def summarize(name: str, wall: float, tokens: int, ttft: list[float], per_token: list[float], step_ms=None) -> dict:
+    q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
+    return {
+        "mode": name, "tokens_per_s": tokens / wall, "wall_s": wall,
+        "ttft_p50_ms": 1000 * q(ttft, 50), "ttft_p99_ms": 1000 * q(ttft, 99),
+        "tpot_p50_ms": 1000 * q(per_token, 50), "tpot_p99_ms": 1000 * q(per_token, 99), "step_ms": step_ms,
+    }  # fmt: skip
+
+
+def sync(loaded):
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(loaded, requests, args, arrivals=None, concurrent=True) -> tuple[dict, BatchStats]:
+    """Through the real ContinuousScheduler: all at once, one at a time, or at `arrivals` offsets."""
+    max_len = args.prompt_len + args.input_len + args.new_tokens
+    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.max_running, max_len=max_len,
+                                max_tokens=args.max_running * max_len, prefix_cache_size=64)  # fmt: skip
+    stats = BatchStats()
+    scheduler = ContinuousScheduler(batcher, ModelRunner(loaded), args.max_running, args.max_wait_ms / 1000, stats)
+    scheduler.start()
+    works, done_at = [], {}
+    start = time.monotonic()
+    try:
+        for i, (prompt, ids, params) in enumerate(requests):
+            if arrivals is not None:
+                time.sleep(max(0.0, start + arrivals[i] - time.monotonic()))
+            w = GenerateWork(prompt, ids, params)
+            w.future.add_done_callback(lambda f, w=w: done_at.__setitem__(id(w), time.monotonic()))
+            works.append(w)
+            scheduler.submit(w)
+            if not concurrent:
+                w.future.result()
+        for w in works:
+            w.future.result()
+        wall = time.monotonic() - start
+    finally:
+        scheduler.stop()
+    n = args.new_tokens
+    ttft = [w.first_token_at - w.submitted_at for w in works]
+    tpot = [(done_at[id(w)] - w.first_token_at) / max(1, n - 1) for w in works]
+    decode = [b["seconds"] for b in stats.snapshot()["recent"] if b["kind"] == "decode"]
+    step_ms = 1000 * statistics.median(decode) if decode else None
+    return summarize("", wall, n * len(works), ttft, tpot, step_ms), stats
+
+
+class StepClock:
+    """A logits processor that only notes the time of every generation step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.monotonic())
+        return scores
+
+
+def hf_generate(loaded, batch, new: int) -> tuple[float, list[float]]:
+    """HF generate on one left-padded batch with inputs_embeds; -> (start, step times)."""
+    table, offsets = prompt_table([p.rows for p, _, _ in batch])
+    ids, mask, _ = pack([i for _, i, _ in batch], offsets, loaded.vocab_size, loaded.device)
+    embeds = embed(loaded.model.get_input_embeddings(), ids, table, loaded.vocab_size)
+    clock = StepClock()
+    start = time.monotonic()
+    with torch.inference_mode():
+        loaded.model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+        )  # fmt: skip
+    sync(loaded)
+    clock.times.append(time.monotonic())  # the last step's token is chosen after the last call
+    return start, clock.times
+
+
+def run_hf(loaded, requests, args, per_task: bool) -> dict:
+    groups = {}
+    for r in requests:
+        groups.setdefault(r[0].task_id if per_task else "all", []).append(r)
+    start = time.monotonic()
+    ttft, tpot = [], []
+    for batch in groups.values():
+        _, times = hf_generate(loaded, batch, args.new_tokens)
+        first = times[1] if len(times) > 1 else times[0]  # stamp after the first chosen token
+        ttft += [first - start] * len(batch)
+        tpot += [(times[-1] - first) / max(1, args.new_tokens - 1)] * len(batch)
+    wall = time.monotonic() - start
+    return summarize("", wall, args.new_tokens * len(requests), ttft, tpot)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=20, help="pseudo tokens per task")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in the closed batch")
+    ap.add_argument("--max-running", type=int, default=None, help="engine slots (default: --concurrency)")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--rate", type=float, default=None, help="also run Poisson arrivals at this many requests/s")
+    ap.add_argument("--modes", default="abcde", help="which of a, b, c, d, e to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--write", action="store_true", help="write the table to bench/results/")
+    args = ap.parse_args()
+    args.max_running = args.max_running or args.concurrency
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    loaded = build(args.shape, args.device, dtype)
+    mixed = make_requests(loaded, args.tasks, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
+    single = make_requests(loaded, 1, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
+
+    run_engine(loaded, mixed[: min(4, len(mixed))], args)  # warm-up
+    rows = []
+    plan = [
+        ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(loaded, mixed, args)[0]),
+        ("b", "(b) ptserve engine, one task", lambda: run_engine(loaded, single, args)[0]),
+        ("c", "(c) HF generate, one mixed batch", lambda: run_hf(loaded, mixed, args, per_task=False)),
+        ("d", "(d) HF generate, one task per pass", lambda: run_hf(loaded, mixed, args, per_task=True)),
+        ("e", "(e) ptserve engine, one at a time", lambda: run_engine(loaded, mixed, args, concurrent=False)[0]),
+    ]
+    for key, name, fn in plan:
+        if key in args.modes:
+            row = fn()
+            row["mode"] = name
+            rows.append(row)
+            print(f"{name}: {row['tokens_per_s']:.1f} tok/s", flush=True)
+    if args.rate:
+        rng = random.Random(1)
+        t, arrivals = 0.0, []
+        for _ in mixed:
+            arrivals.append(t)
+            t += rng.expovariate(args.rate)
+        row, _ = run_engine(loaded, mixed, args, arrivals=arrivals)
+        row["mode"] = f"(p) ptserve engine, Poisson {args.rate}/s"
+        rows.append(row)
+
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )  # noqa: E501
+    lines = [
+        f"# engine benchmark, {date.today()}, {platform.node()}, {device}",
+        f"shape={args.shape} dtype={str(dtype).replace('torch.', '')} tasks={args.tasks} prompt_len={args.prompt_len} "
+        f"input_len={args.input_len} new_tokens={args.new_tokens} concurrency={args.concurrency} "
+        f"max_running={args.max_running} torch={torch.__version__}",
+        "",
+        "| mode | tokens/s | wall s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms "
+        "| decode step ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = f"{r['step_ms']:.1f}" if r.get("step_ms") else "-"
+        lines.append(
+            f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {step} |"
+        )
+    by = {r["mode"][:3]: r["tokens_per_s"] for r in rows}
+    lines.append("")
+    for a, b in (("(a)", "(e)"), ("(a)", "(c)"), ("(a)", "(b)"), ("(a)", "(d)")):
+        if a in by and b in by:
+            lines.append(f"{a}/{b} = {by[a] / by[b]:.2f}x")
+    print("\n".join(lines))
+    if args.write:
+        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-engine-{args.shape}.md"
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
