@@ -75,47 +75,69 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def admit(self, works: list[GenerateWork], on_finish: OnFinish) -> None:
-        """Prefill `works` as one batch in free slots; choose their first tokens."""
+        """Prefill `works` as one batch in free slots; choose their first tokens.
+
+        A task's prefix is computed once: prefixes that are not cached yet are
+        prefilled first, one row per distinct task version, into the slot of its
+        first newcomer; then every newcomer starts from its task's prefix and
+        prefills only the rest. A request no longer than the prefix itself
+        prefills everything (its last token's logits are needed)."""
         first_slot = len(self.rows)
-        starts, seqs, fresh_prefix = [], [], []
-        for i, w in enumerate(works):
-            slot = first_slot + i
-            p = min(w.prompt.prefix_len, len(w.input_ids) - 1) if self.reuse_prefixes else 0
-            cached = self.prefixes.get((w.prompt.task_id, w.prompt.version)) if p > 0 else None
-            if cached is not None:
-                self.cache.load(slot, cached)
-                starts.append(p)
-                seqs.append(w.input_ids[p:])
+        slots = list(range(first_slot, first_slot + len(works)))
+        keys = [(w.prompt.task_id, w.prompt.version) for w in works]
+        usable = [self.reuse_prefixes and 0 < w.prompt.prefix_len < len(w.input_ids) for w in works]
+        prefix_kv = {}
+        for key, use in zip(keys, usable):
+            if use and key not in prefix_kv:
+                prefix_kv[key] = self.prefixes.get(key)
+        missing = {}  # task version -> index of the newcomer that computes its prefix
+        for i, (key, use) in enumerate(zip(keys, usable)):
+            if use and prefix_kv[key] is None and key not in missing:
+                missing[key] = i
+        if missing:
+            owners = list(missing.values())
+            self._forward([slots[i] for i in owners], [0] * len(owners),
+                          [works[i].input_ids[: works[i].prompt.prefix_len] for i in owners],
+                          [works[i] for i in owners])  # fmt: skip
+            for key, i in missing.items():
+                prefix_kv[key] = self.cache.export(slots[i], works[i].prompt.prefix_len)
+                self.prefixes.put(key, prefix_kv[key])
+
+        starts, seqs = [], []
+        for i, (w, key, use) in enumerate(zip(works, keys, usable)):
+            if use:
+                if missing.get(key) != i:  # the owner's slot already holds it
+                    self.cache.load(slots[i], prefix_kv[key])
+                starts.append(w.prompt.prefix_len)
+                seqs.append(w.input_ids[w.prompt.prefix_len :])
             else:
                 starts.append(0)
                 seqs.append(w.input_ids)
-            fresh_prefix.append(p if cached is None and p > 0 else 0)
-        B, T = len(works), max(len(s) for s in seqs)
+        hidden = self._forward(slots, starts, seqs, works)  # [B, T, H]
         dev = self.loaded.device
-        table, offsets = prompt_table([w.prompt.rows for w in works])
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, (seq, off) in enumerate(zip(seqs, offsets)):  # right-padded; virtual ids shifted
-            row = torch.tensor(seq, dtype=torch.long)
-            ids[b, : len(seq)] = torch.where(row >= self.loaded.vocab_size, row + off, row)
-        # positions continue past each row's end for its padding; those writes land
-        # at positions the row will overwrite before it ever reads them
-        positions = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).clamp(max=self.max_len - 1)
-        slots = torch.arange(first_slot, first_slot + B, device=dev)
-        x = embed(self.embed_tokens, ids.to(dev), table, self.loaded.vocab_size)
-        hidden = self.decoder.hidden(x, positions.to(dev), slots, self.cache)  # [B, T, H]
-        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
-        logits = self.lm_head(hidden[torch.arange(B, device=dev), last])  # [B, V]
-
-        for i, w in enumerate(works):
-            if fresh_prefix[i]:
-                self.prefixes.put(
-                    (w.prompt.task_id, w.prompt.version), self.cache.export(first_slot + i, fresh_prefix[i])
-                )
+        last = torch.tensor([len(seq) - 1 for seq in seqs], device=dev)
+        logits = self.lm_head(hidden[torch.arange(len(works), device=dev), last])  # [B, V]
         new_rows = [
             Row(w, RowDecoder(w.params, self.eos_ids, self.loaded.tokenizer, dev), len(w.input_ids)) for w in works
         ]
         self.rows.extend(new_rows)
         self._advance(logits, first_slot, on_finish)
+
+    def _forward(self, slots: list[int], starts: list[int], seqs: list[list[int]], works: list[GenerateWork]):
+        """Run token lists `seqs` (row b starting at position starts[b] of slot
+        slots[b]) as one right-padded batch; -> hidden states [B, T, H]."""
+        B, T = len(seqs), max(len(seq) for seq in seqs)
+        dev = self.loaded.device
+        table, offsets = prompt_table([w.prompt.rows for w in works])
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, (seq, off) in enumerate(zip(seqs, offsets)):  # virtual ids shifted to their task's rows
+            row = torch.tensor(seq, dtype=torch.long)
+            ids[b, : len(seq)] = torch.where(row >= self.loaded.vocab_size, row + off, row)
+        # positions continue past each row's end for its padding; those writes land
+        # at positions the row will overwrite before it ever reads them
+        positions = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).clamp(max=self.max_len - 1)
+        x = embed(self.embed_tokens, ids.to(dev), table, self.loaded.vocab_size)
+        return self.decoder.hidden(x, positions.to(dev), torch.tensor(slots, device=dev), self.cache)
 
     # -- one decode step for every running row --------------------------------
 

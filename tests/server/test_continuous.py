@@ -176,3 +176,34 @@ def test_seeded_sampling_matches_the_static_runner(loaded, temperature):
     continuous, _ = drive(batcher(loaded), [sampled])
     static = ModelRunner(loaded).generate([GenerateWork(w.prompt, w.input_ids, params)])[0]
     assert continuous[id(sampled)].token_ids == static.token_ids
+
+
+def test_a_request_no_longer_than_the_prefix_does_not_poison_it(loaded):
+    """`[P:3]{input}` with an empty input renders only the prefix: it must neither
+    use nor store a short prefix under the task's key."""
+    b = batcher(loaded)
+    prompt = task_prompt("p", 1, random_prompt(loaded, "[P:3]{input}", seed=4), loaded)
+
+    def work(text):
+        return GenerateWork(prompt, render(prompt.template, loaded.tokenizer, {"input": text}, loaded.vocab_size),
+                            SamplingParams(max_new_tokens=6))  # fmt: skip
+
+    short, normal, again = work(""), work("json parse"), work("a path")
+    assert len(short.input_ids) == prompt.prefix_len == 3
+    results = {}
+    for w in (short, normal, again):  # one after another: the cache state carries over
+        r, _ = drive(b, [w])
+        results.update(r)
+    for w in (short, normal, again):
+        assert results[id(w)].token_ids == oracle(loaded, b, w)
+    assert b.prefixes.stats()["hits"] == 1  # `again` reused what `normal` stored
+
+
+def test_each_task_prefix_is_computed_once_per_batch(loaded):
+    b = batcher(loaded, max_running=12)
+    works = works_for(loaded, 12, tasks=3)  # 4 requests each of 3 tasks, admitted together
+    results, _ = drive(b, works)
+    with_prefix = {(w.prompt.task_id, w.prompt.version) for w in works if w.prompt.prefix_len}
+    assert b.prefixes.stats()["misses"] == len(with_prefix) and b.prefixes.stats()["size"] == len(with_prefix)
+    for w in works:
+        assert results[id(w)].token_ids == oracle(loaded, b, w)
