@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     serve.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    serve.add_argument("--device-map", dest="device_map", help="'auto': spread the model over all GPUs (accelerate)")
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     serve.set_defaults(func=_serve)

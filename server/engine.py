@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.errors import InvalidRequest, TaskNotFound
 from prompt_store.peft import artifact_from_peft, parse_peft_config
-from prompt_store.store import PromptStore, check_task_id, open_store
+from prompt_store.store import PromptStore, StoredPrompt, check_task_id, open_store
 from prompt_store.template import render
 
 from .continuous import ContinuousBatcher
@@ -51,8 +51,8 @@ class Engine:
 
     @staticmethod
     def _continuous_batcher(settings: Settings, loaded: LoadedModel) -> ContinuousBatcher | None:
-        if settings.engine == "static" or loaded.family != "causal":
-            return None
+        if settings.engine == "static" or loaded.family != "causal" or settings.device_map:
+            return None  # a model spread by device_map runs through its own (hooked) forward
         decoder = decoder_for(loaded.model)
         if decoder is None:
             if settings.engine == "continuous":
@@ -71,7 +71,9 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
         if loaded is None:
-            loaded = load_model(settings.model, settings.device, settings.dtype, settings.model_family)
+            loaded = load_model(
+                settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map
+            )
         return cls(settings, loaded, open_store(settings.store))
 
     def start(self) -> None:
@@ -116,6 +118,12 @@ class Engine:
         if summary is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         return summary
+
+    def artifact(self, task_id: str) -> StoredPrompt:
+        stored = self.store.get(check_task_id(task_id))
+        if stored is None:
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        return stored
 
     def delete(self, task_id: str) -> None:
         if not self.store.delete(check_task_id(task_id)):

@@ -104,17 +104,25 @@ class LoadedModel:
         return getattr(self.tokenizer, "mask_token_id", None)
 
 
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", family: str = "auto") -> LoadedModel:
+def load_model(
+    name_or_path: str, device: str = "auto", dtype: str = "auto", family: str = "auto", device_map: str | None = None
+) -> LoadedModel:
+    """`device_map` (e.g. "auto") hands placement to accelerate, which may spread
+    the layers over several GPUs; inputs then go to the input embedding's device."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if family == "auto":
         family = detect_family(AutoConfig.from_pretrained(name_or_path))
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose auto or one of {list(FAMILIES)}")
-    log.info("loading %s (%s) on %s as %s", name_or_path, family, dev, dt)
+    log.info("loading %s (%s) on %s as %s", name_or_path, family, device_map or dev, dt)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = FAMILIES[family].from_pretrained(name_or_path, dtype=dt)
-    model.to(dev).eval().requires_grad_(False)
+    if device_map:
+        model = FAMILIES[family].from_pretrained(name_or_path, dtype=dt, device_map=device_map)
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model = FAMILIES[family].from_pretrained(name_or_path, dtype=dt).to(dev)
+    model.eval().requires_grad_(False)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     model_family: str = Field("auto", description="'auto' (from the checkpoint), 'causal', 'masked' or 'encoder'")
+    device_map: str | None = Field(
+        None,
+        description="'auto': spread a model too large for one GPU over all GPUs (needs accelerate); "
+        "overrides device and uses the static engine",
+    )
     dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'")
 
     # Batching: a batch starts when max_batch_size requests wait or the oldest has

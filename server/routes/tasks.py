@@ -68,6 +68,15 @@ async def get_task(task_id: str, engine: EngineDep):
     return await run_in_threadpool(engine.summary, task_id)
 
 
+@router.get("/{task_id}/artifact", response_class=Response)
+async def download_artifact(task_id: str, engine: EngineDep):
+    """The latest version's artifact file, as uploaded."""
+    stored = await run_in_threadpool(engine.artifact, task_id)
+    return Response(
+        stored.data, media_type="application/octet-stream", headers={"X-Ptserve-Version": str(stored.version)}
+    )
+
+
 @router.delete("/{task_id}", status_code=204)
 async def delete_task(task_id: str, engine: EngineDep):
     await run_in_threadpool(engine.delete, task_id)

@@ -153,6 +153,8 @@ def test_task_routes_and_new_versions(client, gpt2):
     second = client.post("/v1/tasks/t1/generate", json={"input": "hello", "max_new_tokens": 6}).json()
     assert second["version"] == 2 and second["token_ids"] != first["token_ids"]
     assert client.get("/v1/tasks/t1").json()["version"] == 2
+    download = client.get("/v1/tasks/t1/artifact")
+    assert download.content == artifact_bytes(a2) and download.headers["x-ptserve-version"] == "2"
     assert [t["task_id"] for t in client.get("/v1/tasks").json()] == ["t1"]
     assert client.delete("/v1/tasks/t1").status_code == 204
     for r in (

@@ -1,0 +1,99 @@
+"""Scale-out: two real server processes share one real redis-server."""
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+
+from prompt_store.artifact import artifact_bytes
+from server.app import create_app
+from server.model import load_model
+from server.settings import Settings
+from tests.conftest import free_port, random_prompt
+
+
+def start_server(model_dir, store, tmp_path, name):
+    port = free_port()
+    log = open(tmp_path / f"{name}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store", store, "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} exited: {(tmp_path / f'{name}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server {name} did not become ready")
+
+
+@pytest.fixture
+def shared_store(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + "/5"  # a logical database of its own
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(gpt2_dir, shared_store, tmp_path):
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    (a, url_a), (b, url_b) = (start_server(gpt2_dir, shared_store, tmp_path, n) for n in ("a", "b"))
+    try:
+        with httpx.Client(timeout=60) as client:
+            body = {"input": "json parse", "max_new_tokens": 6}
+            v1 = client.put(
+                f"{url_a}/v1/tasks/shared", content=artifact_bytes(random_prompt(loaded, "[P:3]{input}", seed=1))
+            )
+            assert v1.status_code == 201 and v1.json()["version"] == 1
+            first = client.post(f"{url_b}/v1/tasks/shared/generate", json=body).json()
+            assert first["version"] == 1
+            v2 = client.put(
+                f"{url_a}/v1/tasks/shared", content=artifact_bytes(random_prompt(loaded, "[P:3]{input}", seed=2))
+            )
+            assert v2.json()["version"] == 2
+            uploaded = time.monotonic()
+            while True:  # B must answer with v2 within 1 s of the upload
+                second = client.post(f"{url_b}/v1/tasks/shared/generate", json=body).json()
+                if second["version"] == 2 or time.monotonic() - uploaded > 1.0:
+                    break
+            assert second["version"] == 2, "replica B still served v1 a second after the upload"
+            assert second["token_ids"] != first["token_ids"]
+            assert client.delete(f"{url_a}/v1/tasks/shared").status_code == 204
+            assert client.post(f"{url_b}/v1/tasks/shared/generate", json=body).status_code == 404
+    finally:
+        for proc in (a, b):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_device_map_is_passed_through(gpt2_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    settings = Settings(model=str(gpt2_dir), store=str(tmp_path / "s"), device="cpu", device_map="auto")
+    loaded = load_model(settings.model, settings.device, "float32", device_map=settings.device_map)
+    assert seen.get("device_map") == "auto"
+    assert loaded.device.type == "cpu"  # no GPU here: accelerate puts everything on the CPU
+    app = create_app(settings, loaded)
+    from tests.server.live_server import LiveServer
+
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.get("/v1/stats").json()["engine"] == "static"
+        client.put("/v1/tasks/t", content=artifact_bytes(random_prompt(loaded, "[P:2]{input}")))
+        assert client.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 3}).status_code == 200
