@@ -27,15 +27,21 @@ RUN if [ "$TORCH_INDEX" = "cpu" ]; then \
     fi
 
 WORKDIR /app
+# Dependencies next, from pyproject.toml alone (empty packages stand in for the
+# code), so that editing the code does not reinstall them.
 COPY pyproject.toml README.md ./
+RUN mkdir prompt_store server ptuning \
+    && touch prompt_store/__init__.py server/__init__.py ptuning/__init__.py \
+    && pip install . \
+    && rm -rf prompt_store server ptuning
 COPY prompt_store ./prompt_store
 COPY server ./server
 COPY ptuning ./ptuning
-RUN pip install .
+RUN pip install --no-deps .
 
-USER ptserve
+USER 1000
 VOLUME ["/models", "/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"]
 ENTRYPOINT ["ptserve", "serve"]
