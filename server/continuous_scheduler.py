@@ -11,64 +11,32 @@ the oldest request for company, so that a burst is prefilled together.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 
-from prompt_store.errors import ServiceUnavailable
-
 from .continuous import ContinuousBatcher
 from .runner import ModelRunner
-from .scheduler import BatchStats, Work
+from .scheduler import BatchStats, QueueWorker, Work
 from .work import ClassifyWork, GenerateWork
 
 log = logging.getLogger(__name__)
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(QueueWorker):
+    thread_name = "ptserve-continuous"
+
     def __init__(self, batcher: ContinuousBatcher, runner: ModelRunner, max_batch_size: int, max_wait_s: float,
                  stats: BatchStats):  # fmt: skip
+        """max_batch_size bounds a classify batch, one prefill batch, and the wait for company."""
+        super().__init__(max_batch_size, max_wait_s, stats)
         self.batcher = batcher
         self.runner = runner  # classification only
-        self.max_batch_size = max_batch_size  # bound on a classify batch and on one prefill batch
-        self.max_wait_s = max_wait_s
-        self.stats = stats
-        self._queue: deque[Work] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="ptserve-continuous", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        shutting_down = ServiceUnavailable("server is shutting down")
-        for work in self._queue:
-            if work.future.set_running_or_notify_cancel():
-                work.future.set_exception(shutting_down)
-        self._queue.clear()
+    def _fail_running(self, error: Exception) -> None:
         for row in self.batcher.rows:
             if not row.work.future.done():
-                row.work.future.set_exception(shutting_down)
+                row.work.future.set_exception(error)
         self.batcher.rows.clear()
-
-    def submit(self, work: Work):
-        with self._cond:
-            if self._stopping:
-                raise ServiceUnavailable("server is shutting down")
-            self._queue.append(work)
-            self._cond.notify_all()
-        return work.future
-
-    def queue_depth(self) -> int:
-        with self._cond:
-            return len(self._queue)
 
     def _take(self) -> tuple[list[ClassifyWork], list[GenerateWork]] | None:
         """Wait for work; take a classify batch and the generate newcomers that fit."""
@@ -77,13 +45,8 @@ class ContinuousScheduler:
                 self._cond.wait()
             if self._stopping:
                 return None
-            if not self.batcher.running and self._queue:
-                deadline = self._queue[0].submitted_at + self.max_wait_s
-                while len(self._queue) < self.max_batch_size and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+            if not self.batcher.running:
+                self._wait_for_company(lambda: len(self._queue))
             classify: list[ClassifyWork] = []
             admitted: list[GenerateWork] = []
             rest: deque[Work] = deque()
@@ -100,12 +63,6 @@ class ContinuousScheduler:
             self._queue = rest
         live = lambda works: [w for w in works if w.future.set_running_or_notify_cancel()]  # noqa: E731
         return live(classify), live(admitted)
-
-    def _finish(self, work: Work, result) -> None:
-        if isinstance(result, Exception):
-            work.future.set_exception(result)
-        else:
-            work.future.set_result(result)
 
     def _loop(self) -> None:
         while True:

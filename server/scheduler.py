@@ -54,9 +54,13 @@ class BatchStats:
             }
 
 
-class Scheduler:
-    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats):
-        self.runner = runner
+class QueueWorker:
+    """What both schedulers share: the request queue, the one worker thread
+    that owns the model, submission, and shutdown."""
+
+    thread_name = "ptserve-scheduler"
+
+    def __init__(self, max_batch_size: int, max_wait_s: float, stats: BatchStats):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.stats = stats
@@ -66,19 +70,22 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="ptserve-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Finish the forward pass in progress, then fail whatever is still waiting."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        shutting_down = ServiceUnavailable("server is shutting down")
         for work in self._queue:
             if work.future.set_running_or_notify_cancel():  # False: the client already went away
-                work.future.set_exception(ServiceUnavailable("server is shutting down"))
+                work.future.set_exception(shutting_down)
         self._queue.clear()
+        self._fail_running(shutting_down)
 
     def submit(self, work: Work):
         """Queue one request; its future resolves to a GenerateResult / ClassifyResult."""
@@ -93,6 +100,37 @@ class Scheduler:
         with self._cond:
             return len(self._queue)
 
+    def _wait_for_company(self, count) -> None:
+        """Holding the lock, with a non-empty queue: wait until count() reaches
+        max_batch_size or the oldest request has waited max_wait_s."""
+        deadline = self._queue[0].submitted_at + self.max_wait_s
+        while not self._stopping and count() < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+
+    @staticmethod
+    def _finish(work: Work, result) -> None:
+        if isinstance(result, Exception):
+            work.future.set_exception(result)
+        else:
+            work.future.set_result(result)
+
+    def _fail_running(self, error: Exception) -> None:
+        """Requests in flight when the worker stopped (none for a scheduler that finishes batches)."""
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(QueueWorker):
+    """Static batching: a batch of one kind runs to its end before the next starts."""
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats):
+        super().__init__(max_batch_size, max_wait_s, stats)
+        self.runner = runner
+
     def _take_batch(self) -> list[Work]:
         with self._cond:
             while not self._queue and not self._stopping:
@@ -100,13 +138,7 @@ class Scheduler:
             if self._stopping:
                 return []
             kind = self._queue[0].kind
-            deadline = self._queue[0].submitted_at + self.max_wait_s  # the oldest request waits at most max_wait
-            while not self._stopping:
-                same = sum(1 for w in self._queue if w.kind == kind)
-                remaining = deadline - time.monotonic()
-                if same >= self.max_batch_size or remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._wait_for_company(lambda: sum(1 for w in self._queue if w.kind == kind))
             batch, rest = [], deque()
             for w in self._queue:
                 (batch if w.kind == kind and len(batch) < self.max_batch_size else rest).append(w)
@@ -128,10 +160,7 @@ class Scheduler:
         start = time.perf_counter()
 
         def finish(i: int, result) -> None:
-            if isinstance(result, Exception):
-                batch[i].future.set_exception(result)
-            else:
-                batch[i].future.set_result(result)
+            self._finish(batch[i], result)
 
         try:
             if kind == "generate":

@@ -1,8 +1,6 @@
 """Continuous batching: rows join and leave mid-generation, prefixes are reused,
 and every answer equals the request computed alone (the oracle)."""
 
-import threading
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from server.scheduler import BatchStats
 from server.work import GenerateWork, SamplingParams
 from tests.conftest import random_prompt
 from tests.oracle import alone_greedy
+from tests.server.concurrency import submit_from_threads
 from tests.server.test_oracle import TEMPLATES
 
 
@@ -148,17 +147,7 @@ def test_scheduler_serves_concurrent_submissions(loaded):
     s = ContinuousScheduler(b, ModelRunner(loaded), max_batch_size=8, max_wait_s=0.05, stats=stats)
     s.start()
     works = works_for(loaded, 14)
-    futures = [None] * len(works)
-
-    def submit(i):
-        futures[i] = s.submit(works[i])
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(works))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    results = [f.result(timeout=60) for f in futures]
+    results = submit_from_threads(s, works)
     s.stop()
     for w, r in zip(works, results):
         assert r.token_ids == oracle(loaded, b, w)

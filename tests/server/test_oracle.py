@@ -1,8 +1,6 @@
 """Batched paths must reproduce each request computed alone (DESIGN.md oracle),
 on an absolute-position model (GPT-2) and a rotary one (Llama)."""
 
-import threading
-
 import torch
 
 from prompt_store.template import render
@@ -12,6 +10,7 @@ from server.scheduler import BatchStats, Scheduler
 from server.work import ClassifyWork, GenerateWork, SamplingParams
 from tests.conftest import random_prompt
 from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
+from tests.server.concurrency import submit_from_threads
 
 # pseudo tokens before, between and after fields; different prompt lengths
 TEMPLATES = [
@@ -104,17 +103,7 @@ def test_scheduler_batches_concurrent_submissions_and_keeps_results_apart(loaded
     scheduler.start()
     works = [make_generate(loaded, i % 5, *TEMPLATES[i % 5], max_new_tokens=6 + i % 4) for i in range(12)]
     works += [make_classify(loaded, i, LABEL_SETS[i % 3], *TEMPLATES[i % 5]) for i in range(4)]
-    futures = [None] * len(works)
-
-    def submit(i):
-        futures[i] = scheduler.submit(works[i])
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(works))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    results = [f.result(timeout=60) for f in futures]
+    results = submit_from_threads(scheduler, works)
     scheduler.stop()
     for w, r in zip(works, results):
         if isinstance(w, GenerateWork):
