@@ -40,5 +40,21 @@ class ServiceUnavailable(PtserveError):
     """The server cannot take this request now (shutting down, store down) -> 503."""
 
 
+class Overloaded(PtserveError):
+    """The request queue is full -> 429 with Retry-After."""
+
+
+class DeadlineExceeded(PtserveError):
+    """A request ran past the server's request timeout -> 504."""
+
+
+class Abandoned(PtserveError):
+    """Work stopped because its client left or its deadline passed (nobody reads this)."""
+
+
+class Unauthorized(PtserveError):
+    """A missing or wrong bearer token -> 401."""
+
+
 class StoreUnavailable(ServiceUnavailable):
     """The prompt store cannot be reached -> 503."""

@@ -10,8 +10,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import InvalidRequest, PayloadTooLarge, PtserveError, ServiceUnavailable, TaskNotFound
+from prompt_store.errors import (
+    Abandoned,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    PtserveError,
+    ServiceUnavailable,
+    TaskNotFound,
+    Unauthorized,
+)
 
+from .body_limit import JsonBodyLimit
 from .engine import Engine
 from .model import LoadedModel
 from .routes import health, inference, tasks
@@ -19,7 +30,17 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-_STATUS = {TaskNotFound: 404, PayloadTooLarge: 413, InvalidRequest: 422, ServiceUnavailable: 503}
+_STATUS = {
+    Unauthorized: 401,
+    TaskNotFound: 404,
+    PayloadTooLarge: 413,
+    InvalidRequest: 422,
+    Overloaded: 429,
+    Abandoned: 499,  # nginx's "client closed request": nobody is there to read it
+    ServiceUnavailable: 503,
+    DeadlineExceeded: 504,
+}
+_HEADERS = {Unauthorized: {"WWW-Authenticate": "Bearer"}, Overloaded: {"Retry-After": "1"}}
 
 
 def _status_of(error: PtserveError) -> int:
@@ -35,6 +56,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.api_token is None:
+            log.warning("PTSERVE_API_TOKEN is not set: ANYONE who can reach this server can upload and delete prompts")
         engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
         engine.start()
         app.state.engine = engine
@@ -47,13 +70,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
-        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+        headers = next((h for cls, h in _HEADERS.items() if isinstance(exc, cls)), None)
+        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
 
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(inference.router)

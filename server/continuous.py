@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prompt_store.errors import Abandoned
+
 from .kv_cache import SlotKVCache
 from .model import LoadedModel
 from .prefix_cache import PrefixCache
@@ -141,6 +143,12 @@ class ContinuousBatcher:
 
     # -- one decode step for every running row --------------------------------
 
+    def drop_abandoned(self, on_finish: OnFinish) -> None:
+        """Free the slots of rows whose client left or whose deadline passed."""
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].work.abandoned:
+                self._retire(i, on_finish, Abandoned("the request was abandoned"))
+
     @torch.inference_mode()
     def step(self, on_finish: OnFinish) -> None:
         n = len(self.rows)
@@ -162,13 +170,16 @@ class ContinuousBatcher:
             if r.work.first_token_at is None:
                 r.work.first_token_at = now
         for i in sorted((first + j for j in finished), reverse=True):
-            row = self.rows[i]
-            on_finish(row.work, row.decoder.result())
-            last = len(self.rows) - 1
-            if i != last:  # keep running rows in slots 0..n-1
-                self.cache.move(last, i, self.rows[last].length)
-                self.rows[i] = self.rows[last]
-            self.rows.pop()
+            self._retire(i, on_finish, self.rows[i].decoder.result())
+
+    def _retire(self, i: int, on_finish: OnFinish, result) -> None:
+        """Answer row i and free its slot, keeping running rows in slots 0..n-1."""
+        on_finish(self.rows[i].work, result)
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.move(last, i, self.rows[last].length)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
 
     @property
     def running(self) -> int:

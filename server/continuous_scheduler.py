@@ -26,9 +26,9 @@ class ContinuousScheduler(QueueWorker):
     thread_name = "ptserve-continuous"
 
     def __init__(self, batcher: ContinuousBatcher, runner: ModelRunner, max_batch_size: int, max_wait_s: float,
-                 stats: BatchStats):  # fmt: skip
+                 stats: BatchStats, max_queue: int = 1024):  # fmt: skip
         """max_batch_size bounds a classify batch, one prefill batch, and the wait for company."""
-        super().__init__(max_batch_size, max_wait_s, stats)
+        super().__init__(max_batch_size, max_wait_s, stats, max_queue)
         self.batcher = batcher
         self.runner = runner  # classification only
 
@@ -74,6 +74,7 @@ class ContinuousScheduler(QueueWorker):
                 self._guarded("classify", classify, self._classify, classify)
             if admitted:
                 self._guarded("prefill", admitted, self.batcher.admit, admitted, self._finish)
+            self.batcher.drop_abandoned(self._finish)
             if self.batcher.running:
                 self._guarded("decode", [r.work for r in self.batcher.rows], self.batcher.step, self._finish)
 

@@ -43,10 +43,10 @@ class Engine:
         wait = settings.max_wait_ms / 1000
         if self.batcher is not None:
             self.scheduler = ContinuousScheduler(
-                self.batcher, self.runner, settings.max_batch_size, wait, self.batch_stats
+                self.batcher, self.runner, settings.max_batch_size, wait, self.batch_stats, settings.max_queue
             )
         else:
-            self.scheduler = Scheduler(self.runner, settings.max_batch_size, wait, self.batch_stats)
+            self.scheduler = Scheduler(self.runner, settings.max_batch_size, wait, self.batch_stats, settings.max_queue)
         log.info("engine: %s", "continuous" if self.batcher is not None else "static")
 
     @staticmethod
@@ -90,6 +90,9 @@ class Engine:
         Anything wrong raises before the store is touched."""
         check_task_id(task_id)
         artifact = read_artifact(data, self.settings.max_artifact_bytes)
+        rows, limit = artifact.embeddings.shape[0], self.settings.max_virtual_tokens
+        if rows > limit:
+            raise InvalidRequest(f"{rows} prompt rows; this server allows at most {limit}")
         prompt = task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
         if prompt.labels and len(prompt.labels) > self.settings.max_labels:
             raise InvalidRequest(f"{len(prompt.labels)} labels; this server allows at most {self.settings.max_labels}")

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
+from prompt_store.errors import Abandoned
+
 from .model import LoadedModel
 from .sampling import RowDecoder, step_rows
 from .scoring import LabelQuery, LabelScorer, embed, pack, prompt_table
@@ -88,6 +90,12 @@ class ModelRunner:
 
         out, cache, mask, positions = self.prefill(works)
         for _ in range(max(w.params.max_new_tokens for w in works)):
+            for i, (w, row) in enumerate(zip(works, rows)):
+                if w.abandoned and not row.done:  # its client left: stop spending steps on it
+                    row.error, row.finish_reason = Abandoned("the request was abandoned"), "abandoned"
+                    finish(i, row.error)
+            if all(row.done for row in rows):
+                break
             next_ids, finished = step_rows(out.logits[:, -1, :], rows)
             if works[0].first_token_at is None:
                 now = time.monotonic()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 
-from prompt_store.errors import ServiceUnavailable
+from prompt_store.errors import Overloaded, ServiceUnavailable
 
 from .runner import ModelRunner
 from .work import ClassifyWork, GenerateWork
@@ -60,10 +60,11 @@ class QueueWorker:
 
     thread_name = "ptserve-scheduler"
 
-    def __init__(self, max_batch_size: int, max_wait_s: float, stats: BatchStats):
+    def __init__(self, max_batch_size: int, max_wait_s: float, stats: BatchStats, max_queue: int = 1024):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.stats = stats
+        self.max_queue = max_queue
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -92,6 +93,8 @@ class QueueWorker:
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailable("server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"{len(self._queue)} requests are already waiting; try again shortly")
             self._queue.append(work)
             self._cond.notify_all()
         return work.future
@@ -127,8 +130,9 @@ class QueueWorker:
 class Scheduler(QueueWorker):
     """Static batching: a batch of one kind runs to its end before the next starts."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats):
-        super().__init__(max_batch_size, max_wait_s, stats)
+    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats,
+                 max_queue: int = 1024):  # fmt: skip
+        super().__init__(max_batch_size, max_wait_s, stats, max_queue)
         self.runner = runner
 
     def _take_batch(self) -> list[Work]:

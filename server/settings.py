@@ -46,4 +46,13 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(4096, ge=1, description="longest rendered sequence (pseudo + text tokens)")
     max_labels: int = Field(256, ge=1, description="labels per classify task")
     max_classify_rows: int = Field(256, ge=1, description="(request, label) rows per classify forward pass")
+    # Access. Tokens are compared in constant time; keep them out of images (.env, secrets).
+    api_token: str | None = Field(None, description="bearer token for uploads and deletes; unset = writes are open")
+    inference_token: str | None = Field(None, description="bearer token for generate/classify; unset = open")
+
+    # Back-pressure and limits.
+    max_queue: int = Field(1024, ge=1, description="requests waiting for the model; beyond it: 429 + Retry-After")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this: 504")
+    max_virtual_tokens: int = Field(512, ge=1, description="prompt rows (pseudo tokens) per task")
+    max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
     log_level: str = "info"

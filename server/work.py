@@ -58,6 +58,7 @@ class GenerateWork:
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # time.monotonic() when its first token was chosen
+    abandoned: bool = False  # the client left or the deadline passed: stop working on it
     kind = "generate"
 
 
@@ -67,6 +68,7 @@ class ClassifyWork:
     input_ids: list[int]
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
+    abandoned: bool = False
     kind = "classify"
 
 

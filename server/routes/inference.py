@@ -2,19 +2,46 @@
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
-from .deps import EngineDep
+from prompt_store.errors import Abandoned, DeadlineExceeded
 
-router = APIRouter(prefix="/v1/tasks", tags=["inference"])
+from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from .deps import EngineDep, InferenceAccess
+
+router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[InferenceAccess])
+
+POLL_S = 0.2  # how often a waiting request checks whether its client is still there
+
+
+async def wait_for_result(request: Request, engine, work):
+    """Submit `work` and wait for its result. A client that goes away, or a
+    request past the deadline, has its work abandoned: dropped from the queue,
+    or its row retired at the next step, so its batch slot is freed."""
+    future = asyncio.wrap_future(engine.submit(work))
+    timeout = engine.settings.request_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            work.abandoned = True
+            future.cancel()  # still queued: never runs
+            raise DeadlineExceeded(f"the request did not finish within {timeout:g} s")
+        done, _ = await asyncio.wait({future}, timeout=min(POLL_S, remaining))
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            work.abandoned = True
+            future.cancel()
+            raise Abandoned("the client went away")
 
 
 @router.post("/{task_id}/generate", response_model=GenerateResponse)
-async def generate(task_id: str, body: GenerateRequest, engine: EngineDep):
+async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep):
     work = await run_in_threadpool(engine.prepare_generate, task_id, body.fields(), body.sampling_overrides())
-    result = await asyncio.wrap_future(engine.submit(work))
+    result = await wait_for_result(request, engine, work)
     return GenerateResponse(
         task_id=task_id,
         version=work.prompt.version,
@@ -25,7 +52,7 @@ async def generate(task_id: str, body: GenerateRequest, engine: EngineDep):
 
 
 @router.post("/{task_id}/classify", response_model=ClassifyResponse)
-async def classify(task_id: str, body: ClassifyRequest, engine: EngineDep):
+async def classify(task_id: str, body: ClassifyRequest, request: Request, engine: EngineDep):
     work = await run_in_threadpool(engine.prepare_classify, task_id, body.fields())
-    result = await asyncio.wrap_future(engine.submit(work))
+    result = await wait_for_result(request, engine, work)
     return ClassifyResponse(task_id=task_id, version=work.prompt.version, label=result.label, scores=result.scores)

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from prompt_store.errors import PayloadTooLarge
 
 from ..schemas import TaskSummary
-from .deps import EngineDep
+from .deps import EngineDep, WriteAccess
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -27,6 +27,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 @router.put(
     "/{task_id}",
     status_code=201,
+    dependencies=[WriteAccess],
     response_model=TaskSummary,
     openapi_extra={
         "requestBody": {
@@ -48,7 +49,7 @@ async def _read_file(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-@router.put("/{task_id}/peft", status_code=201, response_model=TaskSummary)
+@router.put("/{task_id}/peft", status_code=201, response_model=TaskSummary, dependencies=[WriteAccess])
 async def upload_peft(task_id: str, adapter_config: UploadFile, adapter_model: UploadFile, engine: EngineDep):
     """Upload a PEFT PROMPT_TUNING / P_TUNING adapter as it was saved: multipart fields
     `adapter_config` (adapter_config.json) and `adapter_model` (adapter_model.safetensors)."""
@@ -77,7 +78,7 @@ async def download_artifact(task_id: str, engine: EngineDep):
     )
 
 
-@router.delete("/{task_id}", status_code=204)
+@router.delete("/{task_id}", status_code=204, dependencies=[WriteAccess])
 async def delete_task(task_id: str, engine: EngineDep):
     await run_in_threadpool(engine.delete, task_id)
     return Response(status_code=204)
