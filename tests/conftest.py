@@ -47,14 +47,14 @@ def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, *
     return make_artifact(rows, template=template, task_type=task_type, labels=labels, base_model=loaded.info, **meta)
 
 
-def start_redis() -> tuple[subprocess.Popen, str]:
-    """A real redis-server on a free loopback port, with no persistence."""
+def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a loopback port (a free one by default), with no persistence."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail(
             "redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset"
         )
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
 """One suite, run against both backends: a directory on disk and a real redis-server."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,29 @@ def test_disk_listing_skips_entries_that_are_not_tasks(tmp_path):
     (tmp_path / "stray.txt").write_text("x")
     (tmp_path / "broken" / "1.safetensors").write_bytes(b"garbage")
     assert [t["task_id"] for t in s.list()] == ["good"]
+
+
+def test_a_disk_upload_killed_midway_leaves_the_previous_version(tmp_path):
+    """A child process is killed (SIGKILL) while writing version 2: version 1
+    stays whole and served, and the store keeps working."""
+    import signal
+    import subprocess
+    import sys
+
+    store = DiskStore(tmp_path)
+    store.put("t", data(1.0))
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from prompt_store.disk_store import DiskStore
+from tests.prompt_store.test_store import data
+os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))  # stall with the new file half-done
+DiskStore({str(tmp_path)!r}).put("t", data(2.0))
+"""], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    got = store.get("t")
+    assert got.version == 1 and fill_of(got) == 1.0
+    assert [s["version"] for s in store.list()] == [1]
+    assert store.put("t", data(3.0))["version"] >= 2 and fill_of(store.get("t")) == 3.0

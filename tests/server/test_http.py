@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -322,6 +323,16 @@ def test_store_outage_cached_prompts_keep_serving(gpt2):
             assert r.status_code == 503 and "unreachable" in r.json()["detail"]
             r = client.put("/v1/tasks/new", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
             assert r.status_code == 503
+            # Redis comes back (empty: it kept nothing on disk): everything works again, no restart
+            proc, _ = start_redis(port=int(url.rsplit(":", 1)[1].split("/")[0]))
+            deadline = time.monotonic() + 10
+            while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.get("/ready").status_code == 200
+            r = client.put("/v1/tasks/new", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+            assert r.status_code == 201
+            assert client.post("/v1/tasks/new/generate", json={"input": "x"}).status_code == 200
+            assert client.post("/v1/tasks/warm/generate", json={"input": "x"}).status_code == 404  # lost with Redis
     finally:
         proc.kill()
         proc.wait()
