@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -70,7 +71,7 @@ def _train(args) -> None:
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"wrote {args.output}: {shown}")
     if args.push:
-        summary = push_artifact(args.push, args.task_id, artifact_bytes(result.artifact))
+        summary = push_artifact(args.push, args.task_id, artifact_bytes(result.artifact), _token(args, "write"))
         print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}")
 
 
@@ -102,7 +103,7 @@ def _import_peft(args) -> None:
         save_artifact(artifact, args.output)
         print(f"wrote {args.output}: template {artifact.meta['template']!r}")
     if args.push:
-        summary = push_peft(args.push, args.task_id, folder)
+        summary = push_peft(args.push, args.task_id, folder, _token(args, "write"))
         print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}, "
               f"template {summary['template']!r}")  # fmt: skip
 
@@ -153,6 +154,50 @@ def _make_artifact(args) -> None:
     )
     save_artifact(artifact, args.output)
     print(f"wrote {args.output}: {rows.shape[0]} prompt rows of size {rows.shape[1]}, task_type={args.task_type}")
+
+
+def _token(args, access: str) -> str | None:
+    """--token, else the variable the server reads for that access."""
+    env = "PTSERVE_API_TOKEN" if access == "write" else "PTSERVE_INFERENCE_TOKEN"
+    return getattr(args, "token", None) or os.environ.get(env)
+
+
+def _client(args, access: str):
+    from .client import PtserveClient
+
+    return PtserveClient(args.url, _token(args, access))
+
+
+def _print(value) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _push(args) -> None:
+    from pathlib import Path
+
+    client = _client(args, "write")
+    path = Path(args.path)
+    _print(client.push_peft(args.task_id, path) if path.is_dir() else client.push(args.task_id, path.read_bytes()))
+
+
+def _generate(args) -> None:
+    params = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+    params = {k: v for k, v in params.items() if v is not None}
+    if args.stop:
+        params["stop"] = args.stop
+    fields = _json_arg("--inputs", args.inputs)
+    result = _client(args, "inference").generate(args.task_id, input=args.input, inputs=fields, **params)
+    _print(result if args.json else result["text"])
+
+
+def _classify(args) -> None:
+    fields = _json_arg("--inputs", args.inputs)
+    result = _client(args, "inference").classify(args.task_id, input=args.input, inputs=fields)
+    _print(result if args.json else result["label"])
+
+
+def _tasks(args) -> None:
+    _print(_client(args, "read").tasks())
 
 
 def _json_arg(flag: str, text: str | None):
@@ -216,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--push", metavar="URL", help="upload the result to a running server, e.g. http://127.0.0.1:8000"
     )
     train.add_argument("--task-id")
+    train.add_argument("--token", help="bearer token for --push (default: PTSERVE_API_TOKEN)")
     train.set_defaults(func=_train)
 
     imp = sub.add_parser("import-peft", help="convert a PEFT prompt-tuning / P-tuning adapter folder")
@@ -225,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", help="write the artifact here (converted locally)")
     imp.add_argument("--model", help="the base model, for -o (default: the adapter's base_model_name_or_path)")
     imp.add_argument("--model-family", default="auto", choices=["auto", "causal", "masked", "encoder"])
+    imp.add_argument("--token", help="bearer token for --push (default: PTSERVE_API_TOKEN)")
     imp.set_defaults(func=_import_peft)
 
     exp = sub.add_parser("export-peft", help="write a prefix-only artifact as a PEFT PROMPT_TUNING folder")
@@ -232,6 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", required=True, help="the folder to write")
     exp.add_argument("--model", help="the base model (default: the artifact's base_model.name_or_path)")
     exp.set_defaults(func=_export_peft)
+
+    def client_args(p):
+        p.add_argument("--url", default=os.environ.get("PTSERVE_URL", "http://127.0.0.1:8000"),
+                       help="the server (default: PTSERVE_URL or http://127.0.0.1:8000)")  # fmt: skip
+        p.add_argument("--token", help="bearer token (default: PTSERVE_API_TOKEN for writes, "
+                       "PTSERVE_INFERENCE_TOKEN for inference)")  # fmt: skip
+
+    push = sub.add_parser("push", help="upload an artifact file (or a PEFT adapter folder) to a running server")
+    push.add_argument("path", help="task.safetensors, or a folder with adapter_config.json + adapter_model.safetensors")
+    push.add_argument("--task-id", required=True)
+    client_args(push)
+    push.set_defaults(func=_push)
+
+    for name, func in (("generate", _generate), ("classify", _classify)):
+        p = sub.add_parser(name, help=f"{name} with a task on a running server")
+        p.add_argument("task_id")
+        what = p.add_mutually_exclusive_group(required=True)
+        what.add_argument("--input", help="fills {input}")
+        what.add_argument(
+            "--inputs", help='JSON object field -> text, e.g. \'{"premise": "...", "hypothesis": "..."}\''
+        )
+        p.add_argument("--json", action="store_true", help="print the whole answer, not just the text / label")
+        if name == "generate":
+            p.add_argument("--max-new-tokens", type=int)
+            p.add_argument("--temperature", type=float)
+            p.add_argument("--top-p", type=float)
+            p.add_argument("--top-k", type=int)
+            p.add_argument("--seed", type=int)
+            p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+        client_args(p)
+        p.set_defaults(func=func)
+
+    tasks = sub.add_parser("tasks", help="list the tasks of a running server")
+    client_args(tasks)
+    tasks.set_defaults(func=_tasks)
 
     art = sub.add_parser("make-artifact", help="write a prompt artifact for a model from a tensor (or random rows)")
     art.add_argument("--model", required=True, help="the model the prompt is for (id or directory)")

@@ -46,3 +46,36 @@ def test_flags_override_environment(monkeypatch):
     s = serve_settings(build_parser().parse_args(["serve", "--port", "9100", "--store", "redis://127.0.0.1:1/0"]))
     assert (s.model, s.max_batch_size, s.port, s.store) == ("from-env", 7, 9100, "redis://127.0.0.1:1/0")
     assert s.host == "127.0.0.1" and s.max_wait_ms == 5.0
+
+
+def test_client_commands_against_a_running_server(tmp_path):
+    import json
+    import os
+
+    from prompt_store.artifact import save_artifact
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.conftest import random_prompt
+    from tests.server.live_server import LiveServer
+
+    run_cli("tiny-model", str(tmp_path / "tiny"))
+    loaded = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32")
+    save_artifact(random_prompt(loaded, "[P:2]{input}"), tmp_path / "gen.safetensors")
+    save_artifact(
+        random_prompt(loaded, "[P:2]{input}", "classify", {"a": " a", "b": " b"}), tmp_path / "cls.safetensors"
+    )
+    settings = Settings(model=str(tmp_path / "tiny"), store=str(tmp_path / "store"), api_token="tok")
+    with LiveServer(create_app(settings, loaded)) as live:
+        url = ["--url", live.url]
+        env = {**os.environ, "PTSERVE_API_TOKEN": "tok"}
+        out = subprocess.run([sys.executable, "-m", "server.cli", "push", str(tmp_path / "gen.safetensors"),
+                              "--task-id", "g", *url], capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
+        assert json.loads(out)["version"] == 1
+        run_cli("push", str(tmp_path / "cls.safetensors"), "--task-id", "c", "--token", "tok", *url)
+        denied = subprocess.run([sys.executable, "-m", "server.cli", "push", str(tmp_path / "gen.safetensors"),
+                                 "--task-id", "g", *url], capture_output=True, text=True)  # fmt: skip
+        assert denied.returncode != 0 and "HTTP 401" in denied.stderr and "Traceback" not in denied.stderr
+        answer = json.loads(run_cli("generate", "g", "--input", "hello", "--max-new-tokens", "4", "--json", *url))
+        assert len(answer["token_ids"]) == 4 and answer["version"] == 1
+        assert json.loads(run_cli("classify", "c", "--input", "hello", *url)) in ("a", "b")
+        assert [t["task_id"] for t in json.loads(run_cli("tasks", *url))] == ["c", "g"]
