@@ -68,12 +68,11 @@ def test_client_commands_against_a_running_server(tmp_path):
     with LiveServer(create_app(settings, loaded)) as live:
         url = ["--url", live.url]
         env = {**os.environ, "PTSERVE_API_TOKEN": "tok"}
-        out = subprocess.run([sys.executable, "-m", "server.cli", "push", str(tmp_path / "gen.safetensors"),
-                              "--task-id", "g", *url], capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
+        push_gen = [sys.executable, "-m", "server.cli", "push", str(tmp_path / "gen.safetensors"), "--task-id", "g"]
+        out = subprocess.run(push_gen + url, capture_output=True, text=True, check=True, env=env).stdout
         assert json.loads(out)["version"] == 1
         run_cli("push", str(tmp_path / "cls.safetensors"), "--task-id", "c", "--token", "tok", *url)
-        denied = subprocess.run([sys.executable, "-m", "server.cli", "push", str(tmp_path / "gen.safetensors"),
-                                 "--task-id", "g", *url], capture_output=True, text=True)  # fmt: skip
+        denied = subprocess.run(push_gen + url, capture_output=True, text=True)
         assert denied.returncode != 0 and "HTTP 401" in denied.stderr and "Traceback" not in denied.stderr
         answer = json.loads(run_cli("generate", "g", "--input", "hello", "--max-new-tokens", "4", "--json", *url))
         assert len(answer["token_ids"]) == 4 and answer["version"] == 1
