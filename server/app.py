@@ -24,6 +24,7 @@ from prompt_store.errors import (
 
 from .body_limit import JsonBodyLimit
 from .engine import Engine
+from .metrics import Metrics, MetricsMiddleware
 from .model import LoadedModel
 from .routes import health, inference, tasks
 from .settings import Settings
@@ -78,7 +79,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
 
+    metrics = Metrics(lambda: getattr(app.state, "engine", None))
+    app.state.metrics = metrics
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(inference.router)

@@ -1,7 +1,8 @@
 """Liveness, readiness and batching statistics."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import StoreUnavailable
@@ -32,3 +33,10 @@ async def ready(request: Request):
 async def stats(engine: EngineDep):
     """Batch sizes of every forward batch so far, prompt-cache counters, queue depth."""
     return engine.stats()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request):
+    """Prometheus metrics: requests by route/task/status, latencies, generated tokens,
+    queue depth, running rows, batch sizes, prompt- and prefix-cache counters."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -42,6 +42,7 @@ async def wait_for_result(request: Request, engine, work):
 async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep):
     work = await run_in_threadpool(engine.prepare_generate, task_id, body.fields(), body.sampling_overrides())
     result = await wait_for_result(request, engine, work)
+    request.app.state.metrics.generated_tokens.labels(task_id).inc(len(result.token_ids))
     return GenerateResponse(
         task_id=task_id,
         version=work.prompt.version,

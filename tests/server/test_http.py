@@ -336,3 +336,19 @@ def test_store_outage_cached_prompts_keep_serving(gpt2):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_prometheus_metrics(client, gpt2):
+    client.put("/v1/tasks/m", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+    for _ in range(3):
+        assert client.post("/v1/tasks/m/generate", json={"input": "x", "max_new_tokens": 4}).status_code == 200
+    client.post("/v1/tasks/made-up/generate", json={"input": "x"})  # 404: not labelled by its task id
+    text = client.get("/metrics").text
+    assert 'ptserve_requests_total{code="200",route="/v1/tasks/{task_id}/generate",task="m"} 3.0' in text
+    assert 'ptserve_requests_total{code="404",route="/v1/tasks/{task_id}/generate",task=""} 1.0' in text
+    assert "made-up" not in text
+    assert 'ptserve_generated_tokens_total{task="m"} 12.0' in text
+    assert 'ptserve_request_seconds_bucket{le="+Inf",route="/v1/tasks/{task_id}/generate"} 4.0' in text
+    for name in ("ptserve_queue_depth 0.0", "ptserve_running_rows 0.0", "ptserve_prompt_cache_hits_total",
+                 "ptserve_prefix_cache_misses_total", 'ptserve_batch_size_bucket{le="+Inf"}'):  # fmt: skip
+        assert name in text, name
