@@ -26,7 +26,7 @@ from .body_limit import JsonBodyLimit
 from .engine import Engine
 from .metrics import Metrics, MetricsMiddleware
 from .model import LoadedModel
-from .routes import health, inference, tasks
+from .routes import health, inference, openai, tasks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,4 +86,5 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(inference.router)
+    app.include_router(openai.router)
     return app

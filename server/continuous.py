@@ -120,7 +120,8 @@ class ContinuousBatcher:
         last = torch.tensor([len(seq) - 1 for seq in seqs], device=dev)
         logits = self.lm_head(hidden[torch.arange(len(works), device=dev), last])  # [B, V]
         new_rows = [
-            Row(w, RowDecoder(w.params, self.eos_ids, self.loaded.tokenizer, dev), len(w.input_ids)) for w in works
+            Row(w, RowDecoder(w.params, self.eos_ids, self.loaded.tokenizer, dev, w.on_token), len(w.input_ids))
+            for w in works
         ]
         self.rows.extend(new_rows)
         self._advance(logits, first_slot, on_finish)

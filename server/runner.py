@@ -80,7 +80,7 @@ class ModelRunner:
         called as soon as row i is done, so a short request need not wait for the
         batch's longest. A row whose sampling fails gets its exception as result;
         the other rows go on."""
-        rows = [RowDecoder(w.params, self.eos_ids, self.tokenizer, self.device) for w in works]
+        rows = [RowDecoder(w.params, self.eos_ids, self.tokenizer, self.device, w.on_token) for w in works]
         results: list[GenerateResult | Exception | None] = [None] * len(works)
 
         def finish(i: int, result: GenerateResult | Exception) -> None:

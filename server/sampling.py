@@ -10,8 +10,12 @@ from .work import GenerateResult, SamplingParams
 class RowDecoder:
     """One generating row: its sampling state, its tokens so far, its stop rules."""
 
-    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], tokenizer, device: torch.device):
+    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], tokenizer, device: torch.device,
+                 on_token=None):  # fmt: skip
+        """on_token(token_ids): called with the tokens so far after each new token
+        that does not end the row (streaming; the final text comes with the result)."""
         self.params = params
+        self.on_token = on_token
         self.eos_ids = eos_ids
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
@@ -62,6 +66,8 @@ class RowDecoder:
                 self.finish_reason = "length"
         if self.done and self.text is None:
             self.text = self._decode()
+        if not self.done and self.on_token is not None:  # a finished row's text goes with its result
+            self.on_token(tuple(self.token_ids))
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)

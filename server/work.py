@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class GenerateWork:
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # time.monotonic() when its first token was chosen
     abandoned: bool = False  # the client left or the deadline passed: stop working on it
+    on_token: Callable[[tuple[int, ...]], None] | None = None  # streaming: called from the engine thread
     kind = "generate"
 
 

@@ -3,11 +3,13 @@
 import asyncio
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import Abandoned, DeadlineExceeded
 
 from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from ..streaming import stream_generation
 from .deps import EngineDep, InferenceAccess
 
 router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[InferenceAccess])
@@ -38,9 +40,22 @@ async def wait_for_result(request: Request, engine, work):
             raise Abandoned("the client went away")
 
 
-@router.post("/{task_id}/generate", response_model=GenerateResponse)
+@router.post(
+    "/{task_id}/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "the answer, or events if stream"}},
+)
 async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep):
     work = await run_in_threadpool(engine.prepare_generate, task_id, body.fields(), body.sampling_overrides())
+    if body.stream:
+
+        def final(rest: str, result) -> list:
+            done = {"text": rest, "done": True, "task_id": task_id, "version": work.prompt.version,
+                    "token_ids": result.token_ids, "finish_reason": result.finish_reason}  # fmt: skip
+            return [done, "[DONE]"]
+
+        events = await stream_generation(request, engine, work, lambda text: {"text": text}, final)
+        return StreamingResponse(events, media_type="text/event-stream")
     result = await wait_for_result(request, engine, work)
     request.app.state.metrics.generated_tokens.labels(task_id).inc(len(result.token_ids))
     return GenerateResponse(

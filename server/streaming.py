@@ -1,0 +1,85 @@
+"""Server-sent events for generation: text deltas as tokens are chosen.
+
+The engine calls `work.on_token` from its thread after each token; the event
+loop decodes and sends what is safe to send: text that can no longer change
+(not the end of a partial UTF-8 character) and cannot be the start of a stop
+string. The last event completes the text from the final result, so the
+deltas always add up to exactly the non-streamed answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+from prompt_store.errors import PtserveError
+
+from .work import GenerateResult, GenerateWork
+
+POLL_S = 0.2  # how often a stream checks whether its client is still there
+
+
+def safe_text(text: str, stop: tuple[str, ...]) -> str:
+    """The part of `text` that later tokens cannot change or cut off."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":  # a multi-byte character still being completed
+        end -= 1
+    if stop:
+        end = max(0, end - (max(len(s) for s in stop) - 1))
+    return text[:end]
+
+
+def sse(payload) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+async def stream_generation(
+    request,
+    engine,
+    work: GenerateWork,
+    delta_event: Callable[[str], object],
+    final_events: Callable[[str, GenerateResult], list],
+) -> AsyncIterator[bytes]:
+    """Submit `work` and yield SSE bytes: delta_event(text) per new piece of text,
+    then final_events(rest, result). Abandons the work if the client leaves."""
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    work.on_token = lambda ids: loop.call_soon_threadsafe(tokens.put_nowait, ids)
+    future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
+    decode = engine.loaded.tokenizer.decode
+    timeout = engine.settings.request_timeout_s
+    deadline = loop.time() + timeout
+
+    async def events():
+        sent = ""
+        try:
+            while not future.done():
+                getter = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    text = safe_text(decode(list(getter.result()), skip_special_tokens=True), work.params.stop)
+                    if len(text) > len(sent) and text.startswith(sent):
+                        yield sse(delta_event(text[len(sent) :]))
+                        sent = text
+                else:
+                    getter.cancel()
+                if not future.done() and (loop.time() > deadline or await request.is_disconnected()):
+                    work.abandoned = True
+                    future.cancel()
+                    if loop.time() > deadline:
+                        yield sse({"error": f"the request did not finish within {timeout:g} s"})
+                    return
+            try:
+                result = future.result()
+            except PtserveError as e:
+                yield sse({"error": str(e)})
+                return
+            rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+            for event in final_events(rest, result):
+                yield sse(event)
+        finally:
+            if not future.done():
+                work.abandoned = True
+
+    return events()

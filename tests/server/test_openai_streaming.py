@@ -1,0 +1,96 @@
+"""Streaming (server-sent events) and the OpenAI-compatible routes, with the real openai client."""
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from prompt_store.artifact import artifact_bytes
+from server.app import create_app
+from server.model import load_model
+from server.settings import Settings
+from tests.conftest import random_prompt
+from tests.server.live_server import LiveServer
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def live(request, gpt2_dir, tmp_path_factory):
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    settings = Settings(model=str(gpt2_dir), store=str(tmp_path_factory.mktemp("store")), engine=request.param)
+    with LiveServer(create_app(settings, loaded)) as server:
+        for task, seed in (("story", 1), ("other", 2)):
+            httpx.put(
+                f"{server.url}/v1/tasks/{task}",
+                content=artifact_bytes(random_prompt(loaded, "[P:3]{input}", seed=seed)),
+            )
+        httpx.put(f"{server.url}/v1/tasks/cls", content=artifact_bytes(
+            random_prompt(loaded, "[P:2]{input}", "classify", {"a": " a", "b": " b"})))  # fmt: skip
+        yield server
+
+
+def events(response) -> list:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"temperature": 0.9, "seed": 7}])
+def test_a_streamed_answer_equals_the_plain_one(live, extra):
+    body = {"input": "the quick brown fox", "max_new_tokens": 20, **extra}
+    plain = httpx.post(f"{live.url}/v1/tasks/story/generate", json=body, timeout=60).json()
+    with httpx.stream("POST", f"{live.url}/v1/tasks/story/generate", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        got = events(r)
+    assert got[-1] == "[DONE]"
+    final = got[-2]
+    assert (
+        final["done"] and final["token_ids"] == plain["token_ids"] and final["finish_reason"] == plain["finish_reason"]
+    )
+    assert "".join(e["text"] for e in got[:-1]) == plain["text"]
+    assert len(got) > 3  # it really came in pieces
+
+
+def test_streaming_never_sends_text_past_a_stop_string(live):
+    body = {"input": "the quick brown fox", "max_new_tokens": 20}
+    full = httpx.post(f"{live.url}/v1/tasks/story/generate", json=body, timeout=60).json()["text"]
+    stop = full[6:9]
+    plain = httpx.post(f"{live.url}/v1/tasks/story/generate", json={**body, "stop": stop}, timeout=60).json()
+    with httpx.stream("POST", f"{live.url}/v1/tasks/story/generate", json={**body, "stop": stop, "stream": True},
+                      timeout=60) as r:  # fmt: skip
+        got = events(r)
+    assert "".join(e["text"] for e in got[:-1]) == plain["text"] == full[: full.find(stop)]
+
+
+def test_openai_client_models_and_completions(live):
+    client = OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    assert sorted(m.id for m in client.models.list().data) == ["other", "story"]  # classify tasks are not models
+    ours = httpx.post(f"{live.url}/v1/tasks/story/generate", json={"input": "hello", "max_new_tokens": 12}).json()
+    done = client.completions.create(model="story", prompt="hello", max_tokens=12)
+    assert done.choices[0].text == ours["text"] and done.choices[0].finish_reason == ours["finish_reason"]
+    assert done.usage.completion_tokens == len(ours["token_ids"]) and done.model == "story"
+    pieces = list(client.completions.create(model="story", prompt="hello", max_tokens=12, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == ours["text"]
+    assert pieces[-1].choices[0].finish_reason == ours["finish_reason"]
+    sampled = [client.completions.create(model="story", prompt=["hello"], max_tokens=8, temperature=1.0, seed=3,
+                                         top_p=0.9).choices[0].text for _ in range(2)]  # fmt: skip
+    assert sampled[0] == sampled[1]
+
+
+def test_openai_errors_are_4xx(live):
+    client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    import openai
+
+    for kwargs, status in [
+        (dict(model="missing", prompt="x"), 404),
+        (dict(model="cls", prompt="x"), 422),
+        (dict(model="story", prompt="x", n=2), 422),
+        (dict(model="story", prompt=["a", "b"]), 422),
+        (dict(model="story", prompt="x", max_tokens=10**6), 422),
+    ]:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(**kwargs)
+        assert err.value.status_code == status, kwargs
