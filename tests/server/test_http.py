@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import pickle
 import time
 
 import httpx
@@ -247,6 +248,13 @@ def bad_uploads(loaded):
         ("unknown task type", raw_artifact(good_rows, meta(task_type="summarize")), 422, "task_type"),
         ("classify without labels", raw_artifact(good_rows, meta(task_type="classify")), 422, "labels"),
         ("empty body", b"", 422, "not a safetensors file"),
+        ("a pickle", pickle.dumps({"prompt_embeddings": [[0.0] * H] * 2}), 422, "not a safetensors file"),
+        (
+            "wrong dtype",
+            raw_artifact(torch.zeros(2, H, dtype=torch.int64), meta()),
+            422,
+            "float32, float16 or bfloat16",
+        ),
         ("too large", b"\0" * (2 * 1024 * 1024), 413, "limit"),
     ]
 
@@ -264,7 +272,11 @@ def test_bad_uploads_are_refused_and_write_nothing(gpt2, tmp_path):
                 r = client.put(f"/v1/tasks/{task}", content=data)
                 assert r.status_code == status, (name, r.text)
                 assert message in r.json()["detail"], (name, r.json())
-        assert client.put("/v1/tasks/bad%20id", content=good).status_code == 422
+        for bad_id in ("bad%20id", "t%C3%A2che", "..", "a" * 129):
+            r = client.put(f"/v1/tasks/{bad_id}", content=good)
+            assert r.status_code in (404, 405, 422), (bad_id, r.status_code)  # ".." never reaches the route
+            if r.status_code == 422:
+                assert "invalid task id" in r.json()["detail"]
         assert client.get("/v1/tasks").json() == before
         assert client.get("/v1/tasks/fresh").status_code == 404
         assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keep"]
