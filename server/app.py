@@ -77,7 +77,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
+        # Starlette re-raises after this answer and uvicorn then closes the connection:
+        # say so, so that clients do not send their next request on it
+        body = {"detail": f"internal error ({type(exc).__name__}): {exc}"}
+        return JSONResponse(body, status_code=500, headers={"Connection": "close"})
 
     metrics = Metrics(lambda: getattr(app.state, "engine", None))
     app.state.metrics = metrics

@@ -52,6 +52,8 @@ class ContinuousScheduler(QueueWorker):
             rest: deque[Work] = deque()
             blocked = False  # generate work is admitted in arrival order: none overtakes one that waits
             for w in self._queue:
+                if w.future.cancelled():  # its client left while it waited: it takes no room
+                    continue
                 if w.kind == "classify" and len(classify) < self.max_batch_size:
                     classify.append(w)
                 elif w.kind == "generate" and not blocked and len(admitted) < self.max_batch_size \
@@ -66,17 +68,26 @@ class ContinuousScheduler(QueueWorker):
 
     def _loop(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
-                return
-            classify, admitted = taken
-            if classify:
-                self._guarded("classify", classify, self._classify, classify)
-            if admitted:
-                self._guarded("prefill", admitted, self.batcher.admit, admitted, self._finish)
-            self.batcher.drop_abandoned(self._finish)
-            if self.batcher.running:
-                self._guarded("decode", [r.work for r in self.batcher.rows], self.batcher.step, self._finish)
+            try:
+                if not self._iteration():
+                    return
+            except Exception as e:  # the worker must never die silently: fail what is in flight, go on
+                log.exception("scheduler iteration failed")
+                self._fail_running(e)
+
+    def _iteration(self) -> bool:
+        self.batcher.drop_abandoned(self._finish)  # free their slots before admitting newcomers
+        taken = self._take()
+        if taken is None:
+            return False
+        classify, admitted = taken
+        if classify:
+            self._guarded("classify", classify, self._classify, classify)
+        if admitted:
+            self._guarded("prefill", admitted, self.batcher.admit, admitted, self._finish)
+        if self.batcher.running:
+            self._guarded("decode", [r.work for r in self.batcher.rows], self.batcher.step, self._finish)
+        return True
 
     def _classify(self, works: list[ClassifyWork]) -> None:
         for w, r in zip(works, self.runner.classify(works)):
@@ -89,15 +100,15 @@ class ContinuousScheduler(QueueWorker):
             run(*args)
         except Exception as e:
             log.exception("%s batch of %d failed", kind, len(works))
-            failed = {id(w) for w in works}
-            self.batcher.rows = [r for r in self.batcher.rows if id(r.work) not in failed]
-            for w in works:
+            if kind == "decode":  # a failed step leaves every row's cache in doubt
+                works = [r.work for r in self.batcher.rows]
+                self.batcher.rows.clear()
+            elif kind == "prefill":  # newcomers come after the older rows: those keep their slots
+                failed = {id(w) for w in works}
+                self.batcher.rows = [r for r in self.batcher.rows if id(r.work) not in failed]
+            for w in works:  # a failed classify batch touches no row
                 if not w.future.done():
                     w.future.set_exception(e)
-            if self.batcher.rows:  # slots no longer match rows: fail the rest rather than serve garbage
-                for r in self.batcher.rows:
-                    r.work.future.set_exception(e)
-                self.batcher.rows.clear()
             return
         seconds = time.perf_counter() - start
         tasks = len({(w.prompt.task_id, w.prompt.version) for w in works})

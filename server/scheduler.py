@@ -99,6 +99,9 @@ class QueueWorker:
             self._cond.notify_all()
         return work.future
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._queue)

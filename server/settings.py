@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,5 +54,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="requests waiting for the model; beyond it: 429 + Retry-After")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this: 504")
     max_virtual_tokens: int = Field(512, ge=1, description="prompt rows (pseudo tokens) per task")
-    max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest JSON request body")
+    max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body other than an upload")
     log_level: str = "info"
+
+    @field_validator("api_token", "inference_token", "device_map")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        """PTSERVE_API_TOKEN= (empty) means no token, not a token that is empty."""
+        return value or None

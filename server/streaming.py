@@ -53,12 +53,16 @@ async def stream_generation(
 
     async def events():
         sent = ""
+        getter = None
         try:
             while not future.done():
                 getter = asyncio.ensure_future(tokens.get())
                 done, _ = await asyncio.wait({getter, future}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    text = safe_text(decode(list(getter.result()), skip_special_tokens=True), work.params.stop)
+                    ids = getter.result()
+                    while not tokens.empty():  # behind: only the newest token list matters
+                        ids = tokens.get_nowait()
+                    text = safe_text(decode(list(ids), skip_special_tokens=True), work.params.stop)
                     if len(text) > len(sent) and text.startswith(sent):
                         yield sse(delta_event(text[len(sent) :]))
                         sent = text
@@ -72,14 +76,19 @@ async def stream_generation(
                     return
             try:
                 result = future.result()
-            except PtserveError as e:
-                yield sse({"error": str(e)})
+            except Exception as e:  # the 200 is already sent: the error goes in the stream
+                detail = str(e) if isinstance(e, PtserveError) else f"internal error ({type(e).__name__}): {e}"
+                yield sse({"error": detail})
                 return
             rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
             for event in final_events(rest, result):
                 yield sse(event)
-        finally:
+        finally:  # also when the response is cancelled: stop the work, leave no task behind
+            if getter is not None:
+                getter.cancel()
             if not future.done():
                 work.abandoned = True
+                future.cancel()
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it
 
     return events()

@@ -22,6 +22,8 @@ async def ready(request: Request):
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "loading", "detail": "model is not loaded yet"}, status_code=503)
+    if not engine.scheduler.alive():
+        return JSONResponse({"status": "unavailable", "detail": "the model worker is not running"}, status_code=503)
     try:
         await run_in_threadpool(engine.store.ping)
     except StoreUnavailable as e:

@@ -9,12 +9,10 @@ from starlette.concurrency import run_in_threadpool
 from prompt_store.errors import Abandoned, DeadlineExceeded
 
 from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
-from ..streaming import stream_generation
+from ..streaming import POLL_S, stream_generation
 from .deps import EngineDep, InferenceAccess
 
 router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[InferenceAccess])
-
-POLL_S = 0.2  # how often a waiting request checks whether its client is still there
 
 
 async def wait_for_result(request: Request, engine, work):
@@ -26,6 +24,8 @@ async def wait_for_result(request: Request, engine, work):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
+        if future.done():
+            return future.result()
         remaining = deadline - loop.time()
         if remaining <= 0:
             work.abandoned = True
@@ -52,6 +52,7 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, engine
         def final(rest: str, result) -> list:
             done = {"text": rest, "done": True, "task_id": task_id, "version": work.prompt.version,
                     "token_ids": result.token_ids, "finish_reason": result.finish_reason}  # fmt: skip
+            request.app.state.metrics.generated_tokens.labels(task_id).inc(len(result.token_ids))
             return [done, "[DONE]"]
 
         events = await stream_generation(request, engine, work, lambda text: {"text": text}, final)

@@ -46,10 +46,15 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         n_in, n_out = len(work.input_ids), len(result.token_ids)
         return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
 
+    tokens = request.app.state.metrics.generated_tokens.labels(body.model)
     if body.stream:
-        final = lambda rest, result: [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]  # noqa: E731
+
+        def final(rest: str, result) -> list:
+            tokens.inc(len(result.token_ids))
+            return [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]
+
         events = await stream_generation(request, engine, work, chunk, final)
         return StreamingResponse(events, media_type="text/event-stream")
     result = await wait_for_result(request, engine, work)
-    request.app.state.metrics.generated_tokens.labels(body.model).inc(len(result.token_ids))
+    tokens.inc(len(result.token_ids))
     return chunk(result.text, result.finish_reason, usage(result))

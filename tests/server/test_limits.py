@@ -135,3 +135,74 @@ def test_the_static_engine_also_stops_work_for_a_departed_client(gpt2, tmp_path,
             time.sleep(0.05)
         (batch,) = c.get("/v1/stats").json()["batches"]["recent"]
         assert batch["seconds"] < 2  # 200 steps would take 10 s
+
+
+def test_any_oversized_body_is_413_even_chunked(gpt2, tmp_path):
+    with serve(gpt2, tmp_path, max_json_bytes=2048) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        c.put("/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+        big = b'{"input": "' + b"x" * 40000 + b'"}'
+        for headers in ({"content-type": "text/plain"}, {"content-type": "application/vnd.x+json"}, {}):
+            assert c.post("/v1/tasks/t/generate", content=big, headers=headers).status_code == 413, headers
+        chunked = c.post("/v1/tasks/t/generate", content=iter([big[:1000], big[1000:]]),
+                         headers={"content-type": "application/json"})  # fmt: skip
+        assert chunked.status_code == 413 and "2048" in chunked.json()["detail"]
+
+
+def test_an_empty_token_setting_means_no_token(gpt2, tmp_path):
+    with serve(gpt2, tmp_path, api_token="", inference_token="") as live:
+        data = artifact_bytes(random_prompt(gpt2, "[P:2]{input}"))
+        assert httpx.put(f"{live.url}/v1/tasks/t", content=data).status_code == 201
+        assert live.app.state.engine.settings.api_token is None
+
+
+def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
+    """A failing classify batch leaves running generations alone; a failing
+    iteration does not kill the worker; a failing decode step ends streams
+    with an error event instead of a cut connection."""
+    from server.continuous import ContinuousBatcher
+    from server.runner import ModelRunner
+
+    with serve(gpt2, tmp_path) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        c.put("/v1/tasks/g", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+        labels = {"a": " a", "b": " b"}
+        c.put("/v1/tasks/c", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}", "classify", labels)))
+
+        def broken_classify(self, works):
+            raise RuntimeError("classify broke")
+
+        monkeypatch.setattr(ModelRunner, "classify", broken_classify)
+
+        async def both():
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as ac:
+                gen = ac.post("/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 60})
+                await asyncio.sleep(0.05)
+                return await asyncio.gather(gen, ac.post("/v1/tasks/c/classify", json={"input": "x"}))
+
+        generated, classified = asyncio.run(both())
+        assert generated.status_code == 200 and generated.json()["finish_reason"] in ("stop", "length")
+        assert classified.status_code == 500 and "classify broke" in classified.json()["detail"]
+        assert classified.headers["connection"] == "close"
+
+        real_drop = ContinuousBatcher.drop_abandoned
+        calls = {"n": 0}
+
+        def flaky_drop(self, on_finish):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("one bad iteration")
+            return real_drop(self, on_finish)
+
+        monkeypatch.setattr(ContinuousBatcher, "drop_abandoned", flaky_drop)
+        caught = c.post("/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 3})
+        assert caught.status_code in (200, 500)  # in flight when the iteration failed: it may fail with it
+        assert calls["n"] >= 1
+        assert c.post("/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 3}).status_code == 200
+        assert c.get("/ready").status_code == 200  # the worker lives on
+
+        def broken_step(self, on_finish):
+            raise RuntimeError("decode broke")
+
+        monkeypatch.setattr(ContinuousBatcher, "step", broken_step)
+        with c.stream("POST", "/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 5, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and "decode broke" in lines[-1]
