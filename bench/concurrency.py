@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,33 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serve_process import start_server  # noqa: E402
+
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
 from server.model import load_model  # noqa: E402
 from server.tiny_model import write_tiny_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, store: str, port: int, max_batch_size: int, max_wait_ms: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--store", store, "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
 
 
 def bodies(n: int, tasks: int, max_new_tokens: int) -> list[tuple[str, dict]]:
@@ -98,9 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_tiny_model(Path(tmp) / "tiny", "gpt2"))
         loaded = load_model(model, device="cpu", dtype="float32")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(model, str(Path(tmp) / "store"), port, args.max_batch_size, args.max_wait_ms)
+        proc, url = start_server(model, str(Path(tmp) / "store"), "--max-batch-size", str(args.max_batch_size),
+                                 "--max-wait-ms", str(args.max_wait_ms))  # fmt: skip
         try:
             half = max(1, args.prompt_tokens // 2)
             weight = loaded.model.get_input_embeddings().weight

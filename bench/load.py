@@ -17,9 +17,7 @@ import collections
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from serve_process import start_server  # noqa: E402
 
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
 from server.model import load_model  # noqa: E402
@@ -44,12 +44,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def client_loop(client, tasks, until, max_new, results, rng):
@@ -92,19 +86,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(write_tiny_model(Path(tmp) / "tiny", "gpt2"))
         loaded = load_model(model, device="cpu", dtype="float32")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--store", str(Path(tmp) / "store"),
-               "--port", str(port)]  # fmt: skip
-        log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log = open(args.server_log, "w") if args.server_log else None
+        proc, url = start_server(model, str(Path(tmp) / "store"), log=log)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             tasks = []
             weight = loaded.model.get_input_embeddings().weight
             for t in range(args.tasks):
