@@ -1,1 +1,1 @@
-"""Training of prompts (issue 3)."""
+"""P-tuning on a frozen model: prompt encoders, data, the training loop."""

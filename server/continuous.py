@@ -3,9 +3,8 @@
 Between two decode steps, newcomers are admitted (their prefill runs as one
 batch) and finished rows leave at once, so no request waits for the longest
 one in its batch. Row i of the running batch lives in slot i of the cache.
-A newcomer whose task prefix is in the prefix cache starts from a copy of it
-and prefills only the rest of its tokens; one whose prefix is not yet cached
-prefills everything and leaves its prefix in the cache for the next request.
+Each newcomer starts from a copy of its task's prefix (computed once per task
+version, see `admit`) and prefills only the rest of its tokens.
 """
 
 from __future__ import annotations
