@@ -92,7 +92,7 @@ class ModelRunner:
         for _ in range(max(w.params.max_new_tokens for w in works)):
             for i, (w, row) in enumerate(zip(works, rows)):
                 if w.abandoned and not row.done:  # its client left: stop spending steps on it
-                    row.error, row.finish_reason = Abandoned("the request was abandoned"), "abandoned"
+                    row.fail(Abandoned("the request was abandoned"))
                     finish(i, row.error)
             if all(row.done for row in rows):
                 break

@@ -72,6 +72,10 @@ class RowDecoder:
     def _decode(self) -> str:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
+    def fail(self, error: Exception) -> None:
+        """End this row with `error` as its result."""
+        self.error, self.finish_reason = error, "error"
+
     def result(self) -> GenerateResult | Exception:
         if self.error is not None:
             return self.error
@@ -93,7 +97,7 @@ def step_rows(logits: torch.Tensor, rows: list[RowDecoder]) -> tuple[list[int], 
             chosen[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]
             row.push(chosen[i])
         except Exception as e:  # one bad row must not sink its batch-mates
-            row.error, row.finish_reason = e, "error"
+            row.fail(e)
         if row.done:
             finished.append(i)
     return chosen, finished

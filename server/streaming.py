@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 from prompt_store.errors import PtserveError
 
+from .client_wait import POLL_S, ClientWait
 from .work import GenerateResult, GenerateWork
-
-POLL_S = 0.2  # how often a stream checks whether its client is still there
 
 
 def safe_text(text: str, stop: tuple[str, ...]) -> str:
@@ -47,9 +46,8 @@ async def stream_generation(
     tokens: asyncio.Queue = asyncio.Queue()
     work.on_token = lambda ids: loop.call_soon_threadsafe(tokens.put_nowait, ids)
     future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
+    wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
     decode = engine.loaded.tokenizer.decode
-    timeout = engine.settings.request_timeout_s
-    deadline = loop.time() + timeout
 
     async def events():
         sent = ""
@@ -68,11 +66,10 @@ async def stream_generation(
                         sent = text
                 else:
                     getter.cancel()
-                if not future.done() and (loop.time() > deadline or await request.is_disconnected()):
-                    work.abandoned = True
-                    future.cancel()
-                    if loop.time() > deadline:
-                        yield sse({"error": f"the request did not finish within {timeout:g} s"})
+                stop = None if future.done() else await wait.reason_to_stop()
+                if stop is not None:
+                    wait.abandon()
+                    yield sse({"error": str(stop)})  # read by nobody if the client left
                     return
             try:
                 result = future.result()
@@ -87,8 +84,7 @@ async def stream_generation(
             if getter is not None:
                 getter.cancel()
             if not future.done():
-                work.abandoned = True
-                future.cancel()
+                wait.abandon()
                 future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it
 
     return events()

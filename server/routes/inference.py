@@ -1,43 +1,15 @@
 """Inference: the routes resolve the task, then only submit to the scheduler."""
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import Abandoned, DeadlineExceeded
-
+from ..client_wait import wait_for_result
 from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
-from ..streaming import POLL_S, stream_generation
+from ..streaming import stream_generation
 from .deps import EngineDep, InferenceAccess
 
 router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[InferenceAccess])
-
-
-async def wait_for_result(request: Request, engine, work):
-    """Submit `work` and wait for its result. A client that goes away, or a
-    request past the deadline, has its work abandoned: dropped from the queue,
-    or its row retired at the next step, so its batch slot is freed."""
-    future = asyncio.wrap_future(engine.submit(work))
-    timeout = engine.settings.request_timeout_s
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if future.done():
-            return future.result()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            work.abandoned = True
-            future.cancel()  # still queued: never runs
-            raise DeadlineExceeded(f"the request did not finish within {timeout:g} s")
-        done, _ = await asyncio.wait({future}, timeout=min(POLL_S, remaining))
-        if done:
-            return future.result()
-        if await request.is_disconnected():
-            work.abandoned = True
-            future.cancel()
-            raise Abandoned("the client went away")
 
 
 @router.post(

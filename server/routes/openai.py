@@ -7,10 +7,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..client_wait import wait_for_result
 from ..schemas import CompletionRequest
 from ..streaming import stream_generation
 from .deps import EngineDep, InferenceAccess
-from .inference import wait_for_result
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[InferenceAccess])
 
