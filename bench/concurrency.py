@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import report  # noqa: E402
 from serve_process import start_server  # noqa: E402
 
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
@@ -116,12 +117,7 @@ def main() -> None:
         f"concurrent speed-up (one-at-a-time wall / concurrent wall): {seq / con:.2f}x",
         f"batch sizes > 1 seen during the runs: {sorted(set(concurrent_sizes))}",
     ]
-    print("\n".join(lines))
-    if args.write:
-        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-concurrency.md"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+    report(lines, "concurrency", args.write)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import report  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
 
 from prompt_store.artifact import make_artifact  # noqa: E402
@@ -274,11 +275,7 @@ def main() -> None:
     for a, b in (("(a)", "(e)"), ("(a)", "(c)"), ("(a)", "(b)"), ("(a)", "(d)")):
         if a in by and b in by:
             lines.append(f"{a}/{b} = {by[a] / by[b]:.2f}x")
-    print("\n".join(lines))
-    if args.write:
-        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-engine-{args.shape}.md"
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+    report(lines, f"engine-{args.shape}", args.write)
 
 
 if __name__ == "__main__":

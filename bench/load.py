@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import report  # noqa: E402
 from serve_process import start_server  # noqa: E402
 
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
@@ -135,11 +136,7 @@ def main() -> None:
         f"server resident memory: {before:.0f} MB before, {after:.0f} MB after",
         f"forward batches: {stats['batches']['batches']}, largest {stats['batches']['max_batch_size_seen']} rows",
     ]
-    print("\n".join(lines))
-    if args.write:
-        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-load.md"
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+    report(lines, "load", args.write)
     sys.exit(1 if server_errors else 0)
 
 

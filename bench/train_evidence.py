@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import report  # noqa: E402
+
 from prompt_store.template import parse_template, render  # noqa: E402
 from ptuning.data import Example, load_examples, split_dev  # noqa: E402
 from ptuning.synthetic import LABELS, keyword_examples  # noqa: E402
@@ -122,11 +124,7 @@ def main() -> None:
     header = [f"# trainer evidence, {date.today()}, {platform.node()} ({platform.machine()}, CPU, "
               f"{os.cpu_count()} cores)", ""]  # fmt: skip
     lines = header + synthetic(args.epochs) + [""] + minilm(args.epochs)
-    print("\n".join(lines))
-    if args.write:
-        out = ROOT / "bench" / "results" / f"{date.today()}-{platform.node()}-train-evidence.md"
-        out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+    report(lines, "train-evidence", args.write)
 
 
 if __name__ == "__main__":
