@@ -41,7 +41,7 @@ def _train(args) -> None:
     from ptuning.data import load_examples, split_dev
     from ptuning.train import PromptTrainer, TrainConfig
 
-    from .client import push_artifact
+    from .client import PtserveClient
     from .model import load_model
 
     if args.push and not args.task_id:
@@ -71,7 +71,8 @@ def _train(args) -> None:
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"wrote {args.output}: {shown}")
     if args.push:
-        summary = push_artifact(args.push, args.task_id, artifact_bytes(result.artifact), _token(args, "write"))
+        client = PtserveClient(args.push, _token(args, "write"))
+        summary = client.push(args.task_id, artifact_bytes(result.artifact))
         print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}")
 
 
@@ -82,7 +83,7 @@ def _import_peft(args) -> None:
     from prompt_store.peft import CONFIG_FILE, WEIGHTS_FILE, artifact_from_peft, parse_peft_config
     from prompt_store.store import check_task_id
 
-    from .client import push_peft
+    from .client import PtserveClient
     from .model import default_bos_token, load_model
 
     if not args.push and not args.output:
@@ -103,7 +104,7 @@ def _import_peft(args) -> None:
         save_artifact(artifact, args.output)
         print(f"wrote {args.output}: template {artifact.meta['template']!r}")
     if args.push:
-        summary = push_peft(args.push, args.task_id, folder, _token(args, "write"))
+        summary = PtserveClient(args.push, _token(args, "write")).push_peft(args.task_id, folder)
         print(f"pushed to {args.push}: task {summary['task_id']} version {summary['version']}, "
               f"template {summary['template']!r}")  # fmt: skip
 

@@ -97,15 +97,3 @@ class PtserveClient:
 
     def classify(self, task_id: str, input: str | None = None, inputs: dict | None = None) -> dict:
         return self._json(f"/v1/tasks/{task_id}/classify", self._inputs(input, inputs))
-
-
-def push_artifact(base_url: str, task_id: str, data: bytes, token: str | None = None) -> dict:
-    return PtserveClient(base_url, token).push(task_id, data)
-
-
-def push_peft(base_url: str, task_id: str, directory, token: str | None = None) -> dict:
-    return PtserveClient(base_url, token).push_peft(task_id, directory)
-
-
-def classify(base_url: str, task_id: str, fields: dict[str, str]) -> dict:
-    return PtserveClient(base_url).classify(task_id, inputs=fields)

@@ -13,7 +13,7 @@ from ptuning.data import DataError, Example, load_examples, split_dev
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig
 from server.app import create_app
-from server.client import classify
+from server.client import PtserveClient
 from server.model import load_model
 from server.settings import Settings
 from server.tiny_model import write_tiny_model
@@ -150,7 +150,8 @@ def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, fami
         artifact = load_artifact(tmp_path / "task.safetensors")
         assert (artifact.head is not None) == (family == "encoder")
         rows = [json.loads(line) for line in dev.read_text().splitlines()]
-        served = [classify(live.url, "kw", {"input": r["input"]})["label"] for r in rows]
+        client = PtserveClient(live.url)
+        served = [client.classify("kw", input=r["input"])["label"] for r in rows]
     accuracy = sum(s == r["label"] for s, r in zip(served, rows)) / len(rows)
     assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
 
