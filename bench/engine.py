@@ -6,9 +6,15 @@ latency, side by side in one run, for
   (c) Hugging Face `generate` on one mixed batch, with inputs_embeds;
   (d) one task per forward pass: HF `generate` per task, one task after another
       (how PEFT serves prompt tuning);
-  (e) one request at a time through ptserve's engine;
+  (e) one request at a time through ptserve's engine (--serial N: the first N);
+  (f) on CUDA: (a) with the decode step run eagerly instead of from CUDA graphs;
+  (g) with --compile: (a) with the decode step fused by torch.compile;
   (p) requests arriving over time (Poisson, --rate per second) through the real
       scheduler (ContinuousScheduler), if --rate is given.
+
+On CUDA it also checks that graph replays give the tokens of the eager step
+at the same shapes (and says how many agree with the eager step at exact
+shapes, where bf16 rounding may differ).
 
 Models have random weights of a given shape (nothing is downloaded). Every
 request generates exactly --new-tokens tokens (EOS is disabled), greedy.
@@ -35,6 +41,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -102,6 +109,13 @@ def make_requests(loaded, tasks: int, n: int, prompt_len: int, input_len: int, n
     ]
 
 
+def agreement(xs: list[list[int]], ys: list[list[int]]) -> str:
+    same = sum(x == y for x, y in zip(xs, ys))
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(xs, ys) if x != y]
+    where = f"; first differences at tokens {sorted(firsts)}" if firsts else ""
+    return f"{same}/{len(xs)} requests token-identical{where}"
+
+
 def summarize(name: str, wall: float, tokens: int, ttft: list[float], per_token: list[float], step_ms=None) -> dict:
     q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
     return {
@@ -116,13 +130,30 @@ def sync(loaded):
         torch.cuda.synchronize()
 
 
-def run_engine(loaded, requests, args, arrivals=None, concurrent=True) -> tuple[dict, BatchStats]:
-    """Through the real ContinuousScheduler: all at once, one at a time, or at `arrivals` offsets."""
+def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | None = None) -> ContinuousBatcher:
+    """Built once per configuration: CUDA graphs are captured here, not per run."""
     max_len = args.prompt_len + args.input_len + args.new_tokens
+    start = time.monotonic()
     batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.max_running, max_len=max_len,
-                                max_tokens=args.max_running * max_len, prefix_cache_size=64)  # fmt: skip
+                                max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
+                                compile=compile, pad_steps=pad)  # fmt: skip
+    d = batcher.decode
+    print(
+        f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "
+        f"compile={compile} pad={d.pad}",
+        flush=True,
+    )
+    return batcher
+
+
+def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> tuple[dict, list[list[int]]]:
+    """Through the real ContinuousScheduler: all at once, one at a time, or at
+    `arrivals` offsets. Every run starts with an empty prefix cache.
+    -> (the summary row, each request's tokens)."""
+    batcher.prefixes.clear()
     stats = BatchStats()
-    scheduler = ContinuousScheduler(batcher, ModelRunner(loaded), args.max_running, args.max_wait_ms / 1000, stats)
+    scheduler = ContinuousScheduler(batcher, ModelRunner(batcher.loaded), args.max_running, args.max_wait_ms / 1000,
+                                    stats)  # fmt: skip
     scheduler.start()
     works, done_at = [], {}
     start = time.monotonic()
@@ -136,17 +167,17 @@ def run_engine(loaded, requests, args, arrivals=None, concurrent=True) -> tuple[
             scheduler.submit(w)
             if not concurrent:
                 w.future.result()
-        for w in works:
-            w.future.result()
+        tokens = [w.future.result().token_ids for w in works]
         wall = time.monotonic() - start
     finally:
         scheduler.stop()
     n = args.new_tokens
     ttft = [w.first_token_at - w.submitted_at for w in works]
     tpot = [(done_at[id(w)] - w.first_token_at) / max(1, n - 1) for w in works]
-    decode = [b["seconds"] for b in stats.snapshot()["recent"] if b["kind"] == "decode"]
-    step_ms = 1000 * statistics.median(decode) if decode else None
-    return summarize("", wall, n * len(works), ttft, tpot, step_ms), stats
+    decode = [b for b in stats.snapshot()["recent"] if b["kind"] == "decode"]
+    full = [b["seconds"] for b in decode if b["size"] == args.max_running] or [b["seconds"] for b in decode]
+    step_ms = 1000 * statistics.median(full) if full else None  # steps with every slot running, where there are any
+    return summarize("", wall, n * len(works), ttft, tpot, step_ms), tokens
 
 
 class StepClock:
@@ -205,7 +236,10 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=None, help="engine slots (default: --concurrency)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--rate", type=float, default=None, help="also run Poisson arrivals at this many requests/s")
-    ap.add_argument("--modes", default="abcde", help="which of a, b, c, d, e to run")
+    ap.add_argument("--modes", default="abcdefg", help="which of a..g to run (f: on CUDA with graphs; g: --compile)")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA graphs for the engine")
+    ap.add_argument("--compile", action="store_true", help="also (g): the engine with a torch.compile'd step")
+    ap.add_argument("--serial", type=int, default=None, help="(e): only the first N requests (default: all)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all modes; the median round is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--write", action="store_true", help="write the table to bench/results/")
@@ -218,14 +252,32 @@ def main() -> None:
     mixed = make_requests(loaded, args.tasks, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
     single = make_requests(loaded, 1, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
 
-    run_engine(loaded, mixed, args)  # warm-up at full size: the first timed mode must not pay for page faults
+    engine = make_batcher(loaded, args, graphs=args.graphs)
+    run_engine(engine, mixed, args)  # warm-up at full size: the first timed mode must not pay for page faults
+    serial = mixed[: args.serial] if args.serial else mixed
     plan = [
-        ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(loaded, mixed, args)[0]),
-        ("b", "(b) ptserve engine, one task", lambda: run_engine(loaded, single, args)[0]),
+        ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(engine, mixed, args)[0]),
+        ("b", "(b) ptserve engine, one task", lambda: run_engine(engine, single, args)[0]),
         ("c", "(c) HF generate, one mixed batch", lambda: run_hf(loaded, mixed, args, per_task=False)),
         ("d", "(d) HF generate, one task per pass", lambda: run_hf(loaded, mixed, args, per_task=True)),
-        ("e", "(e) ptserve engine, one at a time", lambda: run_engine(loaded, mixed, args, concurrent=False)[0]),
+        ("e", "(e) ptserve engine, one at a time", lambda: run_engine(engine, serial, args, concurrent=False)[0]),
     ]
+    notes = []
+    if engine.decode.use_graphs:
+        # the same step without graphs, timed beside; and a check that replaying
+        # graphs gives the tokens of the eager step at the same (padded) shapes
+        eager = make_batcher(loaded, args, graphs=False)
+        run_engine(eager, mixed, args)
+        plan.append(("f", "(f) ptserve engine, mixed, no CUDA graphs", lambda: run_engine(eager, mixed, args)[0]))
+        same_shapes = run_engine(make_batcher(loaded, args, graphs=False, pad=True), mixed, args)[1]
+        replayed = run_engine(engine, mixed, args)[1]
+        exact = run_engine(eager, mixed, args)[1]
+        notes += [f"CUDA graphs vs eager step at the same shapes: {agreement(replayed, same_shapes)}",
+                  f"CUDA graphs vs eager step at exact shapes: {agreement(replayed, exact)}"]  # fmt: skip
+    if args.compile:
+        fused = make_batcher(loaded, args, graphs=args.graphs, compile=True)
+        run_engine(fused, mixed, args)
+        plan.append(("g", "(g) ptserve engine, mixed, torch.compile", lambda: run_engine(fused, mixed, args)[0]))
     plan = [p for p in plan if p[0] in args.modes]
     runs: dict[str, list[dict]] = {name: [] for _, name, _ in plan}
     for r in range(args.repeats):  # modes interleaved, order rotated each round: drift hits all alike
@@ -244,7 +296,7 @@ def main() -> None:
         for _ in mixed:
             arrivals.append(t)
             t += rng.expovariate(args.rate)
-        row, _ = run_engine(loaded, mixed, args, arrivals=arrivals)
+        row, _ = run_engine(engine, mixed, args, arrivals=arrivals)
         row["mode"] = f"(p) ptserve engine, Poisson {args.rate}/s"
         rows.append(row)
 
@@ -257,14 +309,17 @@ def main() -> None:
         f"# engine benchmark, {date.today()}, {platform.node()}, {device}",
         f"shape={args.shape} dtype={str(dtype).replace('torch.', '')} tasks={args.tasks} prompt_len={args.prompt_len} "
         f"input_len={args.input_len} new_tokens={args.new_tokens} concurrency={args.concurrency} "
-        f"max_running={args.max_running} repeats={args.repeats} torch={torch.__version__}",
+        f"max_running={args.max_running} repeats={args.repeats} serial={len(serial)} "
+        f"cuda_graphs={engine.decode.use_graphs} "
+        f"torch={torch.__version__} transformers={transformers.__version__}",
+        "decode step ms: median over steps with all max_running slots busy (all steps where none were)",
         "",
         "| mode | tokens/s (median) | all runs | wall s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms "
         "| per-token p99 ms | decode step ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        step = f"{r['step_ms']:.1f}" if r.get("step_ms") else "-"
+        step = f"{r['step_ms']:.2f}" if r.get("step_ms") else "-"
         lines.append(
             f"| {r['mode']} | {r['tokens_per_s']:.1f} | {' '.join(f'{x:.0f}' for x in r.get('all', []))} | "
             f"{r['wall_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
@@ -272,9 +327,10 @@ def main() -> None:
         )
     by = {r["mode"][:3]: r["tokens_per_s"] for r in rows}
     lines.append("")
-    for a, b in (("(a)", "(e)"), ("(a)", "(c)"), ("(a)", "(b)"), ("(a)", "(d)")):
+    for a, b in (("(a)", "(e)"), ("(a)", "(c)"), ("(a)", "(b)"), ("(a)", "(d)"), ("(a)", "(f)"), ("(g)", "(a)")):
         if a in by and b in by:
             lines.append(f"{a}/{b} = {by[a] / by[b]:.2f}x")
+    lines += [""] + notes if notes else []
     report(lines, f"engine-{args.shape}", args.write)
 
 

@@ -18,6 +18,8 @@ import torch
 
 from prompt_store.errors import Abandoned
 
+from .decode_step import DecodeStep
+from .decoders import SlotAttention
 from .kv_cache import SlotKVCache
 from .model import LoadedModel
 from .prefix_cache import PrefixCache
@@ -41,7 +43,9 @@ class Row:
 
 class ContinuousBatcher:
     def __init__(self, loaded: LoadedModel, decoder, max_running: int, max_len: int, max_tokens: int,
-                 prefix_cache_size: int, reuse_prefixes: bool = True):  # fmt: skip
+                 prefix_cache_size: int, reuse_prefixes: bool = True, cuda_graphs: bool = True,
+                 compile: bool = False, pad_steps: bool | None = None):  # fmt: skip
+        """cuda_graphs, compile, pad_steps: how the decode step runs (server/decode_step.py)."""
         self.loaded = loaded
         self.decoder = decoder
         self.lm_head = loaded.model.get_output_embeddings()
@@ -55,6 +59,8 @@ class ContinuousBatcher:
                                  loaded.dtype, loaded.device)  # fmt: skip
         self.prefixes = PrefixCache(prefix_cache_size)
         self.rows: list[Row] = []
+        self.decode = DecodeStep(decoder, self.embed_tokens, self.lm_head, self.cache, loaded.device,
+                                 graphs=cuda_graphs, compile=compile, pad=pad_steps)  # fmt: skip
 
     # -- admission -----------------------------------------------------------
 
@@ -139,7 +145,9 @@ class ContinuousBatcher:
         # at positions the row will overwrite before it ever reads them
         positions = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).clamp(max=self.max_len - 1)
         x = embed(self.embed_tokens, ids.to(dev), table, self.loaded.vocab_size)
-        return self.decoder.hidden(x, positions.to(dev), torch.tensor(slots, device=dev), self.cache)
+        length = min(max(starts) + T, self.max_len)
+        attention = SlotAttention(self.cache, torch.tensor(slots, device=dev), positions.to(dev), length)
+        return self.decoder.hidden(x, attention)
 
     # -- one decode step for every running row --------------------------------
 
@@ -151,14 +159,10 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self, on_finish: OnFinish) -> None:
-        n = len(self.rows)
-        dev = self.loaded.device
-        tokens = torch.tensor([r.next_token for r in self.rows], device=dev)[:, None]  # [n, 1]
-        positions = torch.tensor([[r.length] for r in self.rows], device=dev)  # [n, 1]
-        hidden = self.decoder.hidden(self.embed_tokens(tokens), positions, n, self.cache)  # [n, 1, H]
+        logits = self.decode([r.next_token for r in self.rows], [r.length for r in self.rows])
         for r in self.rows:
             r.length += 1
-        self._advance(self.lm_head(hidden[:, 0]), 0, on_finish)
+        self._advance(logits, 0, on_finish)
 
     def _advance(self, logits: torch.Tensor, first: int, on_finish: OnFinish) -> None:
         """Sample for rows first.. (logits [B, V] in that order); retire finished rows."""

@@ -6,6 +6,11 @@ called as they are; only attention is ours, so that each row can read and
 write its own slot at its own positions. Supported: Llama-style decoders
 (model_type llama) and GPT-2; `decoder_for` returns None for anything else,
 and the server then uses the plain Hugging Face runner.
+
+A forward pass takes everything that decides tensor shapes as arguments
+(`length`: how many cache positions each row reads), and never looks at a
+tensor's values on the host. That keeps the decode step capturable in a CUDA
+graph and traceable by torch.compile (server/decode_step.py).
 """
 
 from __future__ import annotations
@@ -16,25 +21,46 @@ from torch.nn import functional as F
 from .kv_cache import SlotKVCache
 
 
-def slot_attention(q, k, v, cache: SlotKVCache, layer: int, slots, positions: torch.Tensor, scale: float):
-    """q: [B, heads, T, hd]; k, v: [B, kv_heads, T, hd]; positions: [B, T].
-    Writes k, v at `positions`, then each query attends to its row's
-    positions <= its own. `slots`: an int n (rows are slots 0..n-1) or a [B] tensor."""
-    slot_ids = torch.arange(slots, device=positions.device) if isinstance(slots, int) else slots
-    cache.write(layer, slot_ids, positions, k, v)
-    length = int(positions.max()) + 1
-    keys, values = cache.read(layer, slots, length)  # [B, kv_heads, length, hd]
-    if keys.shape[1] != q.shape[1]:  # grouped-query attention
-        repeat = q.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
-    mask = torch.arange(length, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, length]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=scale)
-    B, H, T, D = out.shape
-    return out.transpose(1, 2).reshape(B, T, H * D)
+class SlotAttention:
+    """Where one forward pass's tokens live in the cache, shared by all its layers.
+
+    slots: None when row b is slot b (the decode step: the cache is read as a
+    view), else a [B] tensor of slot ids (prefill: those slots are gathered).
+    positions: [B, T]. length: each row reads positions 0..length-1, which must
+    cover every position in `positions`."""
+
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor | None, positions: torch.Tensor, length: int):
+        B = positions.shape[0]
+        self.cache = cache
+        self.slots = slots
+        self.slot_ids = torch.arange(B, device=positions.device) if slots is None else slots
+        self.positions = positions
+        self.length = length
+        # a query sees its own row's keys at positions <= its own: [B, T, length]
+        self.mask = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
+
+    def __call__(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q: [B, heads, T, hd]; k, v: [B, kv_heads, T, hd] -> [B, T, heads * hd]."""
+        self.cache.write(layer, self.slot_ids, self.positions, k, v)
+        B, H, T, D = q.shape
+        if self.slots is None:
+            keys, values = self.cache.read(layer, B, self.length)
+        else:
+            keys, values = self.cache.gather(layer, self.slots, self.length)  # [B, kv_heads, length, hd]
+        group = H // keys.shape[1]
+        # grouped-query attention without copying keys: the `group` query heads
+        # that share a key head become extra query rows of that head
+        q = q.reshape(B, H // group, group * T, D)
+        mask = self.mask[:, None].expand(B, group, T, self.length).reshape(B, 1, group * T, self.length)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class LlamaDecoder:
     def __init__(self, model):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.apply_rotary = apply_rotary_pos_emb
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -43,11 +69,9 @@ class LlamaDecoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-    def hidden(self, x: torch.Tensor, positions: torch.Tensor, slots, cache: SlotKVCache) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, attention: SlotAttention) -> torch.Tensor:
         """x: [B, T, H] input embeddings -> [B, T, H] final hidden states (before the LM head)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        cos, sin = self.inner.rotary_emb(x, positions)
+        cos, sin = self.inner.rotary_emb(x, attention.positions)
         B, T, _ = x.shape
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
@@ -55,8 +79,8 @@ class LlamaDecoder:
             q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
             k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            x = x + attn.o_proj(slot_attention(q, k, v, cache, i, slots, positions, attn.scaling))
+            q, k = self.apply_rotary(q, k, cos, sin)
+            x = x + attn.o_proj(attention(i, q, k, v, attn.scaling))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.inner.norm(x)
 
@@ -70,14 +94,14 @@ class GPT2Decoder:
         self.heads = self.kv_heads = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
 
-    def hidden(self, x: torch.Tensor, positions: torch.Tensor, slots, cache: SlotKVCache) -> torch.Tensor:
-        x = x + self.inner.wpe(positions)
+    def hidden(self, x: torch.Tensor, attention: SlotAttention) -> torch.Tensor:
+        x = x + self.inner.wpe(attention.positions)
         B, T, H = x.shape
         for i, block in enumerate(self.inner.h):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(H, dim=2)
             q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            x = x + attn.c_proj(slot_attention(q, k, v, cache, i, slots, positions, attn.scaling))
+            x = x + attn.c_proj(attention(i, q, k, v, attn.scaling))
             x = x + block.mlp(block.ln_2(x))
         return self.inner.ln_f(x)
 

@@ -66,6 +66,8 @@ class Engine:
             max_len=max_len,
             max_tokens=settings.max_tokens_in_flight or settings.max_running * max_len,
             prefix_cache_size=settings.prefix_cache_size,
+            cuda_graphs=settings.cuda_graphs,
+            compile=settings.compile,
         )
 
     @classmethod

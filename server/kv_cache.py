@@ -27,11 +27,13 @@ class SlotKVCache:
         self.keys[layer][b, :, positions] = k.transpose(1, 2)
         self.values[layer][b, :, positions] = v.transpose(1, 2)
 
-    def read(self, layer: int, slots: torch.Tensor | int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, kv_heads, length, head_dim] of keys and values. An int `slots` means
-        slots 0..slots-1 (a view: the decode path); a tensor gathers those slots."""
-        if isinstance(slots, int):
-            return self.keys[layer][:slots, :, :length], self.values[layer][:slots, :, :length]
+    def read(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, kv_heads, length, head_dim] of slots 0..rows-1,
+        as views (the decode step)."""
+        return self.keys[layer][:rows, :, :length], self.values[layer][:rows, :, :length]
+
+    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, length, head_dim] of the [B] `slots` (prefill)."""
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:

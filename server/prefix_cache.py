@@ -42,6 +42,10 @@ class PrefixCache:
                 self._entries.popitem(last=False)
                 self.evictions += 1
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def stats(self) -> dict:
         with self._lock:
             return {"size": len(self._entries), "capacity": self.capacity, "hits": self.hits,

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_tokens_in_flight: int = Field(0, ge=0, description="continuous: bound on the sum of input + max_new_tokens "
                                       "over running rows; 0 = max_running * max_seq_len")  # fmt: skip
     prefix_cache_size: int = Field(64, ge=0, description="continuous: task prefixes whose keys/values are kept")
+    cuda_graphs: bool = Field(True, description="continuous, on CUDA: replay the decode step from CUDA graphs "
+                              "captured at startup")  # fmt: skip
+    compile: bool = Field(False, description="continuous: fuse the decode step with torch.compile at startup "
+                          "(slower start, faster steps)")  # fmt: skip
     prompt_cache_size: int = Field(256, ge=1, description="tasks whose prompt rows stay on the device (LRU)")
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")

@@ -32,8 +32,10 @@ def gpt2_dir(tiny_model_dirs):
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def loaded(request, tiny_model_dirs):
-    """Each tiny model, loaded through the same path as a real checkpoint."""
-    return load_model(str(tiny_model_dirs[request.param]), device="cpu", dtype="float32")
+    """Each tiny model, loaded through the same path as a real checkpoint, in
+    float32 on the CPU, or on PTSERVE_TEST_DEVICE (the GPU check in the README)."""
+    device = os.environ.get("PTSERVE_TEST_DEVICE", "cpu")
+    return load_model(str(tiny_model_dirs[request.param]), device=device, dtype="float32")
 
 
 def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):

@@ -134,7 +134,7 @@ def test_slot_cache_write_read_move():
     k = torch.randn(2, 2, 3, 4)
     v = torch.randn(2, 2, 3, 4)
     cache.write(0, torch.tensor([2, 0]), torch.tensor([[0, 1, 2], [4, 5, 6]]), k, v)
-    keys, values = cache.read(0, torch.tensor([2]), 3)
+    keys, values = cache.gather(0, torch.tensor([2]), 3)
     assert torch.equal(keys[0], k[0]) and torch.equal(values[0], v[0])
     assert torch.equal(cache.keys[0][0, :, 4:7], k[1])
     cache.move(2, 1, 3)

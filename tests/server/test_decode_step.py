@@ -1,0 +1,46 @@
+"""The decode step at bucket sizes (the shapes CUDA graphs are captured at)
+and fused by torch.compile: both give the tokens of the request computed
+alone. CUDA graphs themselves need a GPU (bench/engine.py checks them there,
+against the eager step); on CPU the same function runs, padded to the same
+buckets, so everything a graph would replay is checked here."""
+
+import torch
+
+from server.decode_step import batch_buckets, length_buckets, smallest_at_least
+from tests.server.test_continuous import batcher, drive, oracle, works_for
+
+
+def test_buckets_cover_every_size():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert length_buckets(212) == [64, 128, 212]
+    assert length_buckets(64) == [64]
+    for n in range(1, 33):
+        assert n <= smallest_at_least(batch_buckets(32), n) <= max(n + 7, 2 * n)
+
+
+def test_padded_steps_equal_alone(loaded):
+    """Rows padded to batch buckets (extra rows write free slots) and to
+    length buckets (extra positions masked) get their own tokens exactly."""
+    b = batcher(loaded, max_running=5, pad_steps=True, cuda_graphs=False)
+    b.decode.lengths = [8, 16, 32, 64, 128]  # small buckets, so rows cross several while they grow
+    works = works_for(loaded, 11)
+    seen = []
+    step = b.decode.__call__
+    b.decode = lambda tokens, positions: seen.append((len(tokens), max(positions))) or step(tokens, positions)
+    results, _ = drive(b, works, arrivals=[0, 0, 0, 1, 2, 4, 6, 6, 9, 12, 15])
+    for w in works:
+        assert results[id(w)].token_ids == oracle(loaded, b, w)
+    assert {n for n, _ in seen} >= {3, 5}, "padded batch sizes were not exercised"
+
+
+def test_compiled_step_equals_alone(loaded):
+    """torch.compile traces the whole step as one graph (fullgraph: no host
+    syncs, nothing data-dependent), and its tokens equal the oracle."""
+    torch._dynamo.reset()
+    b = batcher(loaded, max_running=4, compile=True)
+    works = works_for(loaded, 6)
+    results, _ = drive(b, works, arrivals=[0, 0, 1, 3, 3, 7])
+    for w in works:
+        assert results[id(w)].token_ids == oracle(loaded, b, w)
