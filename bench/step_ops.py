@@ -1,0 +1,98 @@
+"""Operations per decode step: how many kernels one step of the continuous
+engine launches, by operator, for a model shape. On a GPU at small batch a
+step's time is mostly launches, so this count is what CUDA graphs replay and
+what torch.compile fusion shrinks. On CPU it counts the aten operators that
+compute (not views or allocations; each is about one kernel on a GPU); on CUDA it counts the CUDA kernels.
+
+    python bench/step_ops.py --shape llama-1b-thin        # 22 Llama layers, tiny widths: fast on CPU
+    python bench/step_ops.py --shape llama-1b --device cuda --dtype bfloat16 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import SHAPES, build, make_requests  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from server.continuous import ContinuousBatcher  # noqa: E402
+from server.decoders import decoder_for  # noqa: E402
+from server.work import GenerateWork  # noqa: E402
+
+SHAPES = {
+    **SHAPES,
+    # the layer structure of llama-1b at tiny widths: the same operators per step
+    "llama-1b-thin": lambda: LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, head_dim=16,
+        intermediate_size=128, vocab_size=512, max_position_embeddings=512)),
+}  # fmt: skip
+
+
+NO_KERNEL = set(
+    "empty empty_strided detach lift_fresh result_type resolve_conj resolve_neg alias _local_scalar_dense "
+    "scalar_tensor sym_size sym_stride sym_numel is_same_size".split()
+)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts aten operators that compute (views and allocations are free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama-1b-thin")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    import engine
+
+    engine.SHAPES.update(SHAPES)
+    loaded = build(args.shape, args.device, getattr(torch, args.dtype))
+    requests = make_requests(loaded, 2, args.rows, prompt_len=4, input_len=16, new=8)
+    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.rows, max_len=64,
+                                max_tokens=10**6, prefix_cache_size=0, cuda_graphs=False,
+                                compile=args.compile)  # fmt: skip
+    batcher.admit([GenerateWork(p, ids, params) for p, ids, params in requests], lambda w, r: None)
+    for _ in range(3):  # warm-up (and compilation)
+        batcher.step(lambda w, r: None)
+    if loaded.device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            batcher.step(lambda w, r: None)
+        counts = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        what = "CUDA kernels"
+    else:
+        with CountOps() as counter:
+            batcher.step(lambda w, r: None)
+        counts, what = counter.counts, "computing aten operators"
+    layers = loaded.model.config.num_hidden_layers
+    total = sum(counts.values())
+    print(f"{args.shape} {args.device} rows={args.rows} compile={args.compile}: {total} {what} per decode step "
+          f"({total / layers:.1f} per layer, {layers} layers)")  # fmt: skip
+    for name, n in counts.most_common(25):
+        print(f"{n:6d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
