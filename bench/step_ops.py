@@ -64,8 +64,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="count the torch.compile'd step's kernels (CUDA)")
     args = ap.parse_args()
+    if args.compile and args.device == "cpu":  # compiled code runs its own kernels, past the dispatcher
+        ap.error("--compile: the fused step's kernels are counted on CUDA only")
     import engine
 
     engine.SHAPES.update(SHAPES)
