@@ -68,7 +68,11 @@ class DecodeStep:
         self.pad = self.use_graphs if pad is None else pad
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_graphs:
-            self.capture()
+            try:
+                self.capture()
+            except Exception as e:
+                raise RuntimeError(f"capturing the decode step in CUDA graphs failed ({e}); "
+                                   "PTSERVE_CUDA_GRAPHS=false runs it without graphs") from e  # fmt: skip
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """tokens, positions: [B] (row b is slot b) -> logits [B, V]."""

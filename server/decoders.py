@@ -1,9 +1,10 @@
 """Forward passes over a Hugging Face model's own weights and submodules, with
 attention written against the slot KV cache (server/kv_cache.py).
 
-Norms, projections, MLPs and the rotary embedding are the model's modules,
-called as they are; only attention is ours, so that each row can read and
-write its own slot at its own positions. Supported: Llama-style decoders
+Norms, projections, MLPs and the rotary embedding are the model's modules
+and weights; attention is ours, so that each row can read and write its own
+slot at its own positions (and, for Llama, projections that read the same
+input run as one product, see `pack_linears`). Supported: Llama-style decoders
 (model_type llama) and GPT-2; `decoder_for` returns None for anything else,
 and the server then uses the plain Hugging Face runner.
 
@@ -16,6 +17,7 @@ graph and traceable by torch.compile (server/decode_step.py).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from .kv_cache import SlotKVCache
@@ -56,11 +58,44 @@ class SlotAttention:
         return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
-class LlamaDecoder:
-    def __init__(self, model):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+def pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight matrix (and bias) for linears that read the same input, so that
+    one matrix product does the work of several."""
+    weight = pack([m.weight for m in linears])
+    bias = pack([m.bias for m in linears]) if linears[0].bias is not None else None
+    return weight, bias
 
-        self.apply_rotary = apply_rotary_pos_emb
+
+def pack(params: list[nn.Parameter]) -> torch.Tensor:
+    """`params` stacked along dim 0 in one tensor. Each parameter becomes a view
+    of its part, so no memory is added and its module computes what it did.
+    Parameters packed before give back their tensor, without a copy."""
+    first = params[0]
+    offset = first.storage_offset()
+    for p in params:
+        same_storage = p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same_storage and p.is_contiguous() and p.storage_offset() == offset):
+            break
+        offset += p.numel()
+    else:  # already one after another in one storage
+        return first.as_strided((sum(p.shape[0] for p in params), *first.shape[1:]), first.stride())
+    whole = torch.cat(params)
+    start = 0
+    for p in params:
+        p.data = whole[start : start + p.shape[0]]
+        start += p.shape[0]
+    return whole
+
+
+class LlamaDecoder:
+    """Per layer: one product for q, k and v, rotary position on q and k
+    together, one product for the MLP's gate and up projections. Norms, the
+    rotary tables, the activation and the output projections are the model's."""
+
+    def __init__(self, model):
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        self.rotate_half = rotate_half
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -68,20 +103,27 @@ class LlamaDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        with torch.no_grad():
+            attns, mlps = [x.self_attn for x in self.inner.layers], [x.mlp for x in self.inner.layers]
+            self.qkv = [pack_linears([a.q_proj, a.k_proj, a.v_proj]) for a in attns]
+            self.gate_up = [pack_linears([m.gate_proj, m.up_proj]) for m in mlps]
 
     def hidden(self, x: torch.Tensor, attention: SlotAttention) -> torch.Tensor:
         """x: [B, T, H] input embeddings -> [B, T, H] final hidden states (before the LM head)."""
         cos, sin = self.inner.rotary_emb(x, attention.positions)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd]: broadcast over heads
         B, T, _ = x.shape
+        D, qk_heads = self.head_dim, self.heads + self.kv_heads
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            q, k = self.apply_rotary(q, k, cos, sin)
+            qkv = F.linear(layer.input_layernorm(x), *self.qkv[i]).view(B, T, -1, D).transpose(1, 2)
+            qk = qkv[:, :qk_heads]
+            qk = qk * cos + self.rotate_half(qk) * sin  # Llama's rotary embedding, on q and k at once
+            q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_heads:]
             x = x + attn.o_proj(attention(i, q, k, v, attn.scaling))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            mlp = layer.mlp
+            gate, up = F.linear(layer.post_attention_layernorm(x), *self.gate_up[i]).chunk(2, dim=-1)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.inner.norm(x)
 
 
@@ -110,8 +152,11 @@ def decoder_for(model):
     """A slot-cache decoder for this model, or None when its architecture is not covered."""
     cfg = model.config
     if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
-        attn = model.model.layers[0].self_attn
-        if not hasattr(attn, "q_norm"):  # plain Llama attention only
+        layer = model.model.layers[0]
+        linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                   layer.mlp.up_proj)  # fmt: skip
+        # plain Llama attention, and plain (not quantized) projections that can be packed
+        if not hasattr(layer.self_attn, "q_norm") and all(type(m) is nn.Linear for m in linears):
             return LlamaDecoder(model)
     if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
         return GPT2Decoder(model)

@@ -9,6 +9,7 @@ from server.continuous import ContinuousBatcher
 from server.continuous_scheduler import ContinuousScheduler
 from server.decoders import decoder_for
 from server.kv_cache import SlotKVCache
+from server.model import load_model
 from server.prompts import task_prompt
 from server.runner import ModelRunner
 from server.scheduler import BatchStats
@@ -68,6 +69,21 @@ def drive(b, works, arrivals=None):
 
 def test_the_decoders_cover_the_test_models(loaded):
     assert decoder_for(loaded.model) is not None
+
+
+def test_packing_llama_projections_changes_nothing_the_model_computes(tiny_model_dirs):
+    """The decoder packs q/k/v and gate/up weights into one matrix each; the
+    model's own forward and memory stay as they were, and packing twice copies nothing."""
+    loaded = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    before = loaded.model(ids).logits
+    params = sum(p.numel() for p in loaded.model.parameters())
+    first, second = decoder_for(loaded.model), decoder_for(loaded.model)
+    assert torch.equal(loaded.model(ids).logits, before)
+    assert sum(p.numel() for p in loaded.model.parameters()) == params
+    attn = loaded.model.model.layers[0].self_attn
+    assert first.qkv[0][0].data_ptr() == second.qkv[0][0].data_ptr() == attn.q_proj.weight.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
 
 
 def test_joins_and_leaves_mid_generation_equal_alone(loaded):
