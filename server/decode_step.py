@@ -1,8 +1,8 @@
 """One decode step for the running rows (slots 0..n-1 of the slot KV cache),
 as a fixed-shape function that CUDA graphs can capture.
 
-Its inputs (each row's last token and its position) live in one static device
-buffer. A step for n rows whose longest row reads `length` cache positions
+Its inputs (each row's last token and its position) live in static device
+buffers. A step for n rows whose longest row reads `length` cache positions
 runs at a bucket (B >= n rows, L >= length positions): the B - n extra rows
 feed token 0 at position 0 of free slots (slots >= n hold nothing a running
 row reads; admission overwrites them before use), and positions beyond a
@@ -12,7 +12,12 @@ On CUDA (with `graphs`), every bucket is captured once at startup and a step
 is one graph replay plus one small copy in: per-kernel launch cost, which
 dominates a small-batch decode step, is paid once. Elsewhere the same function
 runs eagerly at the exact (n, length), no padding. With `compile`, the function
-is first fused by torch.compile (one compilation, dynamic shapes), on any device.
+is first fused by torch.compile, on any device (a few compilations: shapes
+become dynamic after the first, with special cases such as one row).
+
+Graphs and compile need a step that never looks at values on the host; a
+decoder says whether its model allows that (`capturable`: Llama's "dynamic"
+rotary scaling reads the largest position), and otherwise the step runs eagerly.
 """
 
 from __future__ import annotations
@@ -58,18 +63,24 @@ class DecodeStep:
         self.lm_head = lm_head
         self.cache = cache
         self.device = device
-        self.inputs = torch.zeros(2, cache.slots, dtype=torch.long, device=device)  # tokens; positions
+        # each row's last token and its position; two buffers, so that no size
+        # of one is the other's storage offset (torch.compile would guard on it)
+        self.tokens = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
         self.batch_sizes = batch_buckets(cache.slots)
         self.lengths = length_buckets(cache.max_len)
-        self.forward = self._forward
-        if compile:
-            self.forward = torch.compile(self._forward, dynamic=True, fullgraph=True)
-        self.use_graphs = graphs and device.type == "cuda"
+        graphs = graphs and device.type == "cuda"
+        if (graphs or compile) and not decoder.capturable:
+            log.warning("this model's decode step reads values on the host: no CUDA graphs, no torch.compile")
+            graphs = compile = False
+        self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        self.use_graphs = graphs
         self.pad = self.use_graphs if pad is None else pad
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_graphs:
             try:
-                self.capture()
+                with torch.cuda.device(device):  # capture streams live on the current device
+                    self.capture()
             except Exception as e:
                 raise RuntimeError(f"capturing the decode step in CUDA graphs failed ({e}); "
                                    "PTSERVE_CUDA_GRAPHS=false runs it without graphs") from e  # fmt: skip
@@ -91,7 +102,7 @@ class DecodeStep:
         side = torch.cuda.Stream(self.device)
         for B in reversed(self.batch_sizes):
             for L in reversed(self.lengths):
-                args = (self.inputs[0, :B], self.inputs[1, :B], L)
+                args = (self.tokens[:B], self.positions[:B], L)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm up: lazy inits and compilation happen outside capture
                     for _ in range(2):
@@ -113,10 +124,12 @@ class DecodeStep:
         if self.pad:
             B, L = smallest_at_least(self.batch_sizes, n), smallest_at_least(self.lengths, length)
         fill = [0] * (B - n)
-        self.inputs[:, :B].copy_(torch.tensor([tokens + fill, positions + fill]))
+        self.tokens[:B].copy_(torch.tensor(tokens + fill))
+        self.positions[:B].copy_(torch.tensor(positions + fill))
         if self.use_graphs:
             graph, logits = self.graphs[(B, L)]
-            graph.replay()
+            with torch.cuda.device(self.device):  # replay on this device's current stream
+                graph.replay()
         else:
-            logits = self.forward(self.inputs[0, :B], self.inputs[1, :B], L)
+            logits = self.forward(self.tokens[:B], self.positions[:B], L)
         return logits[:n]

@@ -69,7 +69,9 @@ def pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
 def pack(params: list[nn.Parameter]) -> torch.Tensor:
     """`params` stacked along dim 0 in one tensor. Each parameter becomes a view
     of its part, so no memory is added and its module computes what it did.
-    Parameters packed before give back their tensor, without a copy."""
+    Parameters packed before give back their tensor, without a copy. Moving or
+    casting the model afterwards would give each parameter its own copy again,
+    so this is done once the model sits on its device in its dtype."""
     first = params[0]
     offset = first.storage_offset()
     for p in params:
@@ -107,6 +109,8 @@ class LlamaDecoder:
             attns, mlps = [x.self_attn for x in self.inner.layers], [x.mlp for x in self.inner.layers]
             self.qkv = [pack_linears([a.q_proj, a.k_proj, a.v_proj]) for a in attns]
             self.gate_up = [pack_linears([m.gate_proj, m.up_proj]) for m in mlps]
+        # "dynamic" rotary scaling compares the largest position with a cached length on the host
+        self.capturable = "dynamic" not in str(getattr(self.inner.rotary_emb, "rope_type", "default"))
 
     def hidden(self, x: torch.Tensor, attention: SlotAttention) -> torch.Tensor:
         """x: [B, T, H] input embeddings -> [B, T, H] final hidden states (before the LM head)."""
@@ -135,6 +139,7 @@ class GPT2Decoder:
         self.num_layers = cfg.n_layer
         self.heads = self.kv_heads = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
+        self.capturable = True
 
     def hidden(self, x: torch.Tensor, attention: SlotAttention) -> torch.Tensor:
         x = x + self.inner.wpe(attention.positions)

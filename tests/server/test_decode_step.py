@@ -5,8 +5,11 @@ against the eager step); on CPU the same function runs, padded to the same
 buckets, so everything a graph would replay is checked here."""
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.decode_step import batch_buckets, length_buckets, smallest_at_least
+from server.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
+from server.decoders import decoder_for
+from server.kv_cache import SlotKVCache
 from tests.server.test_continuous import batcher, drive, oracle, works_for
 
 
@@ -44,3 +47,18 @@ def test_compiled_step_equals_alone(loaded):
     results, _ = drive(b, works, arrivals=[0, 0, 1, 3, 3, 7])
     for w in works:
         assert results[id(w)].token_ids == oracle(loaded, b, w)
+
+
+def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured():
+    """Llama's "dynamic" rotary scaling compares positions with a cached length
+    on the host: such a step cannot be captured or compiled whole, so it runs eagerly."""
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=64,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    decoder = decoder_for(model)
+    cache = SlotKVCache(1, 2, 2, 16, 8, torch.float32, "cpu")
+    step = DecodeStep(decoder, model.get_input_embeddings(), model.get_output_embeddings(), cache,
+                      torch.device("cpu"), graphs=True, compile=True)  # fmt: skip
+    assert not decoder.capturable and step.forward == step._forward and not step.use_graphs
+    assert step([3, 4], [0, 0]).shape == (2, 64)
