@@ -109,7 +109,7 @@ class DecodeStep:
                         self.forward(*args)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     logits = self.forward(*args)
                 self.graphs[(B, L)] = (graph, logits)
         torch.cuda.synchronize(self.device)
