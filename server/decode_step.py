@@ -1,8 +1,8 @@
 """One decode step for the running rows (slots 0..n-1 of the slot KV cache),
 as a fixed-shape function that CUDA graphs can capture.
 
-Its inputs (each row's last token and its position) live in static device
-buffers. A step for n rows whose longest row reads `length` cache positions
+Its inputs (each row's last token and its position) live in one static
+device buffer. A step for n rows whose longest row reads `length` cache positions
 runs at a bucket (B >= n rows, L >= length positions): the B - n extra rows
 feed token 0 at position 0 of free slots (slots >= n hold nothing a running
 row reads; admission overwrites them before use), and positions beyond a
@@ -63,10 +63,7 @@ class DecodeStep:
         self.lm_head = lm_head
         self.cache = cache
         self.device = device
-        # each row's last token and its position; two buffers, so that no size
-        # of one is the other's storage offset (torch.compile would guard on it)
-        self.tokens = torch.zeros(cache.slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(2, cache.slots, dtype=torch.long, device=device)  # each row's token; position
         self.batch_sizes = batch_buckets(cache.slots)
         self.lengths = length_buckets(cache.max_len)
         graphs = graphs and device.type == "cuda"
@@ -102,7 +99,7 @@ class DecodeStep:
         side = torch.cuda.Stream(self.device)
         for B in reversed(self.batch_sizes):
             for L in reversed(self.lengths):
-                args = (self.tokens[:B], self.positions[:B], L)
+                args = (self.inputs[0, :B], self.inputs[1, :B], L)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm up: lazy inits and compilation happen outside capture
                     for _ in range(2):
@@ -124,12 +121,11 @@ class DecodeStep:
         if self.pad:
             B, L = smallest_at_least(self.batch_sizes, n), smallest_at_least(self.lengths, length)
         fill = [0] * (B - n)
-        self.tokens[:B].copy_(torch.tensor(tokens + fill))
-        self.positions[:B].copy_(torch.tensor(positions + fill))
+        self.inputs[:, :B].copy_(torch.tensor([tokens + fill, positions + fill]))  # one copy to the device
         if self.use_graphs:
             graph, logits = self.graphs[(B, L)]
             with torch.cuda.device(self.device):  # replay on this device's current stream
                 graph.replay()
         else:
-            logits = self.forward(self.tokens[:B], self.positions[:B], L)
+            logits = self.forward(self.inputs[0, :B], self.inputs[1, :B], L)
         return logits[:n]
