@@ -146,10 +146,9 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
     return batcher
 
 
-def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> tuple[dict, list[list[int]]]:
+def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> dict:
     """Through the real ContinuousScheduler: all at once, one at a time, or at
-    `arrivals` offsets. Every run starts with an empty prefix cache.
-    -> (the summary row, each request's tokens)."""
+    `arrivals` offsets. Every run starts with an empty prefix cache."""
     batcher.prefixes.clear()
     stats = BatchStats()
     scheduler = ContinuousScheduler(batcher, ModelRunner(batcher.loaded), args.max_running, args.max_wait_ms / 1000,
@@ -167,7 +166,8 @@ def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> tuple
             scheduler.submit(w)
             if not concurrent:
                 w.future.result()
-        tokens = [w.future.result().token_ids for w in works]
+        for w in works:
+            w.future.result()
         wall = time.monotonic() - start
     finally:
         scheduler.stop()
@@ -177,7 +177,7 @@ def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> tuple
     decode = [b for b in stats.snapshot()["recent"] if b["kind"] == "decode"]
     full = [b["seconds"] for b in decode if b["size"] == args.max_running] or [b["seconds"] for b in decode]
     step_ms = 1000 * statistics.median(full) if full else None  # steps with every slot running, where there are any
-    return summarize("", wall, n * len(works), ttft, tpot, step_ms), tokens
+    return summarize("", wall, n * len(works), ttft, tpot, step_ms)
 
 
 def tokens_in_order(batcher, requests) -> list[list[int]]:
@@ -274,11 +274,11 @@ def main() -> None:
     run_engine(engine, mixed, args)  # warm-up at full size: the first timed mode must not pay for page faults
     serial = mixed[: args.serial] if args.serial else mixed
     plan = [
-        ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(engine, mixed, args)[0]),
-        ("b", "(b) ptserve engine, one task", lambda: run_engine(engine, single, args)[0]),
+        ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(engine, mixed, args)),
+        ("b", "(b) ptserve engine, one task", lambda: run_engine(engine, single, args)),
         ("c", "(c) HF generate, one mixed batch", lambda: run_hf(loaded, mixed, args, per_task=False)),
         ("d", "(d) HF generate, one task per pass", lambda: run_hf(loaded, mixed, args, per_task=True)),
-        ("e", "(e) ptserve engine, one at a time", lambda: run_engine(engine, serial, args, concurrent=False)[0]),
+        ("e", "(e) ptserve engine, one at a time", lambda: run_engine(engine, serial, args, concurrent=False)),
     ]
     notes = []
     if engine.decode.use_graphs:
@@ -286,7 +286,7 @@ def main() -> None:
         # graphs gives the tokens of the eager step at the same (padded) shapes
         eager = make_batcher(loaded, args, graphs=False)
         run_engine(eager, mixed, args)
-        plan.append(("f", "(f) ptserve engine, mixed, no CUDA graphs", lambda: run_engine(eager, mixed, args)[0]))
+        plan.append(("f", "(f) ptserve engine, mixed, no CUDA graphs", lambda: run_engine(eager, mixed, args)))
         replayed = tokens_in_order(engine, mixed)
         same_shapes = tokens_in_order(make_batcher(loaded, args, graphs=False, pad=True), mixed)  # dropped after
         exact = tokens_in_order(eager, mixed)
@@ -295,7 +295,7 @@ def main() -> None:
     if args.compile:
         fused = make_batcher(loaded, args, graphs=args.graphs, compile=True)
         run_engine(fused, mixed, args)
-        plan.append(("g", "(g) ptserve engine, mixed, torch.compile", lambda: run_engine(fused, mixed, args)[0]))
+        plan.append(("g", "(g) ptserve engine, mixed, torch.compile", lambda: run_engine(fused, mixed, args)))
     plan = [p for p in plan if p[0] in args.modes]
     runs: dict[str, list[dict]] = {name: [] for _, name, _ in plan}
     for r in range(args.repeats):  # modes interleaved, order rotated each round: drift hits all alike
@@ -314,7 +314,7 @@ def main() -> None:
         for _ in mixed:
             arrivals.append(t)
             t += rng.expovariate(args.rate)
-        row, _ = run_engine(engine, mixed, args, arrivals=arrivals)
+        row = run_engine(engine, mixed, args, arrivals=arrivals)
         row["mode"] = f"(p) ptserve engine, Poisson {args.rate}/s"
         rows.append(row)
 
