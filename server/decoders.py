@@ -91,13 +91,15 @@ def pack(params: list[nn.Parameter]) -> torch.Tensor:
 
 class LlamaDecoder:
     """Per layer: one product for q, k and v, rotary position on q and k
-    together, one product for the MLP's gate and up projections. Norms, the
-    rotary tables, the activation and the output projections are the model's."""
+    together, one product for the MLP's gate and up projections, and each
+    RMSNorm as one fused kernel. The rotary tables, the norms' weights, the
+    activation and the output projections are the model's.
+
+    Kernels per layer matter: a small-batch decode step is mostly launch cost
+    (bench/step_ops.py counts them). F.rms_norm gives Llama's norm bit for bit
+    in float32; in bfloat16/float16 it rounds once where Llama's rounds twice."""
 
     def __init__(self, model):
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        self.rotate_half = rotate_half
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -116,19 +118,28 @@ class LlamaDecoder:
         """x: [B, T, H] input embeddings -> [B, T, H] final hidden states (before the LM head)."""
         cos, sin = self.inner.rotary_emb(x, attention.positions)
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd]: broadcast over heads
+        # Llama's rotate_half(x) * sin is roll(x, hd/2) * (sin with its first half negated):
+        # the same products, with the negation and the concatenation paid once per step
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         B, T, _ = x.shape
         D, qk_heads = self.head_dim, self.heads + self.kv_heads
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            qkv = F.linear(layer.input_layernorm(x), *self.qkv[i]).view(B, T, -1, D).transpose(1, 2)
+            qkv = F.linear(rms_norm(layer.input_layernorm, x), *self.qkv[i]).view(B, T, -1, D).transpose(1, 2)
             qk = qkv[:, :qk_heads]
-            qk = qk * cos + self.rotate_half(qk) * sin  # Llama's rotary embedding, on q and k at once
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # rotary position, on q and k at once
             q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_heads:]
             x = x + attn.o_proj(attention(i, q, k, v, attn.scaling))
             mlp = layer.mlp
-            gate, up = F.linear(layer.post_attention_layernorm(x), *self.gate_up[i]).chunk(2, dim=-1)
+            gate, up = F.linear(rms_norm(layer.post_attention_layernorm, x), *self.gate_up[i]).chunk(2, dim=-1)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.inner.norm(x)
+        return rms_norm(self.inner.norm, x)
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm module's computation in one kernel."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class GPT2Decoder:
@@ -160,8 +171,9 @@ def decoder_for(model):
         layer = model.model.layers[0]
         linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
                    layer.mlp.up_proj)  # fmt: skip
-        # plain Llama attention, and plain (not quantized) projections that can be packed
-        if not hasattr(layer.self_attn, "q_norm") and all(type(m) is nn.Linear for m in linears):
+        # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
+        plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
+        if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):
             return LlamaDecoder(model)
     if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
         return GPT2Decoder(model)
