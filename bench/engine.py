@@ -31,6 +31,7 @@ share one `generate` call per batch, a logits processor stamps each step.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -65,6 +66,10 @@ SHAPES = {
     "llama-1b": lambda: LlamaForCausalLM(LlamaConfig(
         hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
         intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)),
+    # the default model's shape (SmolLM2-135M): the real weights are not needed for timings
+    "smollm2-135m": lambda: LlamaForCausalLM(LlamaConfig(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)),
     "gpt2-small": lambda: GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)),
     "tiny": lambda: LlamaForCausalLM(LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -84,7 +89,9 @@ class NoText:
 
 def build(shape: str, device: str, dtype: torch.dtype) -> LoadedModel:
     torch.manual_seed(0)
-    model = SHAPES[shape]().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialised where it runs: a 1B model's random init on the CPU takes long
+        model = SHAPES[shape]()
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = None  # every request generates exactly --new-tokens
     pos = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
@@ -241,6 +248,25 @@ def run_hf(loaded, requests, args, per_task: bool) -> dict:
     return summarize("", wall, args.new_tokens * len(requests), ttft, tpot)
 
 
+def run_rounds(plan, repeats: int) -> list[dict]:
+    """Each mode `repeats` times, interleaved, the order rotated each round so
+    that drift hits all alike; the run with the median throughput stands for
+    its mode. Each mode's row is printed as a RESULT line as soon as it is known."""
+    runs: dict[str, list[dict]] = {name: [] for _, name, _ in plan}
+    for r in range(repeats):
+        for _, name, fn in plan[r % len(plan) :] + plan[: r % len(plan)]:
+            row = fn()
+            row["mode"] = name
+            runs[name].append(row)
+            print(f"round {r + 1}: {name}: {row['tokens_per_s']:.1f} tok/s", flush=True)
+    rows = []
+    for rs in runs.values():
+        rs = sorted(rs, key=lambda x: x["tokens_per_s"])
+        rows.append({**rs[len(rs) // 2], "all": [x["tokens_per_s"] for x in rs]})
+        print("RESULT " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
@@ -292,22 +318,8 @@ def main() -> None:
         exact = tokens_in_order(eager, mixed)
         notes += [f"CUDA graphs vs eager step at the same shapes: {agreement(replayed, same_shapes)}",
                   f"CUDA graphs vs eager step at exact shapes: {agreement(replayed, exact)}"]  # fmt: skip
-    if args.compile:
-        fused = make_batcher(loaded, args, graphs=args.graphs, compile=True)
-        run_engine(fused, mixed, args)
-        plan.append(("g", "(g) ptserve engine, mixed, torch.compile", lambda: run_engine(fused, mixed, args)))
     plan = [p for p in plan if p[0] in args.modes]
-    runs: dict[str, list[dict]] = {name: [] for _, name, _ in plan}
-    for r in range(args.repeats):  # modes interleaved, order rotated each round: drift hits all alike
-        for _, name, fn in plan[r % len(plan) :] + plan[: r % len(plan)]:
-            row = fn()
-            row["mode"] = name
-            runs[name].append(row)
-            print(f"round {r + 1}: {name}: {row['tokens_per_s']:.1f} tok/s", flush=True)
-    rows = []
-    for rs in runs.values():  # the run with the median throughput stands for its mode
-        rs = sorted(rs, key=lambda x: x["tokens_per_s"])
-        rows.append({**rs[len(rs) // 2], "all": [x["tokens_per_s"] for x in rs]})
+    rows = run_rounds(plan, args.repeats)
     if args.rate:
         rng = random.Random(1)
         t, arrivals = 0.0, []
@@ -316,7 +328,13 @@ def main() -> None:
             t += rng.expovariate(args.rate)
         row = run_engine(engine, mixed, args, arrivals=arrivals)
         row["mode"] = f"(p) ptserve engine, Poisson {args.rate}/s"
+        print("RESULT " + json.dumps(row), flush=True)
         rows.append(row)
+    if args.compile and "g" in args.modes:  # last: its compilation is the slowest part of the run
+        fused = make_batcher(loaded, args, graphs=args.graphs, compile=True)
+        run_engine(fused, mixed, args)
+        rows += run_rounds([("g", "(g) ptserve engine, mixed, torch.compile", lambda: run_engine(fused, mixed, args))],
+                           args.repeats)  # fmt: skip
 
     device = (
         torch.cuda.get_device_name()
@@ -349,6 +367,8 @@ def main() -> None:
         if a in by and b in by:
             lines.append(f"{a}/{b} = {by[a] / by[b]:.2f}x")
     lines += [""] + notes if notes else []
+    for note in notes:
+        print("RESULT " + json.dumps({"note": note}), flush=True)
     report(lines, f"engine-{args.shape}", args.write)
 
 

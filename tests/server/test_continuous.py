@@ -1,6 +1,8 @@
 """Continuous batching: rows join and leave mid-generation, prefixes are reused,
 and every answer equals the request computed alone (the oracle)."""
 
+import os
+
 import pytest
 import torch
 
@@ -38,8 +40,14 @@ def oracle(loaded, batcher, w):
 
 
 def batcher(loaded, **kw):
-    args = dict(max_running=4, max_len=128, max_tokens=10**6, prefix_cache_size=8)
+    """A batcher for the tests. PTSERVE_COMPILE=true (bench/gpu_check.sh) compiles
+    every decode step; each one then starts from a clean torch.compile cache, so
+    that no test falls back to eager after too many recompilations."""
+    args = dict(max_running=4, max_len=128, max_tokens=10**6, prefix_cache_size=8,
+                compile=os.environ.get("PTSERVE_COMPILE", "false").lower() == "true")  # fmt: skip
     args.update(kw)
+    if args["compile"]:
+        torch._dynamo.reset()
     return ContinuousBatcher(loaded, decoder_for(loaded.model), **args)
 
 
