@@ -110,16 +110,18 @@ class ContinuousBatcher:
                 prefix_kv[key] = self.cache.export(slots[i], works[i].prompt.prefix_len)
                 self.prefixes.put(key, prefix_kv[key])
 
-        starts, seqs = [], []
+        starts, seqs, loads = [], [], []
         for i, (w, key, use) in enumerate(zip(works, keys, usable)):
             if use:
                 if missing.get(key) != i:  # the owner's slot already holds it
-                    self.cache.load(slots[i], prefix_kv[key])
+                    loads.append(i)
                 starts.append(w.prompt.prefix_len)
                 seqs.append(w.input_ids[w.prompt.prefix_len :])
             else:
                 starts.append(0)
                 seqs.append(w.input_ids)
+        if loads:
+            self.cache.load([slots[i] for i in loads], [prefix_kv[keys[i]] for i in loads])
         hidden = self._forward(slots, starts, seqs, works)  # [B, T, H]
         dev = self.loaded.device
         last = torch.tensor([len(seq) - 1 for seq in seqs], device=dev)

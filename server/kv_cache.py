@@ -45,9 +45,16 @@ class SlotKVCache:
         """A copy of one slot's first `length` positions, per layer (for the prefix cache)."""
         return [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
 
-    def load(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Place an exported prefix at positions 0.. of `slot`."""
-        for layer, (k, v) in enumerate(kv):
-            n = k.shape[1]
-            self.keys[layer][slot, :, :n] = k
-            self.values[layer][slot, :, :n] = v
+    def load(self, slots: list[int], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Place exported prefixes at positions 0.. of their slots (kvs[i] into
+        slots[i]). Prefixes of one length go in together: two copies per layer
+        for the whole group, not per slot (a batch of 64 newcomers would
+        otherwise launch 64 x layers x 2 small copies)."""
+        by_length: dict[int, list[int]] = {}
+        for i, kv in enumerate(kvs):
+            by_length.setdefault(kv[0][0].shape[1], []).append(i)
+        for n, group in by_length.items():
+            index = torch.tensor([slots[i] for i in group], device=self.keys[0].device)
+            for layer in range(len(self.keys)):
+                self.keys[layer][index, :, :n] = torch.stack([kvs[i][layer][0] for i in group])
+                self.values[layer][index, :, :n] = torch.stack([kvs[i][layer][1] for i in group])

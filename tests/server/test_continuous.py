@@ -165,6 +165,19 @@ def test_slot_cache_write_read_move():
     assert torch.equal(cache.read(0, 2, 3)[0][1], k[0])
 
 
+def test_slot_cache_loads_prefixes_of_different_lengths_into_their_slots():
+    cache = SlotKVCache(num_layers=2, slots=4, kv_heads=2, max_len=8, head_dim=4, dtype=torch.float32, device="cpu")
+    short = [(torch.randn(2, 2, 4), torch.randn(2, 2, 4)) for _ in range(2)]  # per layer: [kv_heads, 2, head_dim]
+    long = [(torch.randn(2, 5, 4), torch.randn(2, 5, 4)) for _ in range(2)]
+    cache.load([3, 0, 1], [short, long, short])
+    for layer in range(2):
+        for slot, kv in ((3, short), (0, long), (1, short)):
+            n = kv[layer][0].shape[1]
+            assert torch.equal(cache.keys[layer][slot, :, :n], kv[layer][0])
+            assert torch.equal(cache.values[layer][slot, :, :n], kv[layer][1])
+        assert torch.equal(cache.keys[layer][2], torch.zeros(2, 8, 4))  # untouched
+
+
 def test_scheduler_serves_concurrent_submissions(loaded):
     b = batcher(loaded, max_running=4)
     stats = BatchStats()
