@@ -111,6 +111,6 @@ class ContinuousScheduler(QueueWorker):
                     w.future.set_exception(e)
             return
         seconds = time.perf_counter() - start
-        tasks = len({w.prompt.key for w in works})
+        tasks = len({(w.prompt.task_id, w.prompt.version) for w in works})
         self.stats.record(kind, len(works), tasks, seconds)
         log.debug("batch kind=%s size=%d tasks=%d seconds=%.4f", kind, len(works), tasks, seconds)

@@ -163,7 +163,7 @@ class Scheduler(QueueWorker):
 
     def _run(self, batch: list[Work]) -> None:
         kind = batch[0].kind
-        tasks = {w.prompt.key for w in batch}
+        tasks = {(w.prompt.task_id, w.prompt.version) for w in batch}
         start = time.perf_counter()
 
         def finish(i: int, result) -> None:
