@@ -1,10 +1,21 @@
 """The embedded default store: one directory on disk.
 
-Layout: `ROOT/<task_id>/<version>.safetensors` (the latest version only) and
-`ROOT/<task_id>/.version` (the highest version ever given, kept after a delete so
-versions never repeat). Writes go to a temporary file that is fsynced and then
-renamed over, so a crash leaves either the old or the new file, never half of one.
-A per-task `flock` serialises puts, also across processes.
+Layout, per task `ROOT/<task_id>/`:
+- `<version>.<digest>.safetensors`: the latest version (digest: sha256 of its
+  bytes, see store.py), so one directory listing tells a prompt's identity;
+  stores written before digests were named `<version>.safetensors`, and those
+  files are still read (their digest is computed from their bytes);
+- `.version`: the highest version given before the last delete, so versions
+  never repeat after a delete (the high-water mark is the larger of it and the
+  versions of the files present);
+- `.lock`: a per-task `flock` that serialises writes, also across processes
+  sharing the directory.
+
+A put publishes with ONE rename: the bytes go to a temporary file (`.tmp-*`),
+which is fsynced, renamed to its final name, and the directory fsynced. Any
+failure before the end removes what it made, so the previous version stays
+whole and served; older versions are removed only afterwards. Temporary files
+left by a killed server are removed when the store is next opened.
 """
 
 from __future__ import annotations
@@ -14,23 +25,90 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import read_header, summarize
-from .errors import ArtifactError, StoreUnavailable
-from .store import PromptStore, StoredPrompt, check_task_id, is_task_id
+from .errors import ArtifactError, StoreOutcomeUnknown, StoreUnavailable
+from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of, is_task_id
 
 _SUFFIX = ".safetensors"
+_TEMPORARY = ".tmp-"
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _File:
+    """One version's file in a task folder."""
+
+    name: str
+    version: int
+    digest: str | None  # None for a file named before digests were
+
+
+def _parse(name: str) -> _File | None:
+    if not name.endswith(_SUFFIX):
+        return None
+    version, _, digest = name[: -len(_SUFFIX)].partition(".")
+    if not version.isdigit() or (digest and len(digest) != 64):
+        return None
+    return _File(name, int(version), digest or None)
+
+
+def _files(d: Path) -> list[_File]:
+    """The version files in task folder `d`, oldest first; [] when there is no folder."""
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    return sorted((f for f in map(_parse, names) if f is not None), key=lambda f: f.version)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`path` ends up either unchanged or holding all of `data`, fsynced; no
+    temporary file is left either way."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMPORARY)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sync_dir(d: Path) -> None:
+    """Make the renames and removals in `d` durable."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DiskStore(PromptStore):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
 
     def _dir(self, task_id: str) -> Path:
         return self.root / check_task_id(task_id)
+
+    @contextmanager
+    def _faults(self, action: str):
+        """A filesystem error becomes StoreUnavailable (503). Its message goes to
+        clients, so it names no path; the log has the whole error."""
+        try:
+            yield
+        except OSError as e:
+            log.error("prompt store %s: cannot %s: %s", self.root, action, e)
+            raise StoreUnavailable(f"the prompt store cannot {action}: {e.strerror or type(e).__name__}") from None
 
     @contextmanager
     def _locked(self, task_id: str):
@@ -44,87 +122,151 @@ class DiskStore(PromptStore):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @staticmethod
-    def _versions(d: Path) -> list[int]:
+    def _high_water(d: Path, files: list[_File]) -> int:
         try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return []
-        return sorted(int(n[: -len(_SUFFIX)]) for n in names if n.endswith(_SUFFIX) and n[: -len(_SUFFIX)].isdigit())
-
-    @staticmethod
-    def _high_water(d: Path) -> int:
-        try:
-            return int((d / ".version").read_text())
+            recorded = int((d / ".version").read_text())
         except (FileNotFoundError, ValueError):
-            return 0
+            recorded = 0
+        return max([recorded, *(f.version for f in files)])
 
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    def _remove_stale_temporaries(self) -> None:
+        """Remove `.tmp-*` files of uploads that were killed midway. A put holds its
+        task's lock while its temporary file exists, so a task whose lock is free
+        has no upload in flight (not even one by another server sharing this
+        directory); a locked task is left alone. Never stops the store opening."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            tasks = [e.name for e in os.scandir(self.root) if e.is_dir() and is_task_id(e.name)]
+        except OSError as e:
+            log.warning("prompt store %s: cannot look for temporary files: %s", self.root, e)
+            return
+        for task_id in tasks:
+            d = self.root / task_id
+            try:
+                if not any(n.startswith(_TEMPORARY) for n in os.listdir(d)):
+                    continue
+                with open(d / ".lock", "a") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # an upload is in flight
+                    try:
+                        for name in os.listdir(d):
+                            if name.startswith(_TEMPORARY):
+                                (d / name).unlink(missing_ok=True)
+                                log.info("prompt store: removed %s, left by an interrupted upload", d / name)
+                    finally:
+                        fcntl.flock(f, fcntl.LOCK_UN)
+            except OSError as e:
+                log.warning("prompt store %s: cannot remove temporary files: %s", d, e)
+
+    # -- writes ------------------------------------------------------------
 
     def put(self, task_id: str, data: bytes) -> dict:
         header = read_header(data)
         summary = summarize(task_id, 0, header)
-        try:
-            with self._locked(task_id) as d:
-                old = self._versions(d)
-                version = max([self._high_water(d), *old]) + 1
-                self._write_atomic(d / f"{version}{_SUFFIX}", data)
-                self._write_atomic(d / ".version", str(version).encode())
-                for v in old:
-                    (d / f"{v}{_SUFFIX}").unlink(missing_ok=True)
-        except OSError as e:  # disk full, permissions: nothing half-written, say why
-            raise StoreUnavailable(f"prompt directory {self.root}: cannot write: {e}") from None
+        digest = digest_of(data)
+        with self._faults("store the upload"), self._locked(task_id) as d:
+            files = _files(d)
+            latest = files[-1] if files else None
+            if latest is not None and (latest.digest or digest_of((d / latest.name).read_bytes())) == digest:
+                return {**summary, "version": latest.version}  # these bytes are already the latest version
+            version = self._high_water(d, files) + 1
+            path = d / f"{version}.{digest}{_SUFFIX}"
+            _write_file(path, data)
+            try:
+                _sync_dir(d)
+            except OSError:
+                self._take_back(path)
+                raise
+            for old in files:  # newest last: a failure here leaves the new version served
+                try:
+                    (d / old.name).unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("prompt store: cannot remove the old version %s: %s", d / old.name, e)
         return {**summary, "version": version}
 
-    def _latest(self, task_id: str) -> tuple[int, Path] | None:
-        d = self._dir(task_id)
-        versions = self._versions(d)
-        return (versions[-1], d / f"{versions[-1]}{_SUFFIX}") if versions else None
+    @staticmethod
+    def _take_back(path: Path) -> None:
+        """Unpublish a new version that is not known to be durable."""
+        try:
+            path.unlink()
+        except OSError:
+            raise StoreOutcomeUnknown(
+                "the prompt store failed while publishing the upload and could not undo it: "
+                "the outcome is unknown; uploading the same bytes again is safe"
+            ) from None
 
-    def get(self, task_id: str) -> StoredPrompt | None:
+    def delete(self, task_id: str) -> bool:
+        with self._faults("delete the task"):
+            if not self._dir(task_id).is_dir():
+                return False
+            with self._locked(task_id) as d:
+                files = _files(d)
+                if not files:
+                    return False
+                high_water = self._high_water(d, files)
+                _write_file(d / ".version", str(high_water).encode())  # versions never repeat
+                _sync_dir(d)
+                for f in files:  # newest last: a failure here leaves the task as it was
+                    (d / f.name).unlink()
+                try:
+                    _sync_dir(d)
+                except OSError as e:
+                    log.error("prompt store %s: a delete is not known to be durable: %s", self.root, e)
+                    raise StoreOutcomeUnknown(
+                        f"task {task_id!r} was removed, but the prompt store could not make that durable: "
+                        "it may come back after a crash; deleting it again is safe"
+                    ) from None
+        return True
+
+    # -- reads -------------------------------------------------------------
+
+    def _read(self, task_id: str) -> StoredPrompt | None:
+        d = self._dir(task_id)
         # A concurrent put may remove the file between listing and reading: retry.
         for _ in range(5):
-            latest = self._latest(task_id)
-            if latest is None:
+            files = _files(d)
+            if not files:
                 return None
+            latest = files[-1]
             try:
-                return StoredPrompt(task_id, latest[0], latest[1].read_bytes())
+                data = (d / latest.name).read_bytes()
             except FileNotFoundError:
                 continue
+            return StoredPrompt(task_id, latest.version, data, latest.digest or digest_of(data))
         raise StoreUnavailable(f"task {task_id!r} kept changing while being read")
 
-    def version(self, task_id: str) -> int | None:
-        latest = self._latest(task_id)
-        return latest[0] if latest else None
+    def get(self, task_id: str) -> StoredPrompt | None:
+        with self._faults("read the task"):
+            return self._read(task_id)
+
+    def identity(self, task_id: str) -> PromptIdentity | None:
+        with self._faults("read the task"):
+            files = _files(self._dir(task_id))
+            if files and files[-1].digest is not None:
+                return PromptIdentity(files[-1].version, files[-1].digest)
+            stored = self._read(task_id)  # no file, or one named before digests were
+            return None if stored is None else stored.identity
+
+    def _summary(self, task_id: str) -> dict | None:
+        stored = self._read(task_id)
+        return summarize(task_id, stored.version, read_header(stored.data)) if stored else None
 
     def summary(self, task_id: str) -> dict | None:
-        stored = self.get(task_id)
-        return summarize(task_id, stored.version, read_header(stored.data)) if stored else None
+        with self._faults("read the task"):
+            return self._summary(task_id)
 
     def list(self) -> list[dict]:
         """Every task; entries that are not task directories (lost+found, a
         corrupt file) are logged and skipped, so one bad entry hides no others."""
         out = []
-        for d in sorted(self.root.iterdir()):
-            if not d.is_dir() or not is_task_id(d.name):
-                continue
+        with self._faults("list the tasks"):
+            entries = sorted(self.root.iterdir())
+        for d in entries:
             try:
-                s = self.summary(d.name)
+                if not d.is_dir() or not is_task_id(d.name):
+                    continue
+                s = self._summary(d.name)
             except (ArtifactError, OSError) as e:
                 log.warning("prompt store: skipping %s: %s", d, e)
                 continue
@@ -132,16 +274,9 @@ class DiskStore(PromptStore):
                 out.append(s)
         return out
 
-    def delete(self, task_id: str) -> bool:
-        d = self._dir(task_id)
-        if not d.exists():
-            return False
-        with self._locked(task_id) as d:
-            versions = self._versions(d)
-            for v in versions:
-                (d / f"{v}{_SUFFIX}").unlink(missing_ok=True)
-        return bool(versions)
-
     def ping(self) -> None:
-        if not os.access(self.root, os.W_OK):
-            raise StoreUnavailable(f"prompt directory {self.root} is not writable")
+        with self._faults("be reached"):
+            writable = os.access(self.root, os.W_OK)
+        if not writable:
+            log.error("prompt store %s is not writable", self.root)
+            raise StoreUnavailable("the prompt store's directory is not writable")

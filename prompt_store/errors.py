@@ -58,3 +58,8 @@ class Unauthorized(PtserveError):
 
 class StoreUnavailable(ServiceUnavailable):
     """The prompt store cannot be reached -> 503."""
+
+
+class StoreOutcomeUnknown(DeadlineExceeded):
+    """A write was sent but the store did not confirm it in time: it may or may
+    not have happened -> 504. Repeating the same upload is safe (see store.py)."""

@@ -1,32 +1,48 @@
 """The shared store: Redis (redis-py), for several servers or docker-compose.
 
 Keys, under a prefix (default `ptserve`):
-- `{p}:task:{id}`    hash {version, artifact, summary}: the latest version;
+- `{p}:task:{id}`    hash {version, digest, artifact, summary}: the latest version;
 - `{p}:version:{id}` counter of versions ever given (kept after a delete);
 - `{p}:tasks`        set of task ids that exist.
 A put is one Lua script (bump counter + write hash + add to set), so concurrent
 puts from many servers get distinct versions and the hash always holds the
-highest one.
+highest one. The script is declared with a shebang, so Redis refuses it whole
+when out of memory instead of failing halfway, and it makes no new version when
+the hash already holds the same bytes (digest).
+
+A write is sent once, never retried by redis-py, and its errors say whether it
+can have happened: a failure before the script was sent (connect, the PING
+that checks the connection, writing the command) stored nothing
+(StoreUnavailable, 503); no answer after it was sent means Redis may still run
+it (StoreOutcomeUnknown, 504), and sending the same bytes again is safe.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import redis
 
 from .artifact import read_header, summarize
-from .errors import StoreUnavailable
-from .store import PromptStore, StoredPrompt, check_task_id
+from .errors import StoreOutcomeUnknown, StoreUnavailable
+from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of
 
-_PUT = """
+log = logging.getLogger(__name__)
+
+# KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest
+_PUT = """#!lua
+if redis.call('HGET', KEYS[2], 'digest') == ARGV[4] then
+  return tonumber(redis.call('HGET', KEYS[2], 'version'))
+end
 local v = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[2], 'version', v, 'artifact', ARGV[1], 'summary', ARGV[2])
+redis.call('HSET', KEYS[2], 'version', v, 'digest', ARGV[4], 'artifact', ARGV[1], 'summary', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 return v
 """
 
-_DELETE = """
+# KEYS: task hash, task set; ARGV: task id
+_DELETE = """#!lua
 local n = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return n
@@ -34,28 +50,56 @@ return n
 
 
 def _unavailable(e: Exception) -> StoreUnavailable:
-    return StoreUnavailable(f"prompt store (Redis) is unreachable: {e}")
+    # the client reads this: name the kind of failure, not addresses or socket paths
+    log.error("prompt store (Redis): %s", e)
+    return StoreUnavailable(f"prompt store (Redis) is unreachable ({type(e).__name__}); the server log has details")
 
 
 class RedisStore(PromptStore):
     def __init__(self, url: str, prefix: str = "ptserve"):
+        """`url` may set `socket_timeout` / `socket_connect_timeout` (seconds, default 5)."""
         self.url = url
         self.prefix = prefix
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._put = self._redis.register_script(_PUT)
-        self._delete = self._redis.register_script(_DELETE)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{check_task_id(task_id)}"
+
+    def _run_write(self, script: str, keys: list[str], args: list) -> int:
+        """Run a write script once on one connection, telling apart a failure
+        before it was sent (nothing happened) from one after (unknown)."""
+        pool = self._redis.connection_pool
+        try:
+            conn = pool.get_connection()
+        except redis.RedisError as e:
+            raise _unavailable(e) from None
+        try:
+            try:  # nothing has been sent yet: every failure here stored nothing
+                conn.send_command("PING")
+                conn.read_response()
+                conn.send_command("EVAL", script, len(keys), *keys, *args)
+            except redis.RedisError as e:
+                conn.disconnect()  # a half-written command is dropped with the connection
+                raise _unavailable(e) from None
+            try:
+                return int(conn.read_response())
+            except redis.ResponseError as e:  # refused whole (e.g. out of memory): nothing stored
+                raise _unavailable(e) from None
+            except redis.RedisError as e:
+                conn.disconnect()
+                log.error("prompt store (Redis): no answer to a write: %s", e)
+                raise StoreOutcomeUnknown(
+                    f"the prompt store (Redis) did not answer in time ({type(e).__name__}): the outcome is "
+                    "unknown, the change may still be applied; repeating the same request is safe"
+                ) from None
+        finally:
+            pool.release(conn)
 
     def put(self, task_id: str, data: bytes) -> dict:
         header = read_header(data)
         summary = summarize(task_id, 0, header)
         keys = [f"{self.prefix}:version:{check_task_id(task_id)}", self._task_key(task_id), f"{self.prefix}:tasks"]
-        try:
-            version = int(self._put(keys=keys, args=[data, json.dumps(summary), task_id]))
-        except redis.RedisError as e:
-            raise _unavailable(e) from None
+        version = self._run_write(_PUT, keys, [data, json.dumps(summary), task_id, digest_of(data)])
         return {**summary, "version": version}
 
     def _hmget(self, task_id: str, *fields: str) -> list:
@@ -65,12 +109,19 @@ class RedisStore(PromptStore):
             raise _unavailable(e) from None
 
     def get(self, task_id: str) -> StoredPrompt | None:
-        version, data = self._hmget(task_id, "version", "artifact")
-        return None if version is None else StoredPrompt(task_id, int(version), data)
+        version, digest, data = self._hmget(task_id, "version", "digest", "artifact")
+        if version is None:
+            return None
+        return StoredPrompt(task_id, int(version), data, digest.decode() if digest else digest_of(data))
 
-    def version(self, task_id: str) -> int | None:
-        (version,) = self._hmget(task_id, "version")
-        return None if version is None else int(version)
+    def identity(self, task_id: str) -> PromptIdentity | None:
+        version, digest = self._hmget(task_id, "version", "digest")
+        if version is None:
+            return None
+        if digest is None:  # written before digests were stored
+            stored = self.get(task_id)
+            return None if stored is None else stored.identity
+        return PromptIdentity(int(version), digest.decode())
 
     def summary(self, task_id: str) -> dict | None:
         version, summary = self._hmget(task_id, "version", "summary")
@@ -89,10 +140,7 @@ class RedisStore(PromptStore):
 
     def delete(self, task_id: str) -> bool:
         keys = [self._task_key(task_id), f"{self.prefix}:tasks"]
-        try:
-            return bool(self._delete(keys=keys, args=[task_id]))
-        except redis.RedisError as e:
-            raise _unavailable(e) from None
+        return bool(self._run_write(_DELETE, keys, [task_id]))
 
     def ping(self) -> None:
         try:

@@ -1,12 +1,20 @@
 """The prompt store interface, shared by the disk and Redis backends.
 
-A store keeps artifact bytes per task id. Every `put` makes a new version;
-versions of a task only grow, even across a delete, so a cached (task, version)
-pair can never name two different prompts.
+A store keeps artifact bytes per task id. Every `put` of new bytes makes a new
+version; versions of a task only grow, even across a delete. A store that lost
+its data (an emptied Redis, a re-created task folder) restarts at version 1, so
+a stored prompt is identified by (version, digest of its bytes): every cache
+keys on that pair, never on the version alone.
+
+Writes are all or nothing: a put or delete that raises changed nothing, except
+StoreOutcomeUnknown (the store stopped answering after the write was sent), where
+it may have happened; putting the same bytes again is then safe, since a put of
+the bytes the task already holds makes no new version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -29,25 +37,51 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
+def digest_of(data: bytes) -> str:
+    """sha256 of an artifact's bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class PromptIdentity:
+    """Which prompt a task holds: equal identities mean equal bytes."""
+
+    version: int
+    digest: str  # digest_of(the artifact bytes)
+
+
 @dataclass(frozen=True)
 class StoredPrompt:
     task_id: str
     version: int
     data: bytes  # the artifact file, as uploaded
+    digest: str  # digest_of(data)
+
+    @property
+    def identity(self) -> PromptIdentity:
+        return PromptIdentity(self.version, self.digest)
 
 
 class PromptStore(ABC):
     @abstractmethod
     def put(self, task_id: str, data: bytes) -> dict:
-        """Store a new version; return the task summary (with its new version)."""
+        """Store a new version; return the task summary (with its new version).
+        When `data` is exactly the latest version's bytes, store nothing and
+        return that version's summary."""
 
     @abstractmethod
     def get(self, task_id: str) -> StoredPrompt | None:
         """The latest version, or None."""
 
     @abstractmethod
+    def identity(self, task_id: str) -> PromptIdentity | None:
+        """The latest version's identity (cheap: no artifact bytes), or None when
+        the task does not exist."""
+
     def version(self, task_id: str) -> int | None:
-        """The latest version number (cheap), or None when the task does not exist."""
+        """The latest version number, or None when the task does not exist."""
+        identity = self.identity(task_id)
+        return None if identity is None else identity.version
 
     @abstractmethod
     def summary(self, task_id: str) -> dict | None:

@@ -91,7 +91,7 @@ class ContinuousBatcher:
         prefills everything (its last token's logits are needed)."""
         first_slot = len(self.rows)
         slots = list(range(first_slot, first_slot + len(works)))
-        keys = [(w.prompt.task_id, w.prompt.version) for w in works]
+        keys = [w.prompt.key for w in works]
         usable = [self.reuse_prefixes and 0 < w.prompt.prefix_len < len(w.input_ids) for w in works]
         prefix_kv = {}
         for key, use in zip(keys, usable):

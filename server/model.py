@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
@@ -52,19 +56,71 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def embedding_fingerprint(weight: torch.Tensor) -> str:
     """sha256 of the input embedding matrix cast to bfloat16, row-major bytes;
     the first 16 hex digits. Casting first makes fp32 and bf16 copies of one
-    checkpoint agree."""
+    checkpoint agree (bf16 of bf16 is itself); a float16 copy does not, having
+    been rounded once more, so `describe_model` reads the checkpoint's values."""
     raw = weight.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def describe_model(model, name_or_path: str) -> dict:
-    """The artifact's `base_model` entry for this model."""
+def _safetensors_files(name_or_path: str) -> list[Path]:
+    """The checkpoint's safetensors files: in a local folder, or already in the
+    Hugging Face cache (never downloaded here); [] when there are none."""
+    def find(filename: str) -> Path | None:
+        if Path(name_or_path).is_dir():
+            path = Path(name_or_path) / filename
+            return path if path.is_file() else None
+        try:
+            cached = try_to_load_from_cache(name_or_path, filename)
+        except ValueError:  # not a repository id either (e.g. a made-up name)
+            return None
+        return Path(cached) if isinstance(cached, str) else None
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [find(shard) for shard in shards]
+        return files if all(files) else []
+    single = find("model.safetensors")
+    return [single] if single else []
+
+
+def checkpoint_embedding(model, name_or_path: str) -> torch.Tensor | None:
+    """The input embedding matrix as the checkpoint stores it (before any cast
+    to the serving dtype), or None when it is not found in safetensors files."""
     weight = model.get_input_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    for path in _safetensors_files(name_or_path):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                # a checkpoint of another head class prefixes names differently ("bert." or none)
+                if any(key == n or key.endswith("." + n) or n.endswith("." + key) for n in names):
+                    stored = f.get_tensor(key)
+                    if tuple(stored.shape) == tuple(weight.shape):
+                        return stored
+    return None
+
+
+def describe_model(model, name_or_path: str) -> dict:
+    """The artifact's `base_model` entry for this model. The fingerprint comes
+    from the checkpoint's stored embedding values when they can be read, so it
+    does not depend on the dtype the model is served in."""
+    weight = model.get_input_embeddings().weight
+    try:
+        stored = checkpoint_embedding(model, name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("cannot read the embedding matrix from %s's checkpoint: %s", name_or_path, e)
+        stored = None
+    if stored is None and weight.dtype == torch.float16:
+        log.warning(
+            "fingerprint of %s computed from its float16 copy (no safetensors checkpoint found): artifacts "
+            "made against a float32 or bfloat16 load may be refused as trained on other weights",
+            name_or_path,
+        )
     return {
         "name_or_path": name_or_path,
         "hidden_size": int(weight.shape[1]),
         "vocab_size": int(weight.shape[0]),
-        "fingerprint": embedding_fingerprint(weight),
+        "fingerprint": embedding_fingerprint(weight if stored is None else stored),
     }
 
 

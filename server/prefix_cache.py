@@ -1,8 +1,9 @@
 """Keys and values of each task's static prefix (pseudo tokens and fixed text
 before the template's first field), computed once per task version.
 
-Entries are keyed by (task_id, version): versions only grow, so a new upload
-can never be served an old prefix, and an evicted entry is simply recomputed.
+Entries are keyed by TaskPrompt.key, (task_id, version, digest of the artifact
+bytes): a new upload is never served an old prefix, even when a store that lost
+its data gives version 1 again; an evicted entry is simply recomputed.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from collections import OrderedDict
 import torch
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, length, head_dim]
+PromptKey = tuple[str, int, str]  # TaskPrompt.key: task_id, version, digest
 
 
 class PrefixCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, int], PrefixKV] = OrderedDict()
+        self._entries: OrderedDict[PromptKey, PrefixKV] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: tuple[str, int]) -> PrefixKV | None:
+    def get(self, key: PromptKey) -> PrefixKV | None:
         with self._lock:
             kv = self._entries.get(key)
             if kv is None:
@@ -32,7 +34,7 @@ class PrefixCache:
             self.hits += 1
             return kv
 
-    def put(self, key: tuple[str, int], kv: PrefixKV) -> None:
+    def put(self, key: PromptKey, kv: PrefixKV) -> None:
         if self.capacity < 1:
             return
         with self._lock:

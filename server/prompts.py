@@ -4,6 +4,8 @@ A `TaskPrompt` is one version of one task, ready to run: its template, its
 prompt rows already on the model's device and dtype, and its tokenized
 verbalizers. Objects are immutable; a request holds the one it was resolved
 to, so a newer upload or an eviction never changes a request in flight.
+A stored prompt is identified by (version, digest of its bytes), never by the
+version alone: a store that lost its data gives version 1 again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
 from prompt_store.errors import ArtifactError, InvalidRequest, StoreUnavailable, TaskNotFound
-from prompt_store.store import PromptStore, check_task_id
+from prompt_store.store import PromptIdentity, PromptStore, StoredPrompt, check_task_id
 from prompt_store.template import Template, render, static_prefix, tokenize_text
 
 from .model import LoadedModel
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 class TaskPrompt:
     task_id: str
     version: int
+    digest: str  # of the artifact bytes: with the version, what caches key on
     task_type: str  # "generate" | "classify"
     template: Template
     rows: torch.Tensor  # [m, H] on the model's device and dtype
@@ -38,8 +41,19 @@ class TaskPrompt:
     head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
     prefix_len: int = 0  # tokens before the template's first field: the same in every request
 
+    @property
+    def identity(self) -> PromptIdentity:
+        return PromptIdentity(self.version, self.digest)
 
-def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel) -> TaskPrompt:
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """What a cache of anything computed from this prompt keys on."""
+        return (self.task_id, self.version, self.digest)
+
+
+def task_prompt(
+    task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel, digest: str = ""
+) -> TaskPrompt:
     """Check `artifact` against the served model and place its rows on the device."""
     check_fits_model(artifact, loaded.info["hidden_size"], loaded.vocab_size, loaded.info["fingerprint"])
     labels = artifact.labels or {}
@@ -59,6 +73,7 @@ def task_prompt(task_id: str, version: int, artifact: PromptArtifact, loaded: Lo
     return TaskPrompt(
         task_id=task_id,
         version=version,
+        digest=digest,
         task_type=artifact.task_type,
         template=artifact.template,
         rows=artifact.embeddings.to(loaded.device, loaded.dtype),
@@ -103,7 +118,7 @@ def _check_family(artifact: PromptArtifact, loaded: LoadedModel) -> None:
 
 class PromptCache:
     """Bounded LRU of TaskPrompts. Every lookup asks the store for the latest
-    version number (one cheap read) and reloads when it changed."""
+    identity, (version, digest) (one cheap read), and reloads when it changed."""
 
     def __init__(self, store: PromptStore, loaded: LoadedModel, capacity: int, max_artifact_bytes: int):
         self.store = store
@@ -117,7 +132,7 @@ class PromptCache:
     def get(self, task_id: str) -> TaskPrompt:
         check_task_id(task_id)
         try:
-            version = self.store.version(task_id)
+            identity = self.store.identity(task_id)
         except StoreUnavailable:
             with self._lock:
                 cached = self._entries.get(task_id)
@@ -125,12 +140,12 @@ class PromptCache:
                 raise
             log.warning("store unreachable; serving cached %s v%d", task_id, cached.version)
             return cached
-        if version is None:
+        if identity is None:
             self.drop(task_id)
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         with self._lock:
             cached = self._entries.get(task_id)
-            if cached is not None and cached.version == version:
+            if cached is not None and cached.identity == identity:
                 self._entries.move_to_end(task_id)
                 self.hits += 1
                 return cached
@@ -141,17 +156,21 @@ class PromptCache:
         stored = self.store.get(task_id)
         if stored is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
-        prompt = task_prompt(task_id, stored.version, read_artifact(stored.data, self.max_artifact_bytes), self.loaded)
+        prompt = self._prompt(stored)
         with self._lock:
-            current = self._entries.get(task_id)
-            if current is None or current.version < prompt.version:
-                self._entries[task_id] = prompt
+            # what the store held just now; a concurrent load of an older one that
+            # lands later is noticed by the next lookup's identity check
+            self._entries[task_id] = prompt
             self._entries.move_to_end(task_id)
             while len(self._entries) > self.capacity:
                 evicted, _ = self._entries.popitem(last=False)
                 self.evictions += 1
                 log.info("prompt cache full: evicted %s", evicted)
-            return self._entries[task_id]
+        return prompt
+
+    def _prompt(self, stored: StoredPrompt) -> TaskPrompt:
+        artifact = read_artifact(stored.data, self.max_artifact_bytes)
+        return task_prompt(stored.task_id, stored.version, artifact, self.loaded, stored.digest)
 
     def drop(self, task_id: str) -> None:
         with self._lock:

@@ -101,7 +101,8 @@ def test_disk_store_leaves_no_temporary_files(tmp_path):
     s = DiskStore(tmp_path)
     for i in range(3):
         s.put("t", data(float(i)))
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".lock", ".version", "3.safetensors"]
+    digest = s.get("t").digest
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".lock", f"3.{digest}.safetensors"]
 
 
 def test_disk_listing_skips_entries_that_are_not_tasks(tmp_path):
@@ -110,7 +111,8 @@ def test_disk_listing_skips_entries_that_are_not_tasks(tmp_path):
     s.put("broken", data(1.0))
     (tmp_path / "lost+found").mkdir()  # the root of a mounted ext4 volume has one
     (tmp_path / "stray.txt").write_text("x")
-    (tmp_path / "broken" / "1.safetensors").write_bytes(b"garbage")
+    for f in (tmp_path / "broken").glob("*.safetensors"):
+        f.write_bytes(b"garbage")
     assert [t["task_id"] for t in s.list()] == ["good"]
 
 
@@ -138,3 +140,39 @@ DiskStore({str(tmp_path)!r}).put("t", data(2.0))
     assert got.version == 1 and fill_of(got) == 1.0
     assert [s["version"] for s in store.list()] == [1]
     assert store.put("t", data(3.0))["version"] >= 2 and fill_of(store.get("t")) == 3.0
+
+
+def lose_everything(store, tmp_path):
+    """What a restarted, empty Redis or a re-created task folder looks like."""
+    import shutil
+
+    if isinstance(store, DiskStore):
+        shutil.rmtree(store.root / "t")
+    else:
+        for key in store._redis.scan_iter(f"{store.prefix}:*"):
+            store._redis.delete(key)
+
+
+def test_a_store_that_lost_its_data_gives_a_new_identity(store, tmp_path):
+    """Versions restart at 1 after the data is lost: (version, digest), never the
+    version alone, tells two prompts apart."""
+    store.put("t", data(1.0))
+    before = store.identity("t")
+    assert before.version == 1 and store.get("t").digest == before.digest
+    lose_everything(store, tmp_path)
+    assert store.identity("t") is None
+    assert store.put("t", data(2.0))["version"] == 1
+    after = store.identity("t")
+    assert after.version == 1 and after != before
+    got = store.get("t")
+    assert (got.version, got.digest) == (after.version, after.digest) and fill_of(got) == 2.0
+
+
+def test_the_same_bytes_again_make_no_new_version(store):
+    """Re-uploading the current version's exact bytes is a no-op (a retry after an
+    unknown outcome is safe); other bytes, or older ones, make a new version."""
+    assert store.put("t", data(1.0))["version"] == 1
+    assert store.put("t", data(1.0))["version"] == 1
+    assert store.put("t", data(2.0))["version"] == 2
+    assert store.put("t", data(1.0))["version"] == 3
+    assert store.version("t") == 3 and fill_of(store.get("t")) == 1.0

@@ -41,3 +41,20 @@ def test_a_new_version_replaces_the_cached_one_and_delete_forgets_it(store, load
     with pytest.raises(TaskNotFound):
         cache.get("t")
     assert cache.stats()["size"] == 0
+
+
+def test_a_recreated_task_folder_is_never_served_stale(store, loaded, tmp_path):
+    """The task folder is deleted behind the server's back and a different prompt
+    uploaded: it is version 1 again, and the cache must serve the new rows."""
+    import shutil
+
+    cache = PromptCache(store, loaded, capacity=4, max_artifact_bytes=1 << 20)
+    put(store, loaded, "t", 1)
+    old = cache.get("t")
+    shutil.rmtree(tmp_path / "t")
+    put(store, loaded, "t", 2)
+    new = cache.get("t")
+    assert (old.version, new.version) == (1, 1)
+    assert not (old.rows == new.rows).all(), "the cache served the deleted folder's rows"
+    assert new.digest == store.get("t").digest != old.digest
+    assert cache.get("t") is new  # and it is cached from then on

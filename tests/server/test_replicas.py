@@ -97,3 +97,38 @@ def test_device_map_is_passed_through(gpt2_dir, tmp_path, monkeypatch):
         assert client.get("/v1/stats").json()["engine"] == "static"
         client.put("/v1/tasks/t", content=artifact_bytes(random_prompt(loaded, "[P:2]{input}")))
         assert client.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 3}).status_code == 200
+
+
+def test_after_redis_lost_its_data_every_replica_serves_the_new_v1_at_once(gpt2_dir, shared_store):
+    """Redis restarts empty and a different prompt is uploaded under the same task
+    id: it is version 1 again, and both replicas (the one that took the upload and
+    the other) must serve it on their very next request, prefix KV included."""
+    from prompt_store.template import render
+    from server.runner import eos_token_ids
+    from tests.oracle import alone_greedy
+    from tests.server.live_server import LiveServer
+
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    template = "Note:[P:2] about {input}[P:1]"  # a static prefix: the prefix cache is used
+    old, new = (random_prompt(loaded, template, seed=s) for s in (11, 12))
+    body = {"input": "json parse error", "max_new_tokens": 6}
+    ids = render(new.template, loaded.tokenizer, {"input": body["input"]}, loaded.vocab_size)
+    expected = alone_greedy(loaded.model, new.embeddings, ids, loaded.vocab_size, 6, eos_token_ids(loaded))
+    settings = Settings(model=str(gpt2_dir), store=shared_store, max_wait_ms=20)
+    with (
+        LiveServer(create_app(settings, loaded)) as a,
+        LiveServer(create_app(settings, loaded)) as b,
+        httpx.Client(timeout=60) as client,
+    ):
+        assert client.put(f"{a.url}/v1/tasks/t", content=artifact_bytes(old)).json()["version"] == 1
+        before = [client.post(f"{r.url}/v1/tasks/t/generate", json=body).json() for r in (a, b)]
+        assert before[0]["token_ids"] == before[1]["token_ids"] != expected
+        assert all(client.get(f"{r.url}/v1/stats").json()["prefix_cache"]["size"] == 1 for r in (a, b))
+
+        redis.Redis.from_url(shared_store).flushdb()  # a Redis restarted without its data
+        r = client.put(f"{a.url}/v1/tasks/t", content=artifact_bytes(new))
+        assert r.status_code == 201 and r.json()["version"] == 1
+        for replica in (a, b):
+            out = client.post(f"{replica.url}/v1/tasks/t/generate", json=body).json()
+            assert (out["version"], out["token_ids"]) == (1, expected), f"{replica.url} served the lost prompt"
+            assert client.get(f"{replica.url}/v1/tasks/t/artifact").content == artifact_bytes(new)

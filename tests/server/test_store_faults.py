@@ -1,0 +1,64 @@
+"""What clients read when the prompt store fails: 503 when nothing was stored,
+504 when the outcome is unknown, and never a local path."""
+
+import time
+
+import httpx
+import redis
+
+from prompt_store.artifact import artifact_bytes
+from server.app import create_app
+from server.model import load_model
+from server.settings import Settings
+from tests.conftest import random_prompt, start_redis
+from tests.prompt_store.test_disk_faults import deny
+from tests.server.live_server import LiveServer
+
+
+def serve(loaded, store: str) -> LiveServer:
+    return LiveServer(create_app(Settings(model=loaded.info["name_or_path"], store=store, max_wait_ms=20), loaded))
+
+
+def test_an_unreadable_disk_store_answers_503_without_paths(gpt2_dir, tmp_path, monkeypatch):
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    root = tmp_path / "store"
+    gen = artifact_bytes(random_prompt(loaded, "[P:2]{input}"))
+    with serve(loaded, str(root)) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.put("/v1/tasks/t", content=gen).status_code == 201
+        deny(monkeypatch, root)  # from now on every filesystem call under the store root fails
+        answers = {
+            "list": client.get("/v1/tasks"),
+            "summary": client.get("/v1/tasks/t"),
+            "artifact": client.get("/v1/tasks/t/artifact"),
+            "generate": client.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 2}),
+            "delete": client.delete("/v1/tasks/t"),
+            "upload": client.put("/v1/tasks/u", content=gen),
+            "ready": client.get("/ready"),
+        }
+        for name, r in answers.items():
+            assert r.status_code == 503, (name, r.status_code, r.text)
+            assert str(tmp_path) not in r.text and "/tmp" not in r.text, (name, r.text)
+            assert "prompt store" in r.text, (name, r.text)
+        monkeypatch.undo()
+        assert client.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 2}).status_code == 200
+        assert client.get("/v1/tasks/u").status_code == 404
+
+
+def test_an_upload_redis_does_not_confirm_is_504_and_the_same_upload_again_is_safe(gpt2_dir):
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    proc, url = start_redis()
+    data = artifact_bytes(random_prompt(loaded, "[P:2]{input}", seed=3))
+    try:
+        with serve(loaded, url + "?socket_timeout=0.5") as live, httpx.Client(base_url=live.url, timeout=60) as c:
+            assert c.get("/ready").status_code == 200
+            redis.Redis.from_url(url).execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+            paused_until = time.monotonic() + 2.0
+            r = c.put("/v1/tasks/t", content=data)
+            assert r.status_code == 504 and "outcome is unknown" in r.json()["detail"], r.text
+            time.sleep(max(0.0, paused_until - time.monotonic()) + 0.3)
+            r = c.put("/v1/tasks/t", content=data)  # the client retries the same bytes
+            assert r.status_code == 201 and r.json()["version"] == 1
+            assert c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 2}).json()["version"] == 1
+    finally:
+        proc.kill()
+        proc.wait()
