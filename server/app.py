@@ -82,6 +82,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         body = {"detail": f"internal error ({type(exc).__name__}): {exc}"}
         return JSONResponse(body, status_code=500, headers={"Connection": "close"})
 
+    app.state.settings = settings  # for the HTTP server's socket limits (server/http_server.py)
     metrics = Metrics(lambda: getattr(app.state, "engine", None))
     app.state.metrics = metrics
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
