@@ -58,3 +58,11 @@ class Unauthorized(PtserveError):
 
 class StoreUnavailable(ServiceUnavailable):
     """The prompt store cannot be reached -> 503."""
+
+
+class Forbidden(PtserveError):
+    """A valid token, but not one that allows this route -> 403."""
+
+
+class BadRequest(PtserveError):
+    """A request that cannot be read one way only (e.g. two Authorization headers) -> 400."""
