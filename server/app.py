@@ -25,6 +25,7 @@ from prompt_store.errors import (
 )
 
 from .engine import Engine
+from .input_lanes import InputLanes
 from .metrics import Metrics, MetricsMiddleware
 from .model import LoadedModel
 from .request_gate import RequestGate
@@ -71,6 +72,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
         engine.start()
         app.state.engine = engine
+        app.state.lanes = InputLanes()
         try:
             yield
         finally:

@@ -32,7 +32,7 @@ async def list_models(engine: EngineDep):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
     fields = {"input": body.text()}
-    work = await run_in_threadpool(engine.prepare_generate, body.model, fields, body.sampling_overrides())
+    work = await request.app.state.lanes.prepare(engine.prepare_generate, body.model, fields, body.sampling_overrides())
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(text: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:
