@@ -63,3 +63,11 @@ class StoreUnavailable(ServiceUnavailable):
 class StoreOutcomeUnknown(DeadlineExceeded):
     """A write was sent but the store did not confirm it in time: it may or may
     not have happened -> 504. Repeating the same upload is safe (see store.py)."""
+
+
+class Forbidden(PtserveError):
+    """A valid token, but not one that allows this route -> 403."""
+
+
+class BadRequest(PtserveError):
+    """A request that cannot be read one way only (e.g. two Authorization headers) -> 400."""

@@ -12,7 +12,9 @@ from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import (
     Abandoned,
+    BadRequest,
     DeadlineExceeded,
+    Forbidden,
     InvalidRequest,
     Overloaded,
     PayloadTooLarge,
@@ -22,17 +24,20 @@ from prompt_store.errors import (
     Unauthorized,
 )
 
-from .body_limit import JsonBodyLimit
 from .engine import Engine
+from .input_lanes import InputLanes
 from .metrics import Metrics, MetricsMiddleware
 from .model import LoadedModel
+from .request_gate import RequestGate
 from .routes import health, inference, openai, tasks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 _STATUS = {
+    BadRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     TaskNotFound: 404,
     PayloadTooLarge: 413,
     InvalidRequest: 422,
@@ -51,6 +56,11 @@ def _status_of(error: PtserveError) -> int:
     return 500
 
 
+def error_response(error: PtserveError) -> JSONResponse:
+    headers = next((h for cls, h in _HEADERS.items() if isinstance(error, cls)), None)
+    return JSONResponse({"detail": str(error)}, status_code=_status_of(error), headers=headers)
+
+
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
     """`loaded`: an already loaded model to serve instead of loading settings.model
     (tests share one tiny model between several servers)."""
@@ -62,6 +72,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
         engine.start()
         app.state.engine = engine
+        app.state.lanes = InputLanes()
         try:
             yield
         finally:
@@ -71,8 +82,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
-        headers = next((h for cls, h in _HEADERS.items() if isinstance(exc, cls)), None)
-        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc), headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -82,9 +92,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         body = {"detail": f"internal error ({type(exc).__name__}): {exc}"}
         return JSONResponse(body, status_code=500, headers={"Connection": "close"})
 
+    app.state.settings = settings  # for the HTTP server's socket limits (server/http_server.py)
     metrics = Metrics(lambda: getattr(app.state, "engine", None))
     app.state.metrics = metrics
-    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
+    app.add_middleware(RequestGate, settings=settings, respond=error_response)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(tasks.router)

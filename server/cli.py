@@ -21,10 +21,14 @@ def _serve(args) -> None:
     import uvicorn
 
     from .app import create_app
+    from .http_server import server_config
 
     settings = serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(server_config(create_app(settings), settings))
+    server.run()
+    if not server.started:
+        sys.exit("ptserve serve: the server did not start (see the log above)")
 
 
 def _tiny_model(args) -> None:
@@ -231,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device-map", dest="device_map", help="'auto': spread the model over all GPUs (accelerate)")
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
+    serve.add_argument("--header-timeout-s", dest="header_timeout_s", type=float,
+                       help="seconds a client has to send a request's headers (default 10)")  # fmt: skip
+    serve.add_argument("--keep-alive-timeout-s", dest="keep_alive_timeout_s", type=float,
+                       help="seconds an idle kept-alive connection stays open (default 5)")  # fmt: skip
+    serve.add_argument("--max-connections", dest="max_connections", type=int,
+                       help="open connections at most; beyond: 503 (default 1000)")  # fmt: skip
     serve.set_defaults(func=_serve)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny RANDOM-WEIGHT smoke-test model (meaningless output)")

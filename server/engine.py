@@ -29,6 +29,11 @@ from .work import ClassifyWork, GenerateWork, SamplingParams
 log = logging.getLogger(__name__)
 
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+# No tokenizer we serve packs more than this many characters into one token of
+# ordinary text (English averages about 4), so input longer than
+# max_input_tokens * CHARS_PER_TOKEN_BOUND cannot fit and is refused before
+# tokenizing, which would cost far more than the refusal.
+CHARS_PER_TOKEN_BOUND = 16
 
 
 class Engine:
@@ -141,6 +146,13 @@ class Engine:
         prompt = self.prompts.get(task_id)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
+        chars = sum(len(value) for value in fields.values())
+        if chars > self.settings.max_input_tokens * CHARS_PER_TOKEN_BOUND:
+            raise InvalidRequest(
+                f"input is {chars} characters; the limit is {self.settings.max_input_tokens * CHARS_PER_TOKEN_BOUND} "
+                f"({CHARS_PER_TOKEN_BOUND} characters per token of the {self.settings.max_input_tokens}-token "
+                "input limit), checked before tokenizing"
+            )
         ids = render(prompt.template, self.loaded.tokenizer, fields, self.loaded.vocab_size)
         if len(ids) > self.settings.max_input_tokens:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {self.settings.max_input_tokens}")

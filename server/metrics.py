@@ -29,6 +29,12 @@ class Metrics:
                                         registry=self.registry)  # fmt: skip
         self.registry.register(_EngineCollector(engine_of))
 
+    def forget_task(self, task_id: str) -> None:
+        """Drop every series labelled with this task (it was deleted), so that
+        /metrics does not grow with tasks that no longer exist."""
+        for metric in (self.requests, self.generated_tokens):
+            metric.remove_by_labels({"task": task_id})
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -90,5 +96,8 @@ class MetricsMiddleware:
             code = status["code"]
             # task ids of refused requests are not labels: anyone could invent them
             task = (scope.get("path_params") or {}).get("task_id", "") if code < 400 else ""
+            if scope["method"] == "DELETE" and task:  # the task is gone: so are its series
+                self.metrics.forget_task(task)
+                task = ""
             self.metrics.requests.labels(path, task, str(code)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)

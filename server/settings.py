@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this: 504")
     max_virtual_tokens: int = Field(512, ge=1, description="prompt rows (pseudo tokens) per task")
     max_json_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body other than an upload")
+
+    # Connections (the socket level, before any request is read).
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line + headers not all in after this: "
+                                    "408 and the connection is closed")  # fmt: skip
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    max_connections: int = Field(1000, ge=1, description="open connections; beyond it a new one gets 503 and is "
+                                 "closed (lowered to fit the open-file limit)")  # fmt: skip
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers; beyond it: 400")
     log_level: str = "info"
 
     @field_validator("api_token", "inference_token", "device_map")

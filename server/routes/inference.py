@@ -2,14 +2,13 @@
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from ..client_wait import wait_for_result
 from ..schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 from ..streaming import stream_generation
-from .deps import EngineDep, InferenceAccess
+from .deps import EngineDep
 
-router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[InferenceAccess])
+router = APIRouter(prefix="/v1/tasks", tags=["inference"])  # inference token: server/access.py
 
 
 @router.post(
@@ -18,7 +17,8 @@ router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[Inferen
     responses={200: {"content": {"text/event-stream": {}}, "description": "the answer, or events if stream"}},
 )
 async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep):
-    work = await run_in_threadpool(engine.prepare_generate, task_id, body.fields(), body.sampling_overrides())
+    fields, overrides = body.fields(), body.sampling_overrides()
+    work = await request.app.state.lanes.prepare(engine.prepare_generate, task_id, fields, overrides)
     if body.stream:
 
         def final(rest: str, result) -> list:
@@ -42,6 +42,6 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, engine
 
 @router.post("/{task_id}/classify", response_model=ClassifyResponse)
 async def classify(task_id: str, body: ClassifyRequest, request: Request, engine: EngineDep):
-    work = await run_in_threadpool(engine.prepare_classify, task_id, body.fields())
+    work = await request.app.state.lanes.prepare(engine.prepare_classify, task_id, body.fields())
     result = await wait_for_result(request, engine, work)
     return ClassifyResponse(task_id=task_id, version=work.prompt.version, label=result.label, scores=result.scores)

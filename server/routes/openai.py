@@ -10,9 +10,9 @@ from starlette.concurrency import run_in_threadpool
 from ..client_wait import wait_for_result
 from ..schemas import CompletionRequest
 from ..streaming import stream_generation
-from .deps import EngineDep, InferenceAccess
+from .deps import EngineDep
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[InferenceAccess])
+router = APIRouter(prefix="/v1", tags=["openai"])  # inference token: server/access.py
 
 
 @router.get("/models")
@@ -32,7 +32,7 @@ async def list_models(engine: EngineDep):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
     fields = {"input": body.text()}
-    work = await run_in_threadpool(engine.prepare_generate, body.model, fields, body.sampling_overrides())
+    work = await request.app.state.lanes.prepare(engine.prepare_generate, body.model, fields, body.sampling_overrides())
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(text: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:

@@ -5,15 +5,20 @@ import time
 
 import uvicorn
 
+from server.http_server import server_config
 from tests.conftest import free_port
 
 
 class LiveServer:
+    """The app served as `ptserve serve` serves it (same protocol and socket limits)."""
+
     def __init__(self, app):
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        where = {"host": "127.0.0.1", "port": self.port, "log_level": "warning"}
+        settings = app.state.settings.model_copy(update=where)
+        self._server = uvicorn.Server(server_config(app, settings))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self):

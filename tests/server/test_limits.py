@@ -206,3 +206,66 @@ def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
         with c.stream("POST", "/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 5, "stream": True}) as r:
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert r.status_code == 200 and "decode broke" in lines[-1]
+
+
+def test_input_far_over_the_token_limit_is_refused_before_tokenizing(gpt2, tmp_path, monkeypatch):
+    from server.engine import CHARS_PER_TOKEN_BOUND
+
+    calls = {"n": 0}
+    tokenizer_class = type(gpt2.tokenizer)
+    for name in ("__call__", "encode", "tokenize"):
+        real = getattr(tokenizer_class, name)
+
+        def counted(self, *args, real=real, **kwargs):
+            calls["n"] += 1
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer_class, name, counted)
+    with serve(gpt2, tmp_path, max_input_tokens=64) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        c.put("/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+        cap = 64 * CHARS_PER_TOKEN_BOUND
+        calls["n"] = 0
+        r = c.post("/v1/tasks/t/generate", json={"input": "x" * (cap + 1)})
+        assert r.status_code == 422
+        assert r.json()["detail"].startswith(f"input is {cap + 1} characters; the limit is {cap} ")
+        assert calls["n"] == 0
+        r = c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 1})
+        assert r.status_code == 200 and calls["n"] > 0  # a normal request is tokenized (and counted)
+
+
+def test_long_inputs_are_prepared_one_at_a_time_and_short_ones_do_not_wait(gpt2, tmp_path, monkeypatch):
+    from server.engine import Engine
+    from server.input_lanes import LONG_INPUT_CHARS
+
+    real = Engine.prepare_generate
+    running = {"long": 0, "most": 0}
+
+    def slow_long(self, task_id, fields, overrides):
+        if len(fields["input"]) <= LONG_INPUT_CHARS:
+            return real(self, task_id, fields, overrides)
+        running["long"] += 1
+        running["most"] = max(running["most"], running["long"])
+        time.sleep(0.3)  # a slow tokenizer
+        running["long"] -= 1
+        return real(self, task_id, fields, overrides)
+
+    monkeypatch.setattr(Engine, "prepare_generate", slow_long)
+    with serve(gpt2, tmp_path, max_input_tokens=256) as live:  # long inputs are refused, in the long lane
+        httpx.put(f"{live.url}/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+
+        async def fire():
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+                long = {"input": "x" * (LONG_INPUT_CHARS + 1), "max_new_tokens": 1}
+
+                async def short():
+                    await asyncio.sleep(0.1)  # the long ones are in first
+                    start = time.monotonic()
+                    r = await c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 1})
+                    return r, time.monotonic() - start
+
+                return await asyncio.gather(*(c.post("/v1/tasks/t/generate", json=long) for _ in range(3)), short())
+
+        *longs, (short, short_s) = asyncio.run(fire())
+    assert [r.status_code for r in longs] == [422, 422, 422]
+    assert running["most"] == 1
+    assert short.status_code == 200 and short_s < 0.5  # the longs need 0.9 s, one after another

@@ -1,0 +1,38 @@
+"""Prometheus metrics (server/metrics.py) over real HTTP."""
+
+import httpx
+import pytest
+
+from prompt_store.artifact import artifact_bytes
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import random_prompt
+from tests.server.live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir):
+    from server.model import load_model
+
+    return load_model(str(gpt2_dir), device="cpu", dtype="float32")
+
+
+def test_a_deleted_task_leaves_no_series(gpt2, tmp_path):
+    s = Settings(model=gpt2.info["name_or_path"], store=str(tmp_path / "store"))
+    tasks = [f"gone-{i}" for i in range(5)]
+    with LiveServer(create_app(s, gpt2)) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        data = artifact_bytes(random_prompt(gpt2, "[P:2]{input}"))
+        for task in tasks + ["kept"]:
+            assert c.put(f"/v1/tasks/{task}", content=data).status_code == 201
+            r = c.post(f"/v1/tasks/{task}/generate", json={"input": "x", "max_new_tokens": 2})
+            assert r.status_code == 200
+            assert c.get(f"/v1/tasks/{task}").status_code == 200
+        before = c.get("/metrics").text
+        assert all(f'task="{task}"' in before for task in tasks)
+        for task in tasks:
+            assert c.delete(f"/v1/tasks/{task}").status_code == 204
+        after = c.get("/metrics").text
+    left = [line for line in after.splitlines() if any(f'task="{task}"' in line for task in tasks)]
+    assert left == []
+    assert 'ptserve_generated_tokens_total{task="kept"}' in after  # other tasks keep theirs
+    assert 'ptserve_requests_total{code="204",route="/v1/tasks/{task_id}",task=""} 5.0' in after
