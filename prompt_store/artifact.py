@@ -10,6 +10,11 @@
 
 `read_artifact` checks everything that can be checked without the model;
 `check_fits_model` checks the rest against the served model.
+
+Bounds for hostile files: JSON documents (the header, the metadata, a PEFT
+config) nest at most MAX_JSON_DEPTH levels and hold no lone surrogate; prompt
+rows must stay finite in the served dtype and no row's norm may exceed
+MAX_NORM_RATIO times the largest norm of the model's input embedding rows.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import ArtifactError, PayloadTooLarge, TemplateError
-from .template import Template, parse_template
+from .template import Template, lone_surrogate, parse_template
 
 TENSOR_NAME = "prompt_embeddings"
 HEAD_WEIGHT = "head.weight"
@@ -36,6 +41,12 @@ TASK_TYPES = ("generate", "classify")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 32  # real headers and metadata nest 3-4 levels
+# Trained soft prompts sit within a few times the norms of real token embeddings (an
+# untrained P-tuning encoder with N(0, 1) weights, in the PEFT tests: up to ~300 times);
+# rows 1000 times the largest embedding norm are refused: far past any of those, and
+# long before the maths breaks (1e38 rows overflow to Inf and give NaN logits).
+MAX_NORM_RATIO = 1000
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,30 @@ class PromptArtifact:
         return self.meta["base_model"]
 
 
+def load_json(raw: bytes | str, what: str):
+    """json.loads for an uploaded document, refusing what breaks later steps: nesting
+    deeper than MAX_JSON_DEPTH (a RecursionError here, or in the response's
+    serializer) and lone surrogates ("\\ud800" is valid JSON but no text: neither
+    UTF-8 nor a tokenizer takes it). Syntax errors raise json.JSONDecodeError."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ArtifactError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    pending = [(doc, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            surrogate = lone_surrogate(value)
+            if surrogate is not None:
+                raise ArtifactError(f"{what} holds a lone surrogate {surrogate[1]!r} in {value[:40]!r}: not text")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ArtifactError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((child, depth + 1) for child in children)
+    return doc
+
+
 def read_header(data: bytes) -> dict:
     """The JSON header of a safetensors file, without loading any tensor."""
     if len(data) < 8:
@@ -71,7 +106,7 @@ def read_header(data: bytes) -> dict:
     if 8 + n > len(data):
         raise ArtifactError(f"not a safetensors file: header length {n} runs past the end of the {len(data)} bytes")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = load_json(data[8 : 8 + n], "safetensors header")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"not a safetensors file: header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -90,7 +125,7 @@ def read_meta(header: dict) -> dict:
     if not isinstance(raw, str):
         raise ArtifactError(f"metadata '{METADATA_KEY}' must be a JSON string")
     try:
-        meta = json.loads(raw)
+        meta = load_json(raw, f"metadata '{METADATA_KEY}'")
     except json.JSONDecodeError as e:
         raise ArtifactError(f"metadata '{METADATA_KEY}' is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -100,8 +135,9 @@ def read_meta(header: dict) -> dict:
 
 
 def _check_meta(meta: dict) -> None:
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise ArtifactError(f"format_version must be the integer {FORMAT_VERSION}, got {version!r}")
     if meta.get("task_type") not in TASK_TYPES:
         raise ArtifactError(f"task_type must be one of {list(TASK_TYPES)}, got {meta.get('task_type')!r}")
     try:
@@ -187,8 +223,18 @@ def _check_embeddings(emb: torch.Tensor, meta: dict) -> None:
         raise ArtifactError(f"'{TENSOR_NAME}' has {emb.shape[1]} columns but base_model.hidden_size is {hidden}")
 
 
-def check_fits_model(artifact: PromptArtifact, hidden_size: int, vocab_size: int, fingerprint: str | None) -> None:
-    """Refuse an artifact trained for a different model than the one served."""
+def check_fits_model(
+    artifact: PromptArtifact,
+    hidden_size: int,
+    vocab_size: int,
+    fingerprint: str | None,
+    dtype: torch.dtype | None = None,
+    embedding_norm: float | None = None,
+) -> None:
+    """Refuse an artifact trained for a different model than the one served, or
+    whose rows break the maths: not finite in the served `dtype`, or a row norm
+    above MAX_NORM_RATIO × `embedding_norm` (the largest norm of the model's
+    input embedding rows)."""
     base = artifact.base_model
     if artifact.embeddings.shape[1] != hidden_size:
         raise ArtifactError(
@@ -204,6 +250,21 @@ def check_fits_model(artifact: PromptArtifact, hidden_size: int, vocab_size: int
             f"base_model.fingerprint {theirs} does not match the served model's {fingerprint}: "
             "the prompt was trained on other weights"
         )
+    emb = artifact.embeddings
+    if dtype is not None and not torch.isfinite(emb.to(dtype)).all():
+        largest = float(emb.double().abs().max())
+        raise ArtifactError(
+            f"'{TENSOR_NAME}' overflows {str(dtype).removeprefix('torch.')}, the served model's dtype "
+            f"(largest magnitude {largest:.3g})"
+        )
+    if embedding_norm is not None:
+        norms = emb.double().norm(dim=1)  # [m]; float64, so that rows of 1e38 do not overflow to inf
+        worst = int(norms.argmax())
+        if norms[worst] > MAX_NORM_RATIO * embedding_norm:
+            raise ArtifactError(
+                f"'{TENSOR_NAME}' row {worst} has norm {float(norms[worst]):.3g}, more than {MAX_NORM_RATIO} × "
+                f"the largest norm of the served model's input embedding rows ({embedding_norm:.3g})"
+            )
 
 
 def make_artifact(

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from .artifact import TENSOR_NAME, PromptArtifact, make_artifact
+from .artifact import TENSOR_NAME, PromptArtifact, load_json, make_artifact
 from .errors import ArtifactError
 from .template import Field, Literal, Pseudo
 
@@ -33,7 +33,7 @@ def peft_template(m: int, bos_token: str | None) -> str:
 
 def parse_peft_config(raw: bytes | str) -> dict:
     try:
-        config = json.loads(raw)
+        config = load_json(raw, CONFIG_FILE)  # bounded depth, no lone surrogates
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
     if not isinstance(config, dict):

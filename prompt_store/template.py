@@ -4,8 +4,14 @@ The rendering rule (DESIGN.md) is implemented once here and used by both the
 server and the trainer:
 1. whitespace directly next to a `[P:n]` hole is dropped;
 2. every other literal segment, and every field value, is tokenized on its own,
-   as written, without special tokens added;
+   as written, without special tokens added; special-token strings in the
+   template's literals (`<s>`, `[MASK]`) become those tokens, in field values
+   they are plain text (request data never becomes a control token);
 3. the pieces are concatenated in order; nothing else is added.
+
+Syntax: a field is `{name}`, name an identifier of ASCII letters, digits and
+`_` (no attribute or index access); `{{` and `}}` are literal braces; any other
+brace is refused. `[P:n]` holds 1 <= n <= MAX_PSEUDO_PER_HOLE pseudo tokens.
 
 Rendered sequences are lists of ints. Pseudo token i of a task (counted from 0
 across the whole template) is written as the *virtual id* `vocab_size + i`, an id
@@ -20,7 +26,11 @@ from dataclasses import dataclass
 
 from .errors import TemplateError
 
-_HOLE = re.compile(r"\[P:(\d+)\]|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# one piece of template syntax: a pseudo-token hole, an escaped brace, a field hole, a stray brace
+_SYNTAX = re.compile(r"\[P:(\d+)\]|\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_PSEUDO_PER_HOLE = 10_000  # far above any server's max_virtual_tokens; bounds int() on the digits
 
 
 @dataclass(frozen=True)
@@ -71,20 +81,35 @@ def parse_template(source: str) -> Template:
     if not isinstance(source, str) or not source:
         raise TemplateError("template must be a non-empty string")
     raw: list[Segment] = []
+    text = ""  # literal text since the last hole
     pos = 0
-    for m in _HOLE.finditer(source):
-        if m.start() > pos:
-            raw.append(Literal(source[pos : m.start()]))
-        if m.group(1) is not None:
-            count = int(m.group(1))
-            if count < 1:
-                raise TemplateError(f"template {source!r}: [P:{m.group(1)}] must hold at least 1 pseudo token")
-            raw.append(Pseudo(count))
-        else:
-            raw.append(Field(m.group(2)))
+    for m in _SYNTAX.finditer(source):
+        text += source[pos : m.start()]
         pos = m.end()
-    if pos < len(source):
-        raw.append(Literal(source[pos:]))
+        piece = m.group(0)
+        if piece in ("{{", "}}"):
+            text += piece[0]
+            continue
+        if piece in ("{", "}"):
+            raise TemplateError(
+                f"template {source!r}: unbalanced {piece!r} at index {m.start()}; a field is written {{name}} "
+                "and a literal brace {{ or }}"
+            )
+        if text:
+            raw.append(Literal(text))
+            text = ""
+        if m.group(1) is not None:
+            raw.append(Pseudo(_pseudo_count(m.group(1))))
+        elif _FIELD_NAME.fullmatch(m.group(2)):
+            raw.append(Field(m.group(2)))
+        else:
+            raise TemplateError(
+                f"template {source!r}: bad field {{{m.group(2)}}}: a field name is letters, digits and _, "
+                "not starting with a digit (no attribute or index access)"
+            )
+    text += source[pos:]
+    if text:
+        raw.append(Literal(text))
 
     # Rule 1: whitespace touching a pseudo-token hole belongs to no segment.
     segments: list[Segment] = []
@@ -102,9 +127,24 @@ def parse_template(source: str) -> Template:
     return Template(source=source, segments=tuple(segments))
 
 
-def tokenize_text(tokenizer, text: str) -> list[int]:
-    """Rule 2: one piece of text, as written, with no special tokens added."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _pseudo_count(digits: str) -> int:
+    shown = digits if len(digits) <= 8 else digits[:8] + "..."
+    if len(digits) > len(str(MAX_PSEUDO_PER_HOLE)) or not 1 <= int(digits) <= MAX_PSEUDO_PER_HOLE:
+        raise TemplateError(f"[P:{shown}]: a hole holds at least 1 and at most {MAX_PSEUDO_PER_HOLE} pseudo tokens")
+    return int(digits)
+
+
+def lone_surrogate(text: str) -> tuple[int, str] | None:
+    """(index, character) of the first lone surrogate in `text`, else None. JSON can
+    escape one ("\\ud800"), but it is no character: neither UTF-8 nor a tokenizer takes it."""
+    m = _SURROGATE.search(text)
+    return None if m is None else (m.start(), m.group(0))
+
+
+def tokenize_text(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
+    """Rule 2: one piece of text, as written, with no special tokens added.
+    `split_special_tokens`: special-token strings in `text` are plain text (field values)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"])
 
 
 def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: int) -> list[int]:
@@ -130,9 +170,15 @@ def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: in
             text = fields[seg.name]
             if not isinstance(text, str):
                 raise TemplateError(f"field {seg.name!r} must be a string")
+            surrogate = lone_surrogate(text)
+            if surrogate is not None:
+                raise TemplateError(
+                    f"field {seg.name!r} holds a lone surrogate {surrogate[1]!r} at index {surrogate[0]}: not text"
+                )
+            tokens = tokenize_text(tokenizer, text, split_special_tokens=True)  # request data: never control tokens
         else:
             text = seg.text
-        tokens = tokenize_text(tokenizer, text)
+            tokens = tokenize_text(tokenizer, text)
         # an id past the embedding matrix would be read as a pseudo token
         if tokens and max(tokens) >= vocab_size:
             raise TemplateError(f"{text[:40]!r} tokenizes to id {max(tokens)}, outside the model's {vocab_size} rows")

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import (
@@ -83,6 +86,13 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
         return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError):
+        # FastAPI's own 422, ASCII-escaped: its errors quote the input, and a lone
+        # surrogate sent as "\\ud800" has no UTF-8 encoding (a 500 otherwise)
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -106,6 +106,7 @@ class Engine:
         if prompt.task_type == "generate":
             try:
                 self._sampling_params(prompt, {})
+                self._check_default_length(prompt)
             except InvalidRequest as e:
                 raise InvalidRequest(f"bad 'generation' defaults in the artifact: {e}") from None
         summary = self.store.put(task_id, data)
@@ -166,13 +167,31 @@ class Engine:
             )
         prompt, ids = self._resolve(task_id, "generate", fields)
         params = self._sampling_params(prompt, overrides)
-        limit = self.batcher.max_len if self.batcher is not None else self.loaded.max_positions
+        limit = self._position_limit()
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise InvalidRequest(
                 f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the {limit} positions "
                 "a request may use here"
             )
         return GenerateWork(prompt, ids, params)
+
+    def _position_limit(self) -> int | None:
+        """Input + new tokens of one generate request, at most (None: unbounded)."""
+        return self.batcher.max_len if self.batcher is not None else self.loaded.max_positions
+
+    def _check_default_length(self, prompt: TaskPrompt) -> None:
+        """The artifact's own max_new_tokens must leave room for its template, or every
+        request that keeps the default would be refused."""
+        wanted, limit = prompt.generation.get("max_new_tokens"), self._position_limit()
+        if wanted is None or limit is None:
+            return
+        empty = {field: "" for field in prompt.template.fields}
+        fixed = len(render(prompt.template, self.loaded.tokenizer, empty, self.loaded.vocab_size))
+        if fixed + wanted > limit:
+            raise InvalidRequest(
+                f"max_new_tokens {wanted} plus the template's own {fixed} tokens exceed the {limit} positions "
+                "a request may use here"
+            )
 
     def prepare_classify(self, task_id: str, fields: dict[str, str]) -> ClassifyWork:
         prompt, ids = self._resolve(task_id, "classify", fields)

@@ -124,6 +124,11 @@ def describe_model(model, name_or_path: str) -> dict:
     }
 
 
+def largest_row_norm(weight: torch.Tensor) -> float:
+    """The largest L2 norm of a row of `weight`, in float32, a block of rows at a time."""
+    return max(float(torch.linalg.vector_norm(block.float(), dim=1).max()) for block in weight.detach().split(8192))
+
+
 def default_bos_token(tokenizer) -> str | None:
     """The BOS token's text when the tokenizer prepends it by default, else None."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -150,6 +155,7 @@ class LoadedModel:
     info: dict  # describe_model(): name_or_path, hidden_size, vocab_size, fingerprint
     max_positions: int | None
     family: str = "causal"  # a key of FAMILIES
+    embedding_norm: float | None = None  # largest norm of an input embedding row: bounds prompt rows at upload
 
     @property
     def vocab_size(self) -> int:
@@ -187,4 +193,5 @@ def load_model(
         info=describe_model(model, name_or_path),
         max_positions=max_positions(model.config),
         family=family,
+        embedding_norm=largest_row_norm(model.get_input_embeddings().weight),
     )

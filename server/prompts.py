@@ -55,13 +55,15 @@ def task_prompt(
     task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel, digest: str = ""
 ) -> TaskPrompt:
     """Check `artifact` against the served model and place its rows on the device."""
-    check_fits_model(artifact, loaded.info["hidden_size"], loaded.vocab_size, loaded.info["fingerprint"])
+    check_fits_model(artifact, loaded.info["hidden_size"], loaded.vocab_size, loaded.info["fingerprint"],
+                     loaded.dtype, loaded.embedding_norm)  # fmt: skip
     labels = artifact.labels or {}
     label_ids = []
     for name, verbalizer in labels.items():
         ids = tokenize_text(loaded.tokenizer, verbalizer)
         if not ids:
             raise ArtifactError(f"label {name!r}: verbalizer {verbalizer!r} tokenizes to no tokens")
+        _check_verbalizer_fits(name, ids, artifact, loaded)
         if loaded.family == "masked" and len(ids) != 1:
             raise ArtifactError(
                 f"label {name!r}: a masked LM scores one token at [MASK], "
@@ -83,6 +85,21 @@ def task_prompt(
         head=head,
         prefix_len=len(render(static_prefix(artifact.template), loaded.tokenizer, {}, loaded.vocab_size)),
     )
+
+
+def _check_verbalizer_fits(name: str, ids: list[int], artifact: PromptArtifact, loaded: LoadedModel) -> None:
+    """A causal LM reads each verbalizer after the input: if it does not fit in the
+    model's positions even after empty fields, no input could ever be classified."""
+    limit = loaded.max_positions
+    if loaded.family != "causal" or limit is None:
+        return
+    empty = {field: "" for field in artifact.template.fields}
+    fixed = len(render(artifact.template, loaded.tokenizer, empty, loaded.vocab_size))
+    if fixed + len(ids) > limit:
+        raise ArtifactError(
+            f"label {name!r}: verbalizer is {len(ids)} tokens; after the template's own {fixed} tokens the "
+            f"model's {limit} positions leave no room for it, so no input could be classified"
+        )
 
 
 def check_classify_input(prompt: TaskPrompt, ids: list[int], loaded: LoadedModel) -> None:

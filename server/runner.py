@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from prompt_store.errors import Abandoned
 
 from .model import LoadedModel
-from .sampling import RowDecoder, step_rows
+from .sampling import RowDecoder, non_finite_output, step_rows
 from .scoring import LabelQuery, LabelScorer, embed, pack, prompt_table
 from .work import ClassifyResult, ClassifyWork, GenerateResult, GenerateWork
 
@@ -121,15 +121,19 @@ class ModelRunner:
     # -- classify ----------------------------------------------------------
 
     @torch.inference_mode()
-    def classify(self, works: list[ClassifyWork]) -> list[ClassifyResult]:
+    def classify(self, works: list[ClassifyWork]) -> list[ClassifyResult | Exception]:
         """Label probabilities: the softmax over each request's label scores
-        (server/scoring.py), in forward passes of at most max_classify_rows rows."""
+        (server/scoring.py), in forward passes of at most max_classify_rows rows.
+        A request whose scores are not finite gets an error as its result."""
         scores: list[torch.Tensor] = []
         for chunk in self._classify_chunks(works):
             queries = [LabelQuery(w.input_ids, w.prompt.rows, w.prompt.label_ids, w.prompt.head) for w in chunk]
             scores.extend(self.score_labels(queries))
-        results = []
+        results: list[ClassifyResult | Exception] = []
         for w, s in zip(works, scores):
+            if not torch.isfinite(s).all():  # never answer a NaN probability
+                results.append(non_finite_output())
+                continue
             s = s.double()
             probs = dict(zip(w.prompt.labels, torch.softmax(s, dim=0).tolist()))
             logprobs = dict(zip(w.prompt.labels, s.tolist()))

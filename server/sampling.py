@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from prompt_store.errors import InvalidRequest
+
 from .work import GenerateResult, SamplingParams
+
+
+def non_finite_output() -> InvalidRequest:
+    """The error of a request whose logits or scores came out NaN or Inf."""
+    return InvalidRequest(
+        "the model's output for this request is NaN or Inf (the task's prompt rows or this input overflow "
+        "the model's arithmetic): no answer was produced"
+    )
 
 
 class RowDecoder:
@@ -44,8 +54,10 @@ class RowDecoder:
         probs = torch.softmax(logits, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always the first token)
+            # keep the smallest prefix whose mass reaches top_p, and always the first token:
+            # a top_p below float32's smallest value (1e-46) compares as 0 and would drop it
             drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
@@ -86,12 +98,18 @@ def step_rows(logits: torch.Tensor, rows: list[RowDecoder]) -> tuple[list[int], 
     """Choose and record one token per unfinished row. logits: [B, V].
     -> (the chosen tokens, 0 for rows already done; indices of rows that finished
     now). Greedy rows share one argmax; sampling rows use their own generator. A
-    row whose sampling fails finishes with its exception; the others go on."""
-    greedy = logits.argmax(dim=-1).tolist()
+    row whose sampling fails finishes with its exception; the others go on. A row
+    whose logits hold NaN or Inf fails rather than answer meaningless tokens."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    greedy = torch.where(finite, logits.argmax(dim=-1), -1).tolist()  # -1: not finite (still one sync)
     chosen = [0] * len(rows)
     finished = []
     for i, row in enumerate(rows):
         if row.done:
+            continue
+        if greedy[i] < 0:
+            row.fail(non_finite_output())
+            finished.append(i)
             continue
         try:
             chosen[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]

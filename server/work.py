@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from prompt_store.errors import InvalidRequest
+from prompt_store.template import lone_surrogate
 
 from .prompts import TaskPrompt
 
@@ -45,8 +46,11 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+        stop_ok = all(isinstance(s, str) and s and lone_surrogate(s) is None for s in self.stop)
+        if not stop_ok or len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings without a lone surrogate, got {self.stop!r}"
+            )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 

@@ -116,6 +116,47 @@ def test_a_template_without_pseudo_tokens_is_refused():
         make_artifact(torch.zeros(0, 8), template="{input}", task_type="generate", base_model=BASE)
 
 
+@pytest.mark.parametrize("version", [True, 1.0, "1", 2])
+def test_format_version_is_the_integer_1(version):
+    with pytest.raises(ArtifactError, match=f"format_version must be the integer 1, got {version!r}"):
+        read_artifact(raw({"prompt_embeddings": torch.zeros(2, 8)}, meta(format_version=version)))
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_is_refused():
+    deep_header = ('{"__metadata__": {"x": ' + nested(10_000) + "}}").encode()
+    with pytest.raises(ArtifactError, match="header is nested more than 32 levels deep"):
+        read_artifact(struct.pack("<Q", len(deep_header)) + deep_header)
+    for depth in (10_000, 33):
+        text = json.dumps(meta())[:-1] + ', "x": ' + nested(depth) + "}"
+        data = save({"prompt_embeddings": torch.zeros(2, 8)}, metadata={"ptserve": text})
+        with pytest.raises(ArtifactError, match="metadata 'ptserve' is nested more than 32 levels deep"):
+            read_artifact(data)
+    text = json.dumps(meta())[:-1] + ', "x": ' + nested(31) + "}"  # 32 levels with the document itself
+    read_artifact(save({"prompt_embeddings": torch.zeros(2, 8)}, metadata={"ptserve": text}))
+
+
+@pytest.mark.parametrize("over", [{"template": "[P:2]\ud800"}, {"description": "x\udc00"}, {"labels": {"\ud800": "y"}}])
+def test_lone_surrogates_in_metadata_are_refused(over):
+    text = json.dumps(meta(task_type="classify", labels={"a": "b"}) | over).replace("\\\\", "\\")
+    with pytest.raises(ArtifactError, match=r"metadata 'ptserve' holds a lone surrogate '\\ud[8c]00'"):
+        read_artifact(save({"prompt_embeddings": torch.zeros(2, 8)}, metadata={"ptserve": text}))
+
+
+def test_rows_must_fit_the_served_dtype_and_norms():
+    a = artifact()
+    a.embeddings.copy_(torch.ones(6, 8))  # every row has norm sqrt(8) = 2.83
+    check_fits_model(a, 8, 100, "abc", dtype=torch.float16, embedding_norm=0.003)
+    with pytest.raises(ArtifactError, match=r"row 0 has norm 2.83, more than 1000 × .* embedding rows \(0.002\)"):
+        check_fits_model(a, 8, 100, "abc", dtype=torch.float32, embedding_norm=0.002)
+    a.embeddings[2, 1] = 7e4
+    with pytest.raises(ArtifactError, match=r"overflows float16, the served model's dtype \(largest magnitude 7e\+04"):
+        check_fits_model(a, 8, 100, "abc", dtype=torch.float16, embedding_norm=1e9)
+
+
 def test_booleans_are_not_sizes():
     with pytest.raises(ArtifactError, match="hidden_size"):
         make_artifact(

@@ -56,3 +56,38 @@ def test_render_field_errors(tok):
         render(t, tok, {"premise": "a"}, 1000)
     with pytest.raises(TemplateError, match="unknown field"):
         render(t, tok, {"premise": "a", "hypothesis": "b", "extra": "c"}, 1000)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("[P:3]{0}[P:3]", r"field \{0\}: a field name is letters, digits and _"),
+        ("{input.__dict__}[P:1]", r"field \{input.__dict__\}.*no attribute or index access"),
+        ("{input[0]}[P:1]", r"field \{input\[0\]\}"),
+        ("{input[P:3]", r"unbalanced '\{' at index 0"),
+        ("[P:3]}{input}", r"unbalanced '\}' at index 5"),
+        ("[P:" + "9" * 5000 + "]{input}", r"\[P:99999999\.\.\.\]: a hole holds at least 1 and at most 10000"),
+        ("[P:10001]{input}", r"\[P:10001\]: a hole holds .* at most 10000"),
+    ],
+)
+def test_templates_with_bad_holes_are_refused(bad, message):
+    with pytest.raises(TemplateError, match=message):
+        parse_template(bad)
+
+
+def test_doubled_braces_are_literal_braces(tok):
+    t = parse_template('[P:1]{{"q": "{input}"}} {{x}}')
+    assert t.segments == (Pseudo(1), Literal('{"q": "'), Field("input"), Literal('"} {x}'))
+    assert t.fields == ("input",)
+
+
+def test_special_token_text_in_a_field_value_is_plain_text(tok):
+    specials = {tok.eos_token_id, tok.bos_token_id, tok.pad_token_id}
+    ids = render(parse_template("[P:1]{input}"), tok, {"input": "</s> <s><pad>"}, 1000)
+    assert not specials & set(ids) and tok.decode(ids[1:]) == "</s> <s><pad>"
+    assert render(parse_template("[P:1]{input}</s>"), tok, {"input": "x"}, 1000)[-1] == tok.eos_token_id
+
+
+def test_a_lone_surrogate_in_a_field_value_is_refused(tok):
+    with pytest.raises(TemplateError, match=r"field 'input' holds a lone surrogate '\\ud800' at index 1"):
+        render(parse_template("[P:1]{input}"), tok, {"input": "a\ud800"}, 1000)

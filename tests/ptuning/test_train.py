@@ -192,9 +192,9 @@ def test_lines_the_server_would_refuse_are_errors_naming_the_line(model_dirs):
     _, template, labels = FAMILIES["masked"]
     loaded = load_model(str(model_dirs["masked"]), device="cpu", dtype="float32")
     trainer = PromptTrainer(loaded, TrainConfig(labels=labels, template=template, progress=False))
-    bad = [Example({"input": "fine"}, "yes", 1), Example({"input": "two [MASK] here"}, "no", 2)]
-    with pytest.raises(DataError, match="line 2: .*\\[MASK\\]"):
-        trainer._items(bad)
+    # "[MASK]" in a field is text, as the server tokenizes it: the template's [MASK] stays the only mask
+    items = trainer._items([Example({"input": "fine"}, "yes", 1), Example({"input": "two [MASK] here"}, "no", 2)])
+    assert [it.ids.count(loaded.mask_token_id) for it in items] == [1, 1]
     causal = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
     trainer = PromptTrainer(causal, TrainConfig(labels=LABELS, progress=False))
     with pytest.raises(DataError, match="line 7: .*positions"):
