@@ -9,7 +9,8 @@
 #
 # Results: $OUT if it is set, else bench/results/DATE-GPUNAME/ (--smoke: a
 # temporary folder). One log per step, then summary.md, which is also printed
-# last: one line per target, the measured value, and whether it was met.
+# last: one line per target, the measured value, and whether it was met. It
+# exits 1 if any step failed or ran out of time.
 #
 # Steps, in this order, each under its own time limit; a failing step does not
 # stop the later ones:
@@ -30,7 +31,7 @@ smoke=false
 case "${1:-}" in
     --smoke) smoke=true ;;
     "") ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
     *) echo "usage: bench/gpu_check.sh [--smoke]" >&2; exit 2 ;;
 esac
 
@@ -73,7 +74,9 @@ step() {
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+    if [ "$rc" -ne 0 ]; then failed+=("$name (exit $rc)"); fi
 }
+failed=()
 
 {
     "$py" - <<'EOF'
@@ -102,3 +105,7 @@ step d-engine-smollm2-135m "${limits[4]}" $run bench/engine.py --shape "$small" 
 echo
 echo "== summary ($out/summary.md)"
 "$py" bench/gpu_summary.py "$out"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "steps that failed or ran out of time: ${failed[*]}"
+    exit 1
+fi

@@ -56,8 +56,8 @@ def summary(folder: Path) -> list[str]:
     lines = [
         f"tests, graphs on (float32):      {pytest_line(folder / 'a1-tests-graphs.log')}",
         f"tests, graphs + compile:         {pytest_line(folder / 'a2-tests-compile.log')}",
-        f"(a) tokens/s >= {TARGET_TOKENS_PER_S:,}:          {fmt(a)}  {verdict(None if a is None else a >= TARGET_TOKENS_PER_S)}"
-        + (f"  (g, compiled: {fmt(g)})" if g else ""),
+        f"(a) tokens/s >= {TARGET_TOKENS_PER_S:,}:          {fmt(a)}  "
+        f"{verdict(None if a is None else a >= TARGET_TOKENS_PER_S)}" + (f"  (g, compiled: {fmt(g)})" if g else ""),
     ]
     if at64:
         rows = fastest["rows"]

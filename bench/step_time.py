@@ -103,7 +103,7 @@ def measure(loaded, args, graphs: bool, compiled: bool) -> list[dict]:
         batcher.admit([GenerateWork(p, ids, params) for p, ids, params in requests], lambda w, r: None)
         tokens = [r.next_token for r in batcher.rows]
         positions = [r.length for r in batcher.rows]  # the same step each time: it rewrites one position
-        step_ms = timed_ms(lambda: batcher.decode(tokens, positions), loaded.device, args.repeats)
+        step_ms = timed_ms(lambda t=tokens, p=positions: batcher.decode(t, p), loaded.device, args.repeats)
         engine_ms = timed_ms(lambda: batcher.step(lambda w, r: None), loaded.device,
                              min(args.repeats, args.new_tokens - 3))  # fmt: skip
         row = {"how": how, "rows": n, "step_ms": step_ms, "engine_ms": engine_ms,

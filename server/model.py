@@ -65,6 +65,7 @@ def embedding_fingerprint(weight: torch.Tensor) -> str:
 def _safetensors_files(name_or_path: str) -> list[Path]:
     """The checkpoint's safetensors files: in a local folder, or already in the
     Hugging Face cache (never downloaded here); [] when there are none."""
+
     def find(filename: str) -> Path | None:
         if Path(name_or_path).is_dir():
             path = Path(name_or_path) / filename

@@ -37,7 +37,9 @@ def live(gpt2, tmp_path_factory):
     settings = Settings(model=str(gpt2.info["name_or_path"]), store=str(tmp_path_factory.mktemp("store")))
     with LiveServer(create_app(settings, gpt2)) as server:
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            assert c.put("/v1/tasks/gen", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}"))).status_code == 201
+            assert (
+                c.put("/v1/tasks/gen", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}"))).status_code == 201
+            )
             cls = random_prompt(gpt2, "[P:2]{input}[P:1] It was", "classify", LABELS)
             assert c.put("/v1/tasks/cls", content=artifact_bytes(cls)).status_code == 201
         yield server

@@ -80,7 +80,9 @@ def nested(depth: int) -> str:
 
 # text: lone surrogates (valid JSON escapes, but no UTF-8), special-token strings, template syntax
 HOSTILE_TEXT = st.one_of(
-    st.sampled_from(["\ud800", "a\udfffb", "</s>", "<s>", "<pad>", "x</s>y", "[MASK]", "{input}", "{0}", "}{", "[P:3]"]),
+    st.sampled_from(
+        ["\ud800", "a\udfffb", "</s>", "<s>", "<pad>", "x</s>y", "[MASK]", "{input}", "{0}", "}{", "[P:3]"]
+    ),
     st.text(st.characters(categories=["Cs", "Lu", "Ll", "Zs", "Po", "Ps", "Pe", "Cc"]), max_size=12),
 )
 # JSON fragments written raw into a body or a document: nesting far past any parser's recursion limit
@@ -113,8 +115,10 @@ def test_hostile_request_values_make_no_5xx(live, url, task):
     """Surrogates, special-token text, deep nesting and vanishing top_p in every request field."""
     completions = "model" in task
 
+    deep_field = st.tuples(st.sampled_from(["input", "stop", "top_p"]), DEEP)
+
     @given(text=HOSTILE_TEXT, stop=st.none() | HOSTILE_TEXT, top_p=st.none() | TINY_FLOATS,
-           stream=st.booleans(), deep=st.none() | st.tuples(st.sampled_from(["input", "stop", "top_p"]), DEEP))  # fmt: skip
+           stream=st.booleans(), deep=st.none() | deep_field)  # fmt: skip
     @example(text="a\ud800", stop=None, top_p=None, stream=False, deep=None)  # each class at least once
     @example(text="\udfff", stop=None, top_p=None, stream=True, deep=None)
     @example(text="</s>", stop="\ud800", top_p=None, stream=False, deep=None)
@@ -155,14 +159,50 @@ def test_hostile_artifacts_make_no_5xx(live):
            dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
            max_new_tokens=st.none() | st.sampled_from([1, 509, 1000, 10**6]), deep=st.none() | DEEP,
            text=HOSTILE_TEXT)  # fmt: skip
-    @example(template="[P:2]{input}", task_type="generate", verbalizer="", format_version=1, scale=1.0,
-             dtype=torch.float32, max_new_tokens=None, deep=nested(10_000), text="x")  # each class at least once
-    @example(template="[P:2]\ud800{input}", task_type="classify", verbalizer="\ud800", format_version=1, scale=1.0,
-             dtype=torch.float32, max_new_tokens=None, deep=None, text="x")
-    @example(template="[P:" + "7" * 5000 + "]{input}", task_type="generate", verbalizer="", format_version=True,
-             scale=1.0, dtype=torch.float32, max_new_tokens=1000, deep=None, text="\ud800")
-    @example(template="[P:2]{input}", task_type="classify", verbalizer=" good", format_version=1, scale=3.4e38,
-             dtype=torch.bfloat16, max_new_tokens=None, deep=None, text="x")
+    @example(
+        template="[P:2]{input}",
+        task_type="generate",
+        verbalizer="",
+        format_version=1,
+        scale=1.0,
+        dtype=torch.float32,
+        max_new_tokens=None,
+        deep=nested(10_000),
+        text="x",
+    )  # each class at least once
+    @example(
+        template="[P:2]\ud800{input}",
+        task_type="classify",
+        verbalizer="\ud800",
+        format_version=1,
+        scale=1.0,
+        dtype=torch.float32,
+        max_new_tokens=None,
+        deep=None,
+        text="x",
+    )
+    @example(
+        template="[P:" + "7" * 5000 + "]{input}",
+        task_type="generate",
+        verbalizer="",
+        format_version=True,
+        scale=1.0,
+        dtype=torch.float32,
+        max_new_tokens=1000,
+        deep=None,
+        text="\ud800",
+    )
+    @example(
+        template="[P:2]{input}",
+        task_type="classify",
+        verbalizer=" good",
+        format_version=1,
+        scale=3.4e38,
+        dtype=torch.bfloat16,
+        max_new_tokens=None,
+        deep=None,
+        text="x",
+    )
     @PROPERTY
     def check(template, task_type, verbalizer, format_version, scale, dtype, max_new_tokens, deep, text):
         meta = {"format_version": format_version, "task_type": task_type, "template": template,
