@@ -113,7 +113,9 @@ class DiskStore(PromptStore):
     @contextmanager
     def _locked(self, task_id: str):
         d = self._dir(task_id)
-        d.mkdir(exist_ok=True)
+        if not d.is_dir():
+            d.mkdir(exist_ok=True)
+            _sync_dir(self.root)  # a first upload's 201 must survive a crash: its folder too
         with open(d / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:

@@ -22,6 +22,7 @@ prompt rows.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 from .errors import TemplateError
@@ -141,10 +142,19 @@ def lone_surrogate(text: str) -> tuple[int, str] | None:
     return None if m is None else (m.start(), m.group(0))
 
 
+# A fast tokenizer applies `split_special_tokens` by setting a flag on the one
+# Rust tokenizer that every thread shares, then encoding: two threads that ask
+# for different settings can each encode with the other's. Encoding is
+# microseconds for the texts served here, so all encoding takes turns.
+_ENCODING = threading.Lock()
+
+
 def tokenize_text(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
     """Rule 2: one piece of text, as written, with no special tokens added.
     `split_special_tokens`: special-token strings in `text` are plain text (field values)."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"])
+    with _ENCODING:
+        encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
+    return list(encoded["input_ids"])
 
 
 def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: int) -> list[int]:

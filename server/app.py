@@ -31,6 +31,7 @@ from .engine import Engine
 from .input_lanes import InputLanes
 from .metrics import Metrics, MetricsMiddleware
 from .model import LoadedModel
+from .preload import preload
 from .request_gate import RequestGate
 from .routes import health, inference, openai, tasks
 from .settings import Settings
@@ -73,9 +74,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         if settings.api_token is None:
             log.warning("PTSERVE_API_TOKEN is not set: ANYONE who can reach this server can upload and delete prompts")
         engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
+        if settings.preload:
+            await run_in_threadpool(preload, engine, settings.preload)
         engine.start()
         app.state.engine = engine
-        app.state.lanes = InputLanes()
+        app.state.lanes = InputLanes(settings.request_timeout_s)
         try:
             yield
         finally:

@@ -237,10 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     serve.add_argument("--header-timeout-s", dest="header_timeout_s", type=float,
                        help="seconds a client has to send a request's headers (default 10)")  # fmt: skip
+    serve.add_argument("--body-timeout-s", dest="body_timeout_s", type=float,
+                       help="seconds a request body may pause between two pieces (default 30)")  # fmt: skip
     serve.add_argument("--keep-alive-timeout-s", dest="keep_alive_timeout_s", type=float,
                        help="seconds an idle kept-alive connection stays open (default 5)")  # fmt: skip
     serve.add_argument("--max-connections", dest="max_connections", type=int,
                        help="open connections at most; beyond: 503 (default 1000)")  # fmt: skip
+    serve.add_argument("--preload", metavar="DIR",
+                       help="upload DIR/NAME.safetensors as task NAME at startup (PTSERVE_PRELOAD)")  # fmt: skip
     serve.set_defaults(func=_serve)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny RANDOM-WEIGHT smoke-test model (meaningless output)")

@@ -1,7 +1,8 @@
 """Where requests are prepared (task lookup, rendering, tokenization): worker
 threads, off the event loop. Long inputs share one lane and are prepared one at
 a time, so that a flood of them (refused or not) keeps at most one core busy
-tokenizing, and ordinary requests never wait behind them."""
+tokenizing, and ordinary requests never wait behind them. A request that waits
+for the long lane longer than the request timeout is answered 504."""
 
 from __future__ import annotations
 
@@ -9,16 +10,27 @@ from functools import partial
 
 import anyio
 
+from prompt_store.errors import DeadlineExceeded
+
 LONG_INPUT_CHARS = 4096  # about a thousand tokens of English: far above an ordinary request
 
 
 class InputLanes:
-    def __init__(self):
-        self.long = anyio.CapacityLimiter(1)
+    def __init__(self, wait_s: float):
+        self.long = anyio.Lock()  # held while a long input is prepared
+        self.wait_s = wait_s  # the longest a long input waits for its lane
 
     async def prepare(self, prepare_fn, task_id: str, fields: dict[str, str], *more):
         """prepare_fn(task_id, fields, *more) in a worker thread; in the long lane
         when the fields hold more than LONG_INPUT_CHARS characters."""
-        long = sum(len(value) for value in fields.values()) > LONG_INPUT_CHARS
         call = partial(prepare_fn, task_id, fields, *more)
-        return await anyio.to_thread.run_sync(call, limiter=self.long if long else None)
+        if sum(len(value) for value in fields.values()) <= LONG_INPUT_CHARS:
+            return await anyio.to_thread.run_sync(call)
+        with anyio.move_on_after(self.wait_s) as waited:
+            await self.long.acquire()
+        if waited.cancelled_caught:
+            raise DeadlineExceeded(f"waited {self.wait_s:g} s for a turn to prepare a long input")
+        try:
+            return await anyio.to_thread.run_sync(call)
+        finally:
+            self.long.release()

@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from prompt_store.errors import PayloadTooLarge, PtserveError
+from prompt_store.errors import BadRequest, PayloadTooLarge, PtserveError
 
 from .access import access_for, bearer_token, check_access
 from .settings import Settings
@@ -44,7 +44,10 @@ class RequestGate:
         declared = headers.get("content-length")
         limit = self._limit(scope)
         try:
-            access = access_for(scope["method"], scope["path"])
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.settings.max_header_bytes:  # h11 checks only headers that arrive in pieces
+                raise BadRequest(f"request headers are {size} bytes; the limit is {self.settings.max_header_bytes}")
+            access = access_for(scope["method"], route_path(scope))
             if access is None:
                 bearer_token(headers)  # refuses two Authorization headers
             else:
@@ -80,3 +83,9 @@ class RequestGate:
         if scope["method"] == "PUT":
             return 2 * self.settings.max_artifact_bytes + UPLOAD_SLACK
         return self.settings.max_json_bytes
+
+
+def route_path(scope) -> str:
+    """The path the router matches: without the root path a proxy may mount the app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -63,11 +65,22 @@ class Settings(BaseSettings):
     # Connections (the socket level, before any request is read).
     header_timeout_s: float = Field(10.0, gt=0, description="a request line + headers not all in after this: "
                                     "408 and the connection is closed")  # fmt: skip
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body that stops arriving for this long: "
+                                  "408 and the connection is closed")  # fmt: skip
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
     max_connections: int = Field(1000, ge=1, description="open connections; beyond it a new one gets 503 and is "
                                  "closed (lowered to fit the open-file limit)")  # fmt: skip
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers; beyond it: 400")
     log_level: str = "info"
+    preload: str | None = Field(None, description="a folder of NAME.safetensors artifacts uploaded as task NAME at "
+                                "startup (an unchanged artifact makes no new version)")  # fmt: skip
+
+    @field_validator("preload")
+    @classmethod
+    def _preload_is_a_folder(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"preload: {value!r} is not a directory of .safetensors artifacts")
+        return value
 
     @field_validator("api_token", "inference_token", "device_map")
     @classmethod

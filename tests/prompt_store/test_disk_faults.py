@@ -161,3 +161,19 @@ def test_opening_the_store_removes_temporary_files_of_killed_uploads(tmp_path):
     assert not (tmp_path / "t" / ".tmp-killed").exists()
     assert (tmp_path / "u" / ".tmp-in-flight").exists()
     assert fill_of(DiskStore(tmp_path).get("t")) == 1.0
+
+
+def test_a_first_upload_makes_its_task_folder_durable(tmp_path, monkeypatch):
+    """The 201 of a task's first upload must survive a crash: the store root,
+    which gained the task's folder, is fsynced too."""
+    import prompt_store.disk_store as disk_store
+
+    store = DiskStore(tmp_path)
+    synced = []
+    real = disk_store._sync_dir
+    monkeypatch.setattr(disk_store, "_sync_dir", lambda d: synced.append(os.path.realpath(d)) or real(d))
+    store.put("fresh", data(1.0))
+    assert os.path.realpath(tmp_path) in synced
+    synced.clear()
+    store.put("fresh", data(2.0))
+    assert os.path.realpath(tmp_path) not in synced  # an existing folder needs no second sync of the root

@@ -1,3 +1,6 @@
+import threading
+import time
+
 import pytest
 
 from prompt_store.errors import TemplateError
@@ -91,3 +94,28 @@ def test_special_token_text_in_a_field_value_is_plain_text(tok):
 def test_a_lone_surrogate_in_a_field_value_is_refused(tok):
     with pytest.raises(TemplateError, match=r"field 'input' holds a lone surrogate '\\ud800' at index 1"):
         render(parse_template("[P:1]{input}"), tok, {"input": "a\ud800"}, 1000)
+
+
+def test_field_values_stay_plain_text_while_other_threads_tokenize_templates(tok):
+    """The tokenizer's special-token switch is shared state: a template literal
+    tokenized in another thread must not flip a field value back to control tokens."""
+    value = "x </s> " * 200
+    deadline = time.monotonic() + 2
+    leaked, renders = [], [0]
+
+    def fields():
+        while time.monotonic() < deadline:
+            if tok.eos_token_id in tokenize_text(tok, value, split_special_tokens=True):
+                leaked.append(1)
+            renders[0] += 1
+
+    def literals():
+        while time.monotonic() < deadline:
+            tokenize_text(tok, "<s> Review: ")
+
+    threads = [threading.Thread(target=fields)] + [threading.Thread(target=literals) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert renders[0] > 20 and leaked == []

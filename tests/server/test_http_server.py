@@ -111,3 +111,28 @@ def test_connections_beyond_the_bound_are_refused_and_idle_ones_closed(gpt2, tmp
             start = time.monotonic()
             assert s.recv(4096) == b""
             assert 0.3 < time.monotonic() - start < 2
+
+
+def test_a_body_that_stops_arriving_is_timed_out(gpt2, tmp_path):
+    """Headers in, then the body trickles and stops: 408 after body_timeout_s of
+    silence, while a body that keeps coming in small pieces is not cut off."""
+    with serve(gpt2, tmp_path, body_timeout_s=1.0) as live, httpx.Client(base_url=live.url, timeout=5) as c:
+        head = b"PUT /v1/tasks/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        stalled = socket.create_connection(("127.0.0.1", live.port), timeout=5)
+        steady = socket.create_connection(("127.0.0.1", live.port), timeout=5)
+        stalled.sendall(head + b"x")
+        steady.sendall(head + b"x")
+        start = time.monotonic()
+        answer = None
+        while answer is None and time.monotonic() - start < 4:
+            steady.sendall(b"x")  # a piece every 0.25 s: never 1 s of silence
+            assert c.get("/health").status_code == 200
+            time.sleep(0.25)
+            answer = closed_by_server(stalled)
+        elapsed = time.monotonic() - start
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408 ")
+        assert b"no request body data for 1.0 s" in answer
+        assert 0.9 <= elapsed <= 2.5
+        assert closed_by_server(steady) is None  # still open, still sending
+        stalled.close()
+        steady.close()

@@ -269,3 +269,31 @@ def test_long_inputs_are_prepared_one_at_a_time_and_short_ones_do_not_wait(gpt2,
     assert [r.status_code for r in longs] == [422, 422, 422]
     assert running["most"] == 1
     assert short.status_code == 200 and short_s < 0.5  # the longs need 0.9 s, one after another
+
+
+def test_a_long_input_that_waits_too_long_for_its_lane_is_a_504():
+    import anyio
+
+    from prompt_store.errors import DeadlineExceeded
+    from server.input_lanes import LONG_INPUT_CHARS, InputLanes
+
+    lanes = InputLanes(wait_s=0.2)
+    long_fields = {"input": "x" * (LONG_INPUT_CHARS + 1)}
+
+    async def hold_the_lane(held, done):
+        async with lanes.long:  # someone else's long input is being prepared
+            held.set()
+            await done.wait()
+
+    async def main():
+        held, done = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_the_lane, held, done)
+            await held.wait()
+            with pytest.raises(DeadlineExceeded, match="waited 0.2 s"):
+                await lanes.prepare(lambda task, fields: "prepared", "t", long_fields)
+            assert await lanes.prepare(lambda task, fields: "prepared", "t", {"input": "short"}) == "prepared"
+            done.set()
+        assert await lanes.prepare(lambda task, fields: "prepared", "t", long_fields) == "prepared"
+
+    anyio.run(main)

@@ -165,3 +165,25 @@ def test_every_route_that_writes_or_runs_the_model_needs_a_token(gpt2, tmp_path)
     app = create_app(Settings(model=gpt2.info["name_or_path"], store=str(tmp_path)), gpt2)
     routes = {(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops}
     assert routes - open_routes == set(POLICY)
+
+
+def test_headers_over_the_limit_are_refused_even_when_sent_at_once(gpt2, tmp_path):
+    """h11 bounds headers only while they arrive in pieces; the gate bounds them all."""
+    live, _ = serve(gpt2, tmp_path, max_header_bytes=16 * 1024)
+    with live, socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            more = s.recv(4096)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"the limit is 16384" in answer
+
+
+def test_the_policy_matches_the_path_the_router_sees_under_a_root_path():
+    from server.request_gate import route_path
+
+    assert route_path({"path": "/api/v1/tasks/t", "root_path": "/api"}) == "/v1/tasks/t"
+    assert route_path({"path": "/v1/tasks/t", "root_path": ""}) == "/v1/tasks/t"
