@@ -8,8 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
+import httpx
 import pytest
 
 from server import model_source
@@ -25,6 +27,7 @@ from server.model_source import (
     gguf_in,
     resolve_model,
 )
+from tests.conftest import free_port
 
 
 def converting(caplog) -> list[str]:
@@ -165,3 +168,32 @@ def test_default_model_download_checks_the_pinned_sha256(tmp_path, monkeypatch):
     with pytest.raises(ModelFetchError, match=f"not the pinned {'0' * 64}"):
         default_model(ModelCache(tmp_path / "cache2"), wrong)
     assert [p.name for p in (tmp_path / "cache2").iterdir()] == []
+
+
+def test_serve_a_cached_gguf_starts_without_pip_or_conversion(default_model_gguf, model_cache, tmp_path):
+    """`ptserve serve --model x.gguf` on a second start: no download, no conversion, /ready."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "server.cli", "serve", "--model", str(default_model_gguf), "--port", str(port),
+        "--store", str(tmp_path / "store"), "--model-cache", str(model_cache.root),
+    ]  # fmt: skip
+    env = offline_env(PYTHONPATH=os.pathsep.join(sys.path), PIP_NO_INDEX="1", PTSERVE_MAX_RUNNING="4")
+    with open(tmp_path / "log", "w+") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, (tmp_path / "log").read_text()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "log").read_text()
+                time.sleep(0.2)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    text = (tmp_path / "log").read_text()
+    assert f"using the converted checkpoint {model_cache.root / DEFAULT_MODEL.sha256}" in text
+    assert "converting" not in text and "pip" not in text
