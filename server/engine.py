@@ -79,8 +79,9 @@ class Engine:
     def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
         if loaded is None:
             loaded = load_model(
-                settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map
-            )
+                settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map,
+                settings.model_cache,
+            )  # fmt: skip
         return cls(settings, loaded, open_store(settings.store))
 
     def start(self) -> None:

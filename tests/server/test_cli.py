@@ -78,3 +78,11 @@ def test_client_commands_against_a_running_server(tmp_path):
         assert len(answer["token_ids"]) == 4 and answer["version"] == 1
         assert json.loads(run_cli("classify", "c", "--input", "hello", *url)) in ("a", "b")
         assert [t["task_id"] for t in json.loads(run_cli("tasks", *url))] == ["c", "g"]
+
+
+def test_serve_and_train_default_to_the_default_model(monkeypatch):
+    monkeypatch.delenv("PTSERVE_MODEL", raising=False)
+    monkeypatch.setenv("PTSERVE_MODEL_CACHE", "/somewhere/models")
+    s = serve_settings(build_parser().parse_args(["serve"]))
+    assert s.model is None and s.model_cache == "/somewhere/models"  # None: resolve_model's default model
+    assert build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "t.safetensors"]).model is None
