@@ -91,22 +91,35 @@ def test_epoch_0_is_token_exact_the_manual_prompt(models, encoder):
         assert soft.token_ids == hard.token_ids and len(soft.token_ids) > 0
 
 
-def test_the_manual_prompt_is_reported_and_kept_unless_beaten(models):
+@pytest.mark.parametrize("min_dev_examples", [50, 100])  # dev picks the best epoch / the last epoch is kept
+def test_the_manual_prompt_is_reported_and_kept_unless_beaten(models, min_dev_examples):
     loaded = models["causal"]
-    config = TrainConfig(from_prompt=MANUAL, labels=LABELS, encoder="mlp", epochs=4, patience=4, progress=False)
+    config = TrainConfig(from_prompt=MANUAL, labels=LABELS, encoder="mlp", epochs=4, patience=4,
+                         min_dev_examples=min_dev_examples, progress=False)  # fmt: skip
     trainer = PromptTrainer(loaded, config)
     start_rows = trainer._rows().detach().clone()
     # trained on flipped labels, no epoch beats the manual prompt on the true dev labels
-    result = trainer.fit(examples(200, 0, flip=True), examples(32, 1))
+    result = trainer.fit(examples(200, 0, flip=True), examples(60, 1))
     m = result.artifact.meta["metrics"]
     assert result.history[0]["epoch"] == 0 and m["start_dev_accuracy"] == result.history[0]["dev_accuracy"]
     assert all(h["dev_accuracy"] < m["start_dev_accuracy"] for h in result.history[1:])
-    assert m["best_epoch"] == 0 and m["from_prompt"] == MANUAL
+    assert m["best_epoch"] == 0 and m["from_prompt"] == MANUAL and m["dev_accuracy"] == m["start_dev_accuracy"]
     assert torch.equal(result.artifact.embeddings, start_rows)
     # trained on the true labels, a better epoch replaces it
     trainer = PromptTrainer(loaded, dataclasses.replace(config, epochs=6, patience=6))
     m = trainer.fit(examples(200, 0), examples(100, 1)).artifact.meta["metrics"]
     assert m["best_epoch"] > 0 and m["dev_accuracy"] > m["start_dev_accuracy"]
+
+
+def test_a_small_dev_set_does_not_pick_the_epoch(models):
+    loaded = models["causal"]
+    config = TrainConfig(labels=LABELS, encoder="mlp", epochs=3, patience=1, progress=False)
+    result = PromptTrainer(loaded, config).fit(examples(48, 0), examples(49, 1))
+    m = result.artifact.meta["metrics"]
+    assert m["best_epoch"] == 3 and m["epochs_run"] == 3 and m["selection"] == "last epoch (dev < 50 examples)"
+    assert m["dev_accuracy"] == result.history[3]["dev_accuracy"]
+    result = PromptTrainer(loaded, config).fit(examples(48, 0), examples(50, 1))
+    assert result.artifact.meta["metrics"]["selection"] == "best dev epoch"
 
 
 def test_family_default_templates(models):
