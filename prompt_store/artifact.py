@@ -4,6 +4,10 @@
 - optional tensors `head.weight` [num_labels, hidden_size] and `head.bias`
   [num_labels]: a per-task linear classifier, for encoders without an LM head
   (row i scores the i-th label of `labels`);
+- metadata key `head_pooling` (with a head): what the head reads: "mask" (the
+  last hidden state at the template's [MASK]; the default when absent) or
+  "mean" (the mean of the last hidden states over every position of the
+  rendered sequence: pseudo tokens, special tokens and the input alike);
 - header metadata key `ptserve`: JSON with format_version, task_type, template,
   labels (classify), base_model {name_or_path, hidden_size, vocab_size,
   fingerprint?} and optional keys that are kept and ignored.
@@ -38,6 +42,7 @@ HEAD_BIAS = "head.bias"
 METADATA_KEY = "ptserve"
 FORMAT_VERSION = 1
 TASK_TYPES = ("generate", "classify")
+HEAD_POOLINGS = ("mask", "mean")  # what an encoder head reads; "mask" when absent
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
@@ -66,6 +71,10 @@ class PromptArtifact:
     @property
     def labels(self) -> dict[str, str] | None:
         return self.meta.get("labels")
+
+    @property
+    def head_pooling(self) -> str:
+        return self.meta.get("head_pooling", "mask")
 
     @property
     def base_model(self) -> dict:
@@ -161,6 +170,9 @@ def _check_meta(meta: dict) -> None:
     for key in ("hidden_size", "vocab_size"):
         if not isinstance(base.get(key), int) or isinstance(base[key], bool) or base[key] < 1:
             raise ArtifactError(f"base_model.{key} must be a positive integer, got {base.get(key)!r}")
+    pooling = meta.get("head_pooling")
+    if pooling is not None and pooling not in HEAD_POOLINGS:
+        raise ArtifactError(f"head_pooling must be one of {list(HEAD_POOLINGS)}, got {pooling!r}")
     gen = meta.get("generation")
     if gen is not None and not isinstance(gen, dict):
         raise ArtifactError("'generation' must be an object of default sampling parameters")

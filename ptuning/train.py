@@ -5,7 +5,17 @@ Classification minimises cross-entropy over the label scores the server
 computes (server/scoring.py, the same code); generation minimises the LM loss
 on the target tokens only. After every epoch the encoder runs once, the dev
 set is scored with that table, and the best epoch's table is kept; training
-stops early when the dev metric has not improved for `patience` epochs.
+stops early when the dev metric has not improved for `patience` epochs. A dev
+set of fewer than `min_dev_examples` is not trusted to pick an epoch (16
+examples move accuracy in steps of 6 points): then every epoch runs and the
+last one is kept; its dev figures are still reported.
+
+Defaults per model family (`default_template`): causal LMs `[P:3]{input}[P:3]`;
+masked LMs and encoders the same between the tokenizer's own CLS, MASK and SEP
+tokens. `from_prompt` starts from a manual text prompt instead: every run of
+literal words becomes as many pseudo tokens as it has tokens, started at those
+tokens' embeddings, so epoch 0 is exactly the manual prompt (see
+`prompt_from_text`).
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from tqdm.auto import tqdm
 
 from prompt_store.artifact import PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
-from prompt_store.template import parse_template, render, tokenize_text
+from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
 from server.model import LoadedModel
 from server.prompts import TaskPrompt, check_classify_input, task_prompt
 from server.runner import eos_token_ids
@@ -32,22 +42,34 @@ from .encoder import EncoderKind, PromptEncoder
 log = logging.getLogger(__name__)
 
 
+HEAD_POOLINGS = ("mean", "mask")
+
+
 @dataclass
 class TrainConfig:
     task_type: str = "classify"  # "classify" | "generate"
-    template: str = "[P:3]{input}[P:3]"  # the paper's (3, x, 3) layout
+    template: str | None = None  # None: the model family's default (default_template)
+    from_prompt: str | None = None  # a manual template whose words become the starting pseudo tokens
     labels: dict[str, str] | None = None  # classify: label -> verbalizer, in order
     encoder: str = "lstm"  # lstm (the paper's) | mlp | none (plain prompt tuning)
     epochs: int = 20
     lr: float = 1e-2  # AdamW; the encoder is small, so a far larger rate than for fine-tuning
+    head_lr: float = 3e-3  # encoder models' linear head: slower than the prompt, so it does not memorise small sets
+    weight_decay: float = 0.01  # AdamW decay of the encoder's and head's weights
+    head_pooling: str = "mean"  # encoder models: the head reads the mean state (mean) or the [MASK] state (mask)
     batch_size: int = 16
     seed: int = 0
-    patience: int = 5  # epochs without a better dev metric before stopping
+    patience: int = 10  # epochs without a better dev metric before stopping (5 stopped small sets at epoch 6)
+    min_dev_examples: int = 50  # a smaller dev set is too noisy to pick the epoch: all epochs run, the last is kept
     train_prompt: bool = True  # False: the prompt stays at its start (a head-only baseline for encoders)
     progress: bool = True  # a progress bar with the running loss
 
     def __post_init__(self):
         EncoderKind(self.encoder)  # raises on an unknown encoder, naming it
+        if self.template is not None and self.from_prompt is not None:
+            raise InvalidRequest("give a template or from_prompt, not both")
+        if self.head_pooling not in HEAD_POOLINGS:
+            raise InvalidRequest(f"head_pooling must be one of {list(HEAD_POOLINGS)}, got {self.head_pooling!r}")
         if self.task_type not in ("classify", "generate"):
             raise InvalidRequest(f"task_type must be classify or generate, got {self.task_type!r}")
         if self.task_type == "classify":
@@ -58,8 +80,66 @@ class TrainConfig:
                 raise InvalidRequest(f"every verbalizer must be a non-empty string; got {bad}")
         elif self.labels:
             raise InvalidRequest("labels are only for --task-type classify")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise InvalidRequest("epochs and batch_size must be >= 1 and lr > 0")
+        if self.min_dev_examples < 1:
+            raise InvalidRequest(f"min_dev_examples must be >= 1, got {self.min_dev_examples}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.head_lr <= 0:
+            raise InvalidRequest(
+                f"epochs and batch_size must be >= 1 and lr, head_lr > 0; got epochs={self.epochs}, "
+                f"batch_size={self.batch_size}, lr={self.lr}, head_lr={self.head_lr}"
+            )
+        if self.weight_decay < 0:
+            raise InvalidRequest(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def default_template(loaded: LoadedModel) -> str:
+    """The paper's (3, x, 3) layout; masked LMs and encoders wrap it in the
+    tokenizer's own CLS and SEP tokens and read the label at its MASK token."""
+    if loaded.family == "causal":
+        return "[P:3]{input}[P:3]"
+    tok = loaded.tokenizer
+    if tok.mask_token is None:
+        raise InvalidRequest(f"the {loaded.family} model's tokenizer has no mask token: give a template")
+    cls, mask, sep = (_escape(t or "") for t in (tok.cls_token, tok.mask_token, tok.sep_token))
+    return f"{cls}[P:3]{{input}}[P:3]{mask}{sep}"
+
+
+def _escape(text: str) -> str:
+    """Literal text for a template: braces doubled."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def prompt_from_text(text: str, tokenizer) -> tuple[str, list[int | None]]:
+    """A manual template -> (P-tuning template, starting token per pseudo token).
+
+    Every run of literal words becomes `[P:k]`, k its number of tokens (rule 2:
+    the run tokenized alone, as written), each pseudo token starting at its
+    token's embedding; special tokens ([CLS], [MASK]...) stay real tokens.
+    `[P:n]` holes already in `text` stay and start at random tokens (None).
+    Rendered with those starting rows, the template gives exactly the token
+    embeddings of the manual template: epoch 0 is the manual prompt."""
+    special = set(tokenizer.all_special_ids)
+    parts: list[str] = []
+    start: list[int | None] = []
+    for seg in parse_template(text).segments:
+        if isinstance(seg, Field):
+            parts.append("{" + seg.name + "}")
+        elif isinstance(seg, Pseudo):
+            parts.append(f"[P:{seg.count}]")
+            start += [None] * seg.count
+        else:
+            run: list[int] = []  # words not yet written
+            for token in tokenize_text(tokenizer, seg.text) + [None]:
+                if run and (token is None or token in special):
+                    parts.append(f"[P:{len(run)}]")
+                    start += run
+                    run = []
+                if token in special:
+                    parts.append(_escape(tokenizer.convert_ids_to_tokens(token)))
+                elif token is not None:
+                    run.append(token)
+    if not start:
+        raise InvalidRequest(f"from_prompt {text!r} has no words to start pseudo tokens from")
+    return "".join(parts), start
 
 
 @dataclass
@@ -78,8 +158,13 @@ class PromptTrainer:
     def __init__(self, loaded: LoadedModel, config: TrainConfig):
         self.loaded = loaded
         self.config = config
-        self.template = parse_template(config.template)
         self.V = loaded.vocab_size
+        start_ids: list[int | None] = []
+        if config.from_prompt is not None:
+            self.template_source, start_ids = prompt_from_text(config.from_prompt, loaded.tokenizer)
+        else:
+            self.template_source = config.template or default_template(loaded)
+        self.template = parse_template(self.template_source)
         if loaded.family != "causal" and config.task_type == "generate":
             raise InvalidRequest(f"a {loaded.family} model cannot be trained to generate; use a causal LM")
         self.labels = dict(config.labels or {})
@@ -92,24 +177,37 @@ class PromptTrainer:
         torch.manual_seed(config.seed)
         weight = loaded.model.get_input_embeddings().weight
         start = torch.randint(0, self.V, (self.template.num_virtual_tokens,), generator=self._generator(0))
-        # start from embeddings of random vocabulary tokens: the scale the model expects
+        if start_ids:  # from_prompt: its words' own tokens (random ones for its own [P:n] holes)
+            start = torch.tensor([r if t is None else t for t, r in zip(start_ids, start.tolist())])
+        # start from embeddings of vocabulary tokens: the scale the model expects
         self.encoder = PromptEncoder(config.encoder, weight[start].float()).to(loaded.device)
         self.head = None
         if loaded.family == "encoder":
             self.head = nn.Linear(weight.shape[1], len(self.labels)).to(loaded.device)
-        params = list(self.encoder.parameters()) if config.train_prompt else []
-        params += list(self.head.parameters()) if self.head else []
-        if not params:
+        # weight decay on the encoder's networks and the head; the prompt vectors themselves keep their scale
+        groups = []
+        if config.train_prompt:
+            nets = [p for name, p in self.encoder.named_parameters() if name != "table"]
+            groups.append(dict(params=[self.encoder.table], lr=config.lr, weight_decay=0.0))
+            groups.append(dict(params=nets, lr=config.lr, weight_decay=config.weight_decay))
+        if self.head is not None:
+            groups.append(dict(params=list(self.head.parameters()), lr=config.head_lr,
+                               weight_decay=config.weight_decay))  # fmt: skip
+        if not groups:
             raise InvalidRequest("nothing to train: train_prompt is off and the model has no head")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
 
     def _server_view(self, loaded: LoadedModel) -> TaskPrompt:
         m, H = self.template.num_virtual_tokens, loaded.info["hidden_size"]
         L = len(self.labels)
         head = (torch.zeros(L, H), torch.zeros(L)) if loaded.family == "encoder" else None
-        stand_in = make_artifact(torch.zeros(m, H), template=self.config.template, task_type=self.config.task_type,
-                                 labels=self.labels or None, base_model=loaded.info, head=head)  # fmt: skip
+        stand_in = make_artifact(torch.zeros(m, H), template=self.template_source, task_type=self.config.task_type,
+                                 labels=self.labels or None, base_model=loaded.info, head=head,
+                                 **self._pooling_meta())  # fmt: skip
         return task_prompt("training", 0, stand_in, loaded)
+
+    def _pooling_meta(self) -> dict:
+        return {"head_pooling": self.config.head_pooling} if self.loaded.family == "encoder" else {}
 
     def _generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
@@ -143,7 +241,8 @@ class PromptTrainer:
     def _losses(self, rows: torch.Tensor, batch: list[_Item]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (mean loss, predicted label per item or None for generate)."""
         if self.config.task_type == "classify":
-            queries = [LabelQuery(it.ids, rows, self.label_ids, self._head()) for it in batch]
+            pooling = self.config.head_pooling
+            queries = [LabelQuery(it.ids, rows, self.label_ids, self._head(), pooling) for it in batch]
             scores = torch.stack(self.scorer(queries))  # [B, L]
             gold = torch.tensor([it.target for it in batch], device=scores.device)
             return nn.functional.cross_entropy(scores, gold), scores.argmax(dim=1)
@@ -200,11 +299,23 @@ class PromptTrainer:
         cfg = self.config
         train_items, dev_items = self._items(train), self._items(dev)
         order_gen = self._generator(1)
-        history: list[dict] = []
-        best: dict | None = None
-        best_rows, best_head, stale = None, None, 0
+        # epoch 0: the starting prompt, before any step (with from_prompt: the manual prompt itself)
+        with torch.no_grad():
+            rows = self._rows().detach().clone()
+        start = {"epoch": 0, **self.evaluate(rows, dev_items), "seconds": 0.0}
+        history: list[dict] = [start]
+        # the manual prompt competes with the trained ones: a trained table must beat it on dev to be kept
+        # (not with a head: an untrained head answers nothing the manual prompt says)
+        manual = cfg.from_prompt is not None and self.head is None
+        best: dict | None = start if manual else None
+        best_rows, best_head, stale = rows, None, 0
+        self._show(start, manual)
+        trust_dev = len(dev_items) >= cfg.min_dev_examples
+        if not trust_dev:
+            self._say(f"{len(dev_items)} dev examples are fewer than {cfg.min_dev_examples}: too few to pick an epoch; "
+                      f"all {cfg.epochs} epochs run and the last is kept")  # fmt: skip
         for epoch in range(1, cfg.epochs + 1):
-            start = time.perf_counter()
+            began = time.perf_counter()
             order = torch.randperm(len(train_items), generator=order_gen).tolist()
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
@@ -219,38 +330,61 @@ class PromptTrainer:
             with torch.no_grad():
                 rows = self._rows().detach().clone()  # the encoder runs once per epoch
             metrics = {"epoch": epoch, "train_loss": running, **self.evaluate(rows, dev_items)}
-            metrics["seconds"] = time.perf_counter() - start
+            metrics["seconds"] = time.perf_counter() - began
             history.append(metrics)
-            improved = self._better(metrics, best)
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            log.info("epoch %d: %s%s", epoch, shown, " (best)" if improved else "")
-            if cfg.progress:
-                print(f"epoch {epoch}: {shown}{' (best)' if improved else ''}", flush=True)
+            if trust_dev:
+                improved = self._better(metrics, best)
+            else:  # the last epoch, unless the manual prompt does better on dev
+                improved = epoch == cfg.epochs and (not manual or self._better(metrics, start))
+            self._show(metrics, improved)
             if improved:
                 best, best_rows, stale = metrics, rows, 0
                 best_head = None if self.head is None else tuple(p.detach().clone() for p in self._head())
-            else:
+            elif trust_dev:
                 stale += 1
                 if stale >= cfg.patience:
                     break
+        if best["epoch"] == 0:
+            self._say("no trained epoch beat the manual prompt on dev: keeping the manual prompt's table")
+        trained = history[1:]
         figures = {k: v for k, v in best.items() if k not in ("seconds", "train_loss")}
+        figures.update({f"start_{k}": v for k, v in start.items() if k.startswith("dev_")})
         figures.update(
             best_epoch=best["epoch"],
-            epochs_run=len(history),
-            seconds_per_epoch=sum(h["seconds"] for h in history) / len(history),
+            epochs_run=len(trained),
+            seconds_per_epoch=sum(h["seconds"] for h in trained) / len(trained),
             train_examples=len(train_items),
             dev_examples=len(dev_items),
+            selection="best dev epoch" if trust_dev else f"last epoch (dev < {cfg.min_dev_examples} examples)",
             encoder=cfg.encoder if cfg.train_prompt else "frozen",
             lr=cfg.lr,
             seed=cfg.seed,
         )
+        if self.head is not None:
+            figures.update(head_lr=cfg.head_lr)
+        if cfg.from_prompt is not None:
+            figures.update(from_prompt=cfg.from_prompt)
         artifact = make_artifact(
             best_rows.float(),
-            template=cfg.template,
+            template=self.template_source,
             task_type=cfg.task_type,
             labels=self.labels or None,
             base_model=self.loaded.info,
             head=None if best_head is None else tuple(t.float() for t in best_head),
             metrics=figures,
+            **(self._pooling_meta() if best_head is not None else {}),
         )
         return TrainResult(artifact=artifact, history=history)
+
+    def _say(self, message: str) -> None:
+        log.warning(message)
+        if self.config.progress:
+            print(message, flush=True)
+
+    def _show(self, metrics: dict, best: bool) -> None:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        note = " (manual prompt)" if metrics["epoch"] == 0 and self.config.from_prompt is not None else ""
+        note += " (best)" if best else ""
+        log.info("epoch %d: %s%s", metrics["epoch"], shown, note)
+        if self.config.progress:
+            print(f"epoch {metrics['epoch']}: {shown}{note}", flush=True)

@@ -44,7 +44,6 @@ def _tiny_model(args) -> None:
 def _train(args) -> None:
     from prompt_store.artifact import artifact_bytes, save_artifact
     from prompt_store.store import check_task_id
-    from prompt_store.template import parse_template
     from ptuning.data import load_examples, split_dev
     from ptuning.train import PromptTrainer, TrainConfig
 
@@ -58,21 +57,24 @@ def _train(args) -> None:
     logging.basicConfig(level=logging.WARNING)
     labels = _json_arg("--labels", args.labels)
     config = TrainConfig(
-        task_type=args.task_type, template=args.template, labels=labels, encoder=args.encoder, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
+        task_type=args.task_type, template=args.template, from_prompt=args.from_prompt, labels=labels,
+        encoder=args.encoder, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay,
+        head_pooling=args.head_pooling, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
+        min_dev_examples=args.min_dev_examples,
     )  # fmt: skip
-    template = parse_template(config.template)
-    examples = load_examples(args.data, template, config.task_type, labels)
-    if args.dev:
-        train, dev = examples, load_examples(args.dev, template, config.task_type, labels)
-    else:
-        train, dev = split_dev(examples, args.dev_fraction, args.seed)
     loaded = load_model(
         args.model, device=args.device, dtype="float32", family=args.model_family, model_cache=_model_cache(args)
     )
+    trainer = PromptTrainer(loaded, config)  # the template: given, from --from-prompt, or the family's default
+    examples = load_examples(args.data, trainer.template, config.task_type, labels)
+    if args.dev:
+        train, dev = examples, load_examples(args.dev, trainer.template, config.task_type, labels)
+    else:
+        train, dev = split_dev(examples, args.dev_fraction, args.seed)
     print(f"training a {args.encoder} prompt encoder on {len(train)} examples ({len(dev)} dev), "
-          f"{loaded.family} model {loaded.info['name_or_path']}", flush=True)  # fmt: skip
-    result = PromptTrainer(loaded, config).fit(train, dev)
+          f"{loaded.family} model {loaded.info['name_or_path']}, template {trainer.template_source!r}",
+          flush=True)  # fmt: skip
+    result = trainer.fit(train, dev)
     metrics = result.artifact.meta["metrics"]
     if args.task_id:
         result.artifact.meta["task_id"] = args.task_id
@@ -303,13 +305,47 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dev", help="JSONL dev set (default: hold out --dev-fraction of --data)")
     dev.add_argument("--dev-fraction", type=float, default=0.2)
     train.add_argument("--task-type", choices=["classify", "generate"], default="classify")
-    train.add_argument("--template", default="[P:3]{input}[P:3]", help="default: the paper's (3, x, 3)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument(
+        "--template",
+        help="default: [P:3]{input}[P:3] (causal); masked LMs and encoders: "
+        "the same between the tokenizer's CLS and MASK, SEP, e.g. [CLS][P:3]{input}[P:3][MASK][SEP]",
+    )
+    start.add_argument(
+        "--from-prompt",
+        dest="from_prompt",
+        metavar="TEMPLATE",
+        help="start from a manual prompt, e.g. 'The official language of {input} is': its words "
+        "become pseudo tokens started at their own embeddings (epoch 0 = the manual prompt)",
+    )
     train.add_argument("--labels", help='classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
     train.add_argument("--encoder", choices=["lstm", "mlp", "none"], default="lstm")
     train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--lr", type=float, default=1e-2)
+    train.add_argument("--lr", type=float, default=1e-2, help="the prompt encoder's AdamW rate")
+    train.add_argument("--head-lr", dest="head_lr", type=float, default=3e-3, help="encoder models' linear head")
+    train.add_argument(
+        "--weight-decay",
+        dest="weight_decay",
+        type=float,
+        default=0.01,
+        help="AdamW decay of the encoder's networks and the head (not the prompt vectors)",
+    )
+    train.add_argument(
+        "--head-pooling",
+        dest="head_pooling",
+        choices=["mean", "mask"],
+        default="mean",
+        help="encoder models: the head reads the mean last hidden state or the one at [MASK]",
+    )
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--patience", type=int, default=5, help="epochs without a better dev metric before stopping")
+    train.add_argument("--patience", type=int, default=10, help="epochs without a better dev metric before stopping")
+    train.add_argument(
+        "--min-dev-examples",
+        dest="min_dev_examples",
+        type=int,
+        default=50,
+        help="a smaller dev set does not pick the epoch: all epochs run and the last is kept",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
     train.add_argument("--model-family", default="auto", choices=["auto", "causal", "masked", "encoder"])

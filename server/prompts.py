@@ -39,6 +39,7 @@ class TaskPrompt:
     label_ids: tuple[tuple[int, ...], ...] = ()  # verbalizer tokens, one tuple per label
     generation: dict = field(default_factory=dict)  # the artifact's default sampling parameters
     head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
+    head_pooling: str = "mask"  # what the head reads: the state at [MASK] or the mean over the sequence
     prefix_len: int = 0  # tokens before the template's first field: the same in every request
 
     @property
@@ -83,6 +84,7 @@ def task_prompt(
         label_ids=tuple(label_ids),
         generation=dict(artifact.meta.get("generation") or {}),
         head=head,
+        head_pooling=artifact.head_pooling,
         prefix_len=len(render(static_prefix(artifact.template), loaded.tokenizer, {}, loaded.vocab_size)),
     )
 

@@ -127,7 +127,10 @@ class ModelRunner:
         A request whose scores are not finite gets an error as its result."""
         scores: list[torch.Tensor] = []
         for chunk in self._classify_chunks(works):
-            queries = [LabelQuery(w.input_ids, w.prompt.rows, w.prompt.label_ids, w.prompt.head) for w in chunk]
+            queries = [
+                LabelQuery(w.input_ids, w.prompt.rows, w.prompt.label_ids, w.prompt.head, w.prompt.head_pooling)
+                for w in chunk
+            ]
             scores.extend(self.score_labels(queries))
         results: list[ClassifyResult | Exception] = []
         for w, s in zip(works, scores):

@@ -68,13 +68,15 @@ class LabelQuery:
     rows: torch.Tensor  # [m, H]
     label_ids: tuple[tuple[int, ...], ...]  # verbalizer tokens per label
     head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
+    pooling: str = "mask"  # what the head reads: "mask" (the state at [MASK]) or "mean" (over the sequence)
 
 
 class LabelScorer:
     """Per-label log-scores for a batch of LabelQuery, by model family:
     - causal: summed log-probability of each verbalizer after the input (one row per label);
     - masked: log-probability of each single-token verbalizer at the [MASK];
-    - encoder: log-softmax of the task's linear head over the hidden state at the [MASK]."""
+    - encoder: log-softmax of the task's linear head over a pooled last hidden state:
+      the state at the [MASK] ("mask") or the mean over the sequence's positions ("mean")."""
 
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
@@ -133,7 +135,9 @@ class LabelScorer:
         if self.family == "masked":
             logp = torch.log_softmax(out.logits[batch, at].float(), dim=-1)  # [B, V]
             return [logp[b, [v[0] for v in q.label_ids]] for b, q in enumerate(queries)]
-        hidden = out.last_hidden_state[batch, at].float()  # [B, H]
-        return [
-            torch.log_softmax(q.head[0].float() @ hidden[b] + q.head[1].float(), dim=-1) for b, q in enumerate(queries)
-        ]
+        states = out.last_hidden_state.float()  # [B, T, H]
+        at_mask = states[batch, at]  # [B, H]
+        mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]: padding is right of each row
+        mean = (states * mask).sum(dim=1) / mask.sum(dim=1)  # [B, H]
+        pooled = [mean[b] if q.pooling == "mean" else at_mask[b] for b, q in enumerate(queries)]
+        return [torch.log_softmax(q.head[0].float() @ h + q.head[1].float(), dim=-1) for h, q in zip(pooled, queries)]

@@ -63,7 +63,7 @@ def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, family
     assert a.embeddings.shape == (6, loaded.info["hidden_size"])
     assert (a.head is not None) == (family == "encoder")
     assert a.meta["metrics"]["encoder"] == encoder and 0 <= a.meta["metrics"]["dev_accuracy"] <= 1
-    assert len(result.history) == 2
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]  # epoch 0: the starting prompt
 
 
 @pytest.mark.parametrize("family", ["causal", "encoder"])
@@ -131,8 +131,9 @@ def test_bad_lines_are_errors_naming_the_line(tmp_path):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, family, tmp_path):
-    """`ptserve train --push` to a running server; the server's classify route on
-    the dev set gives exactly the accuracy the trainer reported."""
+    """`ptserve train --push` to a running server, without --template (the family's
+    default); the server's classify route on the dev set gives exactly the accuracy
+    the trainer reported."""
     _, template, labels = FAMILIES[family]
     loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
     write_jsonl(keyword_examples(96, 0), tmp_path / "train.jsonl")
@@ -141,14 +142,16 @@ def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, fami
     with LiveServer(create_app(settings, loaded)) as live:
         out = subprocess.run(
             [sys.executable, "-m", "server.cli", "train", "--model", str(model_dirs[family]),
-             "--data", str(tmp_path / "train.jsonl"), "--dev", str(dev), "--template", template,
+             "--data", str(tmp_path / "train.jsonl"), "--dev", str(dev),
              "--labels", json.dumps(labels), "--encoder", "mlp", "--epochs", "3",
              "-o", str(tmp_path / "task.safetensors"), "--push", live.url, "--task-id", "kw"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert "pushed to" in out and "version 1" in out
         artifact = load_artifact(tmp_path / "task.safetensors")
+        assert artifact.meta["template"] == template and f"template {template!r}" in out
         assert (artifact.head is not None) == (family == "encoder")
+        assert artifact.meta.get("head_pooling") == ("mean" if family == "encoder" else None)
         rows = [json.loads(line) for line in dev.read_text().splitlines()]
         client = PtserveClient(live.url)
         served = [client.classify("kw", input=r["input"])["label"] for r in rows]
@@ -174,7 +177,7 @@ def test_generate_loss_with_padding_equals_each_example_alone(model_dirs):
 @pytest.mark.parametrize(
     "family, config, message",
     [
-        ("masked", dict(labels={"yes": "true", "no": "no"}), "exactly one \\[MASK\\]"),  # default template
+        ("masked", dict(labels={"yes": "true", "no": "no"}, template="[CLS][P:3]{input}[SEP]"), "exactly one"),
         ("masked", dict(labels={"yes": "false", "no": "no"}, template=FAMILIES["masked"][1]), "one token"),
         ("causal", dict(labels=LABELS, template="{input} is it?"), "no \\[P:n\\] pseudo tokens"),
         ("causal", dict(task_type="generate", labels=LABELS), "labels are only for"),

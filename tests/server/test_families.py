@@ -52,7 +52,8 @@ def alone_scores(loaded, prompt, ids):
         logp = torch.log_softmax(out.logits[0, at], dim=-1)
         return [float(logp[v[0]]) for v in prompt.label_ids]
     w, b = prompt.head
-    return torch.log_softmax(w @ out.last_hidden_state[0, at] + b, dim=-1).tolist()
+    pooled = out.last_hidden_state[0].mean(dim=0) if prompt.head_pooling == "mean" else out.last_hidden_state[0, at]
+    return torch.log_softmax(w @ pooled + b, dim=-1).tolist()
 
 
 def test_family_is_detected(family_model):
@@ -62,12 +63,14 @@ def test_family_is_detected(family_model):
 
 
 def test_batched_classification_equals_alone(family_model):
+    """Encoder heads that read the [MASK] state and heads that read the mean state, in one batch."""
     loaded = family_model
     runner = ModelRunner(loaded)
     works = []
     for i in range(6):
         template, fields = TEMPLATES[i % len(TEMPLATES)]
-        prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[i % 2], seed=i), loaded)
+        pooling = {"head_pooling": "mean" if i % 4 < 2 else "mask"} if loaded.family == "encoder" else {}
+        prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[i % 2], seed=i, **pooling), loaded)
         works.append(ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
     results = runner.classify(works)
     labels_seen = set()
@@ -78,6 +81,24 @@ def test_batched_classification_equals_alone(family_model):
         assert max(abs(a - b) for a, b in zip(r.scores.values(), want)) < 1e-5
         labels_seen.add(r.label)
     assert len(labels_seen) > 1  # the prompts and inputs matter
+    if loaded.family == "encoder":
+        assert {w.prompt.head_pooling for w in works} == {"mask", "mean"}
+
+
+def test_head_pooling_changes_what_the_head_reads(family_model):
+    """The same tensors scored with "mask" and "mean" give different scores; an unknown pooling is refused."""
+    loaded = family_model
+    if loaded.family != "encoder":
+        pytest.skip("heads are for encoder models")
+    template, fields = TEMPLATES[0]
+    ids = render(parse_template(template), loaded.tokenizer, fields, loaded.vocab_size)
+    mask = task_prompt("a", 1, artifact(loaded, template, LABEL_SETS[1], seed=3), loaded)
+    mean = task_prompt("b", 1, artifact(loaded, template, LABEL_SETS[1], seed=3, head_pooling="mean"), loaded)
+    assert mask.head_pooling == "mask" and mean.head_pooling == "mean"
+    a, b = ModelRunner(loaded).classify([ClassifyWork(mask, ids), ClassifyWork(mean, ids)])
+    assert max(abs(x - y) for x, y in zip(a.logprobs.values(), b.logprobs.values())) > 1e-3
+    with pytest.raises(ArtifactError, match="head_pooling must be one of \\['mask', 'mean'\\], got 'max'"):
+        artifact(loaded, template, LABEL_SETS[1], seed=3, head_pooling="max")
 
 
 def test_what_such_models_refuse(family_model):
