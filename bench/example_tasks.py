@@ -50,8 +50,8 @@ TASKS = {  # task -> (manual template, kind, new tokens)
 LABELS = {"positive": " positive", "negative": " negative"}
 
 
-def rows(task: str) -> list[dict]:
-    return [json.loads(line) for line in (EXAMPLES / task / "test.jsonl").read_text().splitlines() if line.strip()]
+def rows(task: str, split: str) -> list[dict]:
+    return [json.loads(line) for line in (EXAMPLES / task / f"{split}.jsonl").read_text().splitlines() if line.strip()]
 
 
 def answer(text: str) -> str:
@@ -86,8 +86,8 @@ def manual(loaded, task: str, template: str, kind: str, new: int, data: list[dic
     return hits / len(data)
 
 
-def ptuned(loaded, task: str, kind: str, new: int, data: list[dict]) -> tuple[float, str]:
-    artifact = read_artifact((EXAMPLES / "prompts" / f"{task}.safetensors").read_bytes())
+def ptuned(loaded, path: Path, task: str, kind: str, new: int, data: list[dict]) -> tuple[float, str]:
+    artifact = read_artifact(path.read_bytes())
     prompt = task_prompt(task, 1, artifact, loaded)
     runner = ModelRunner(loaded)
     ids = [render(prompt.template, loaded.tokenizer, {"input": r["input"]}, loaded.vocab_size) for r in data]
@@ -103,25 +103,30 @@ def ptuned(loaded, task: str, kind: str, new: int, data: list[dict]) -> tuple[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="write the table to bench/results/")
+    ap.add_argument("--split", choices=["test", "dev"], default="test", help="dev: to choose between prompts")
+    ap.add_argument("--prompts", default=str(EXAMPLES / "prompts"), help="folder of TASK.safetensors")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     args = ap.parse_args()
     loaded = load_model(None, device="cpu", dtype="float32")  # the default model
     lines = [
         f"# example tasks, {date.today()}, {platform.node()} ({platform.machine()}, CPU, {os.cpu_count()} cores)",
-        f"model: {loaded.info['name_or_path']} (the default), float32, greedy; held-out test splits",
+        f"model: {loaded.info['name_or_path']} (the default), float32, greedy; the {args.split} splits; "
+        f"P-tuned prompts from {args.prompts}",
         "",
         "| task | metric | test size | manual prompt | P-tuned (examples/prompts) | P-tuned template | s |",
         "|---|---|---|---|---|---|---|",
     ]
     metric = {"sentiment": "accuracy", "language": "P@1", "dates": "exact match"}
-    for task, (template, kind, new) in TASKS.items():
-        data = rows(task)
+    for task in args.tasks:
+        template, kind, new = TASKS[task]
+        data = rows(task, args.split)
         start = time.monotonic()
         m = manual(loaded, task, template, kind, new, data)
-        p, ptemplate = ptuned(loaded, task, kind, new, data)
+        p, ptemplate = ptuned(loaded, Path(args.prompts) / f"{task}.safetensors", task, kind, new, data)
         lines.append(f"| {task} | {metric[task]} | {len(data)} | {m:.3f} (`{template}`) | {p:.3f} | "
                      f"`{ptemplate}` | {time.monotonic() - start:.0f} |")  # fmt: skip
         print(lines[-1], flush=True)
-    report(lines, "example-tasks", args.write)
+    report(lines, f"example-tasks-{args.split}", args.write)
 
 
 if __name__ == "__main__":

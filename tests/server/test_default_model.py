@@ -3,6 +3,7 @@ in float32 on the CPU: it knows things, and the real server reproduces the
 oracle on it token for token, as on the tiny models."""
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import torch
@@ -97,3 +98,18 @@ def test_http_mixed_requests_equal_the_oracle(smollm2, default_model_dir, tmp_pa
             assert list(got) == list(a.labels)
             assert max(abs(x - y) for x, y in zip(got.values(), expected)) < 1e-5, (task, text)
     assert batches["requests"] == len(requests) and batches["max_batch_size_seen"] > 1, batches
+
+
+def test_the_example_tasks_answer_through_http(smollm2, default_model_dir, tmp_path):
+    """The README's first command: the default model with examples/prompts preloaded.
+    Its curls' answers, exactly (float32, greedy)."""
+    examples = Path(__file__).resolve().parents[2] / "examples" / "prompts"
+    settings = Settings(model=default_model_dir, store=str(tmp_path / "store"), preload=str(examples))
+    with LiveServer(create_app(settings, smollm2)) as live, httpx.Client(base_url=live.url, timeout=120) as client:
+        assert sorted(t["task_id"] for t in client.get("/v1/tasks").json()) == ["dates", "language", "sentiment"]
+        sentence = "We moved the launch party to Friday, 14 November, because the venue flooded."
+        r = client.post("/v1/tasks/dates/generate", json={"input": sentence})
+        assert r.status_code == 200 and r.json()["text"] == " November 14" and r.json()["finish_reason"] == "stop"
+        review = "The battery died after two days and support never answered."
+        r = client.post("/v1/tasks/sentiment/classify", json={"input": review})
+        assert r.status_code == 200 and r.json()["label"] == "negative"
