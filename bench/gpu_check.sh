@@ -104,6 +104,7 @@ step d-engine-smollm2-135m "${limits[4]}" $run bench/engine.py --shape "$small" 
 
 echo
 echo "== summary ($out/summary.md)"
+if $smoke; then echo "(smoke: tiny shapes on the CPU check that every step runs; the targets are for a GPU run)"; fi
 "$py" bench/gpu_summary.py "$out"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "steps that failed or ran out of time: ${failed[*]}"

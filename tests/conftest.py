@@ -67,6 +67,21 @@ def smollm2(default_model_dir):
     return load_model(default_model_dir, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    """The tiny GPT-2, loaded in float32 on the CPU (for tests that only read it)."""
+    return load_model(str(gpt2_dir), device="cpu", dtype="float32")
+
+
+def live_server(loaded, store: str, **settings):
+    """The app `ptserve serve` builds for `loaded`, on a free loopback port: a context manager."""
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.server.live_server import LiveServer
+
+    return LiveServer(create_app(Settings(model=loaded.info["name_or_path"], store=store, **settings), loaded))
+
+
 def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):
     """An artifact with random rows on the scale of the model's embeddings."""
     from prompt_store.template import parse_template

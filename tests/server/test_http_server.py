@@ -4,23 +4,12 @@ import socket
 import time
 
 import httpx
-import pytest
 
-from server.app import create_app
-from server.settings import Settings
-from tests.server.live_server import LiveServer
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_dir):
-    from server.model import load_model
-
-    return load_model(str(gpt2_dir), device="cpu", dtype="float32")
+from tests.conftest import live_server
 
 
 def serve(loaded, tmp_path, **settings):
-    s = Settings(model=loaded.info["name_or_path"], store=str(tmp_path / "store"), **settings)
-    return LiveServer(create_app(s, loaded))
+    return live_server(loaded, str(tmp_path / "store"), **settings)
 
 
 def closed_by_server(sock: socket.socket) -> bytes | None:

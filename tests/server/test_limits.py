@@ -10,22 +10,11 @@ import pytest
 import server.continuous
 import server.runner
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.live_server import LiveServer
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_dir):
-    from server.model import load_model
-
-    return load_model(str(gpt2_dir), device="cpu", dtype="float32")
+from tests.conftest import live_server, random_prompt
 
 
 def serve(loaded, tmp_path, **settings):
-    s = Settings(model=loaded.info["name_or_path"], store=str(tmp_path / "store"), **settings)
-    return LiveServer(create_app(s, loaded))
+    return live_server(loaded, str(tmp_path / "store"), **settings)
 
 
 @pytest.fixture
