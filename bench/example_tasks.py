@@ -88,6 +88,11 @@ def manual(loaded, task: str, template: str, kind: str, new: int, data: list[dic
 
 def ptuned(loaded, path: Path, task: str, kind: str, new: int, data: list[dict]) -> tuple[float, str]:
     artifact = read_artifact(path.read_bytes())
+    return score(loaded, artifact, task, kind, new, data), artifact.meta["template"]
+
+
+def score(loaded, artifact, task: str, kind: str, new: int, data: list[dict]) -> float:
+    """A trained prompt's figure on `data`, through the serving path."""
     prompt = task_prompt(task, 1, artifact, loaded)
     runner = ModelRunner(loaded)
     ids = [render(prompt.template, loaded.tokenizer, {"input": r["input"]}, loaded.vocab_size) for r in data]
@@ -97,7 +102,7 @@ def ptuned(loaded, path: Path, task: str, kind: str, new: int, data: list[dict])
     else:
         results = runner.generate([GenerateWork(prompt, i, SamplingParams(max_new_tokens=new)) for i in ids])
         hits = sum(correct(task, loaded.tokenizer, row, r.token_ids, r.text) for r, row in zip(results, data))
-    return hits / len(data), artifact.meta["template"]
+    return hits / len(data)
 
 
 def main() -> None:
