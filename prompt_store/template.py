@@ -78,6 +78,12 @@ def static_prefix(template: Template) -> Template:
     return Template(source=template.source, segments=template.segments[:first_field])
 
 
+def own_length(template: Template, tokenizer, vocab_size: int) -> int:
+    """Tokens of the template with every field empty: what any request of the
+    task costs at least."""
+    return len(render(template, tokenizer, {name: "" for name in template.fields}, vocab_size))
+
+
 def parse_template(source: str) -> Template:
     if not isinstance(source, str) or not source:
         raise TemplateError("template must be a non-empty string")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prompt_store.artifact import PromptArtifact, make_artifact
+from prompt_store.artifact import HEAD_POOLINGS, PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
 from server.model import LoadedModel
@@ -40,9 +40,6 @@ from .data import DataError, Example
 from .encoder import EncoderKind, PromptEncoder
 
 log = logging.getLogger(__name__)
-
-
-HEAD_POOLINGS = ("mean", "mask")
 
 
 @dataclass

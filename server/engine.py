@@ -14,7 +14,7 @@ from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.errors import InvalidRequest, TaskNotFound
 from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, StoredPrompt, check_task_id, open_store
-from prompt_store.template import render
+from prompt_store.template import own_length, render
 
 from .continuous import ContinuousBatcher
 from .continuous_scheduler import ContinuousScheduler
@@ -186,8 +186,7 @@ class Engine:
         wanted, limit = prompt.generation.get("max_new_tokens"), self._position_limit()
         if wanted is None or limit is None:
             return
-        empty = {field: "" for field in prompt.template.fields}
-        fixed = len(render(prompt.template, self.loaded.tokenizer, empty, self.loaded.vocab_size))
+        fixed = own_length(prompt.template, self.loaded.tokenizer, self.loaded.vocab_size)
         if fixed + wanted > limit:
             raise InvalidRequest(
                 f"max_new_tokens {wanted} plus the template's own {fixed} tokens exceed the {limit} positions "

@@ -20,7 +20,7 @@ import torch
 from prompt_store.artifact import PromptArtifact, check_fits_model, read_artifact
 from prompt_store.errors import ArtifactError, InvalidRequest, StoreUnavailable, TaskNotFound
 from prompt_store.store import PromptIdentity, PromptStore, StoredPrompt, check_task_id
-from prompt_store.template import Template, render, static_prefix, tokenize_text
+from prompt_store.template import Template, own_length, render, static_prefix, tokenize_text
 
 from .model import LoadedModel
 
@@ -64,13 +64,13 @@ def task_prompt(
         ids = tokenize_text(loaded.tokenizer, verbalizer)
         if not ids:
             raise ArtifactError(f"label {name!r}: verbalizer {verbalizer!r} tokenizes to no tokens")
-        _check_verbalizer_fits(name, ids, artifact, loaded)
         if loaded.family == "masked" and len(ids) != 1:
             raise ArtifactError(
                 f"label {name!r}: a masked LM scores one token at [MASK], "
                 f"but verbalizer {verbalizer!r} is {len(ids)} tokens"
             )
         label_ids.append(tuple(ids))
+    _check_verbalizers_fit(dict(zip(labels, label_ids)), artifact, loaded)
     _check_family(artifact, loaded)
     head = None if artifact.head is None else tuple(t.to(loaded.device, loaded.dtype) for t in artifact.head)
     return TaskPrompt(
@@ -89,14 +89,14 @@ def task_prompt(
     )
 
 
-def _check_verbalizer_fits(name: str, ids: list[int], artifact: PromptArtifact, loaded: LoadedModel) -> None:
-    """A causal LM reads each verbalizer after the input: if it does not fit in the
-    model's positions even after empty fields, no input could ever be classified."""
+def _check_verbalizers_fit(label_ids: dict[str, tuple[int, ...]], artifact: PromptArtifact, loaded: LoadedModel):
+    """A causal LM reads each verbalizer after the input: if the longest does not fit
+    in the model's positions even after empty fields, no input could ever be classified."""
     limit = loaded.max_positions
-    if loaded.family != "causal" or limit is None:
+    if loaded.family != "causal" or limit is None or not label_ids:
         return
-    empty = {field: "" for field in artifact.template.fields}
-    fixed = len(render(artifact.template, loaded.tokenizer, empty, loaded.vocab_size))
+    name, ids = max(label_ids.items(), key=lambda item: len(item[1]))
+    fixed = own_length(artifact.template, loaded.tokenizer, loaded.vocab_size)
     if fixed + len(ids) > limit:
         raise ArtifactError(
             f"label {name!r}: verbalizer is {len(ids)} tokens; after the template's own {fixed} tokens the "
