@@ -19,10 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import SHAPES, build, make_requests, sync  # noqa: E402
+from engine import SHAPES, build, make_batcher, make_requests, sync  # noqa: E402
 
-from server.continuous import ContinuousBatcher  # noqa: E402
-from server.decoders import decoder_for  # noqa: E402
 from server.work import GenerateWork  # noqa: E402
 
 
@@ -40,9 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     loaded = build(args.shape, args.device, dtype)
-    max_len = args.prompt_len + args.input_len + args.new_tokens
-    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.rows, max_len=max_len,
-                                max_tokens=args.rows * max_len, prefix_cache_size=64)  # fmt: skip
+    args.max_running = args.rows
+    batcher = make_batcher(loaded, args, graphs=True)
     requests = make_requests(loaded, args.tasks, args.rows, args.prompt_len, args.input_len, args.new_tokens)
 
     def admit(fresh_prefixes: bool):

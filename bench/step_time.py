@@ -38,11 +38,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import SHAPES, build, make_requests  # noqa: E402
+from engine import SHAPES, build, make_batcher, make_requests  # noqa: E402
 from step_ops import CountOps  # noqa: E402
 
 from server.continuous import ContinuousBatcher  # noqa: E402
-from server.decoders import decoder_for  # noqa: E402
 from server.work import GenerateWork  # noqa: E402
 
 
@@ -88,14 +87,10 @@ def kernels_per_step(batcher: ContinuousBatcher, tokens: list[int], positions: l
 
 
 def measure(loaded, args, graphs: bool, compiled: bool) -> list[dict]:
-    max_len = args.prompt_len + args.input_len + args.new_tokens
     start = time.monotonic()
-    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.max_running, max_len=max_len,
-                                max_tokens=args.max_running * max_len, prefix_cache_size=0, cuda_graphs=graphs,
-                                compile=compiled)  # fmt: skip
+    batcher = make_batcher(loaded, args, graphs=graphs, compile=compiled)
     built = time.monotonic() - start
     how = ("graphs" if batcher.decode.use_graphs else "eager") + (" + compile" if compiled else "")
-    print(f"{how}: engine built in {built:.1f} s ({len(batcher.decode.graphs)} graphs)", flush=True)
     rows = []
     for n in args.rows:
         batcher.rows.clear()  # a fresh batch: admission overwrites the slots it takes
