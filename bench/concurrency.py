@@ -33,8 +33,8 @@ from report import report  # noqa: E402
 from serve_process import start_server  # noqa: E402
 
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
-from server.model import load_model  # noqa: E402
-from server.tiny_model import write_tiny_model  # noqa: E402
+from ptcore.model import load_model  # noqa: E402
+from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 
 def bodies(n: int, tasks: int, max_new_tokens: int) -> list[tuple[str, dict]]:

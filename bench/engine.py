@@ -51,15 +51,15 @@ from report import report  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
 
 from prompt_store.artifact import make_artifact  # noqa: E402
-from server.continuous import ContinuousBatcher  # noqa: E402
-from server.continuous_scheduler import ContinuousScheduler  # noqa: E402
-from server.decoders import decoder_for  # noqa: E402
-from server.model import LoadedModel, describe_model  # noqa: E402
-from server.prompts import task_prompt  # noqa: E402
-from server.runner import ModelRunner  # noqa: E402
-from server.scheduler import BatchStats  # noqa: E402
-from server.scoring import embed, pack, prompt_table  # noqa: E402
-from server.work import GenerateWork, SamplingParams  # noqa: E402
+from ptcore.inputs import embed, pack, prompt_table  # noqa: E402
+from ptcore.model import LoadedModel, describe_model  # noqa: E402
+from ptcore.task_prompt import task_prompt  # noqa: E402
+from server.engine.batch import ContinuousBatcher  # noqa: E402
+from server.engine.continuous_scheduler import ContinuousScheduler  # noqa: E402
+from server.engine.models import decoder_for  # noqa: E402
+from server.engine.request import GenerateWork, SamplingParams  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.scheduler import BatchStats  # noqa: E402
 
 SHAPES = {
     # the 1.1B Llama shape

@@ -36,10 +36,10 @@ from report import report  # noqa: E402
 
 from prompt_store.artifact import read_artifact  # noqa: E402
 from prompt_store.template import render  # noqa: E402
-from server.model import load_model  # noqa: E402
-from server.prompts import task_prompt  # noqa: E402
-from server.runner import ModelRunner  # noqa: E402
-from server.work import ClassifyWork, GenerateWork, SamplingParams  # noqa: E402
+from ptcore.model import load_model  # noqa: E402
+from ptcore.task_prompt import task_prompt  # noqa: E402
+from server.engine.request import ClassifyWork, GenerateWork, SamplingParams  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 TASKS = {  # task -> (manual template, kind, new tokens)

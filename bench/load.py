@@ -34,8 +34,8 @@ from report import report  # noqa: E402
 from serve_process import start_server  # noqa: E402
 
 from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
-from server.model import load_model  # noqa: E402
-from server.tiny_model import write_tiny_model  # noqa: E402
+from ptcore.model import load_model  # noqa: E402
+from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over the lazy dog while json parses logging paths".split()
 

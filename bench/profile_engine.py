@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import SHAPES, build, make_batcher, make_requests, sync  # noqa: E402
 
-from server.work import GenerateWork  # noqa: E402
+from server.engine.request import GenerateWork  # noqa: E402
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import SHAPES, build, make_requests  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from server.continuous import ContinuousBatcher  # noqa: E402
-from server.decoders import decoder_for  # noqa: E402
-from server.work import GenerateWork  # noqa: E402
+from server.engine.batch import ContinuousBatcher  # noqa: E402
+from server.engine.models import decoder_for  # noqa: E402
+from server.engine.request import GenerateWork  # noqa: E402
 
 SHAPES = {
     **SHAPES,

@@ -6,7 +6,7 @@ with --max-running slots, then for each row count n: n requests are admitted
 (--prompt-len pseudo + --input-len input tokens each) and two times are taken,
 each the median of --repeats:
 
-  step ms     the decode step alone (server/decode_step.py: inputs in, logits
+  step ms     the decode step alone (server/engine/decode_step.py: inputs in, logits
               out), timed with CUDA events on CUDA;
   engine ms   one whole engine step: the decode step plus choosing the tokens
               and the host's per-row bookkeeping (ContinuousBatcher.step).
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import SHAPES, build, make_batcher, make_requests  # noqa: E402
 from step_ops import CountOps  # noqa: E402
 
-from server.continuous import ContinuousBatcher  # noqa: E402
-from server.work import GenerateWork  # noqa: E402
+from server.engine.batch import ContinuousBatcher  # noqa: E402
+from server.engine.request import GenerateWork  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:

@@ -37,14 +37,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from report import report  # noqa: E402
 
 from prompt_store.template import parse_template, render  # noqa: E402
+from ptcore.model import load_model  # noqa: E402
+from ptcore.task_prompt import task_prompt  # noqa: E402
+from ptcore.tiny_model import write_tiny_model  # noqa: E402
 from ptuning.data import Example, load_examples, split_dev  # noqa: E402
 from ptuning.synthetic import LABELS, keyword_examples  # noqa: E402
 from ptuning.train import PromptTrainer, TrainConfig, default_template  # noqa: E402
-from server.model import load_model  # noqa: E402
-from server.prompts import task_prompt  # noqa: E402
-from server.runner import ModelRunner  # noqa: E402
-from server.tiny_model import write_tiny_model  # noqa: E402
-from server.work import ClassifyWork  # noqa: E402
+from server.engine.request import ClassifyWork  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
 
 SENTIMENT_LABELS = {"positive": "positive", "negative": "negative"}
 

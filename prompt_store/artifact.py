@@ -292,7 +292,7 @@ def make_artifact(
     """Build a checked artifact from a [m, hidden_size] tensor.
 
     `base_model` needs hidden_size and vocab_size (and may carry name_or_path and
-    fingerprint; `server.model.describe_model` returns one for a loaded model).
+    fingerprint; `ptcore.model.describe_model` returns one for a loaded model).
     `head`: (weight [L, H], bias [L]) of a per-task classifier, for encoder models.
     Extra keyword arguments (task_id, generation, description, metrics...) go into
     the metadata as they are.

@@ -1,6 +1,6 @@
 """Errors shared by the store, the artifact format and the server.
 
-Each one maps to one HTTP status in server/app.py; the message is what the
+Each one maps to one HTTP status in server/api/app.py; the message is what the
 client reads, so it must say what was wrong.
 """
 

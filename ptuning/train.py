@@ -2,7 +2,7 @@
 models, the task's linear head) gets gradients.
 
 Classification minimises cross-entropy over the label scores the server
-computes (server/scoring.py, the same code); generation minimises the LM loss
+computes (ptcore/scoring.py, the same code); generation minimises the LM loss
 on the target tokens only. After every epoch the encoder runs once, the dev
 set is scored with that table, and the best epoch's table is kept; training
 stops early when the dev metric has not improved for `patience` epochs. A dev
@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from prompt_store.artifact import HEAD_POOLINGS, PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
-from server.model import LoadedModel
-from server.prompts import TaskPrompt, check_classify_input, task_prompt
-from server.runner import eos_token_ids
-from server.scoring import LabelQuery, LabelScorer, embed, pack
+from ptcore.inputs import embed, pack
+from ptcore.model import LoadedModel
+from ptcore.scoring import LabelQuery, LabelScorer
+from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
 
 from .data import DataError, Example
 from .encoder import EncoderKind, PromptEncoder
@@ -169,7 +169,7 @@ class PromptTrainer:
         self.check_prompt = self._server_view(loaded)
         self.label_ids = self.check_prompt.label_ids
         self.scorer = LabelScorer(loaded)
-        self.eos = sorted(eos_token_ids(loaded))[:1]
+        self.eos = sorted(loaded.eos_token_ids)[:1]
 
         torch.manual_seed(config.seed)
         weight = loaded.model.get_input_embeddings().weight

@@ -11,7 +11,7 @@ import sys
 
 def serve_settings(args):
     """Settings from the environment, with the flags that were given on top."""
-    from .settings import Settings
+    from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**overrides)
@@ -20,9 +20,9 @@ def serve_settings(args):
 def _serve(args) -> None:
     import uvicorn
 
-    from .app import create_app
-    from .http_server import server_config
-    from .model_source import resolve_model
+    from ptcore.model_source import resolve_model
+    from server.api.app import create_app
+    from server.api.http_server import server_config
 
     settings = serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -35,7 +35,7 @@ def _serve(args) -> None:
 
 
 def _tiny_model(args) -> None:
-    from .tiny_model import write_tiny_model
+    from ptcore.tiny_model import write_tiny_model
 
     path = write_tiny_model(args.directory, arch=args.arch, seed=args.seed, init_std=args.init_std)
     print(f"wrote a tiny {args.arch} smoke-test model (random weights, meaningless output) to {path}")
@@ -44,11 +44,10 @@ def _tiny_model(args) -> None:
 def _train(args) -> None:
     from prompt_store.artifact import artifact_bytes, save_artifact
     from prompt_store.store import check_task_id
+    from ptclient.client import PtserveClient
+    from ptcore.model import load_model
     from ptuning.data import load_examples, split_dev
     from ptuning.train import PromptTrainer, TrainConfig
-
-    from .client import PtserveClient
-    from .model import load_model
 
     if args.push and not args.task_id:
         sys.exit("--push needs --task-id")
@@ -93,9 +92,8 @@ def _import_peft(args) -> None:
     from prompt_store.artifact import save_artifact
     from prompt_store.peft import CONFIG_FILE, WEIGHTS_FILE, artifact_from_peft, parse_peft_config
     from prompt_store.store import check_task_id
-
-    from .client import PtserveClient
-    from .model import default_bos_token, load_model
+    from ptclient.client import PtserveClient
+    from ptcore.model import default_bos_token, load_model
 
     if not args.push and not args.output:
         sys.exit("give --push URL (the server converts for its model) and/or -o FILE (converted here, needs a model)")
@@ -127,9 +125,8 @@ def _export_peft(args) -> None:
 
     from prompt_store.artifact import load_artifact
     from prompt_store.peft import export_peft
-
-    from .model import default_bos_token
-    from .model_source import resolve_model
+    from ptcore.model import default_bos_token
+    from ptcore.model_source import resolve_model
 
     artifact = load_artifact(args.artifact)
     model = resolve_model(args.model or artifact.base_model["name_or_path"], _model_cache(args))
@@ -145,9 +142,8 @@ def _make_artifact(args) -> None:
 
     from prompt_store.artifact import TENSOR_NAME, make_artifact, save_artifact
     from prompt_store.template import parse_template
-
-    from .model import describe_model
-    from .model_source import resolve_model
+    from ptcore.model import describe_model
+    from ptcore.model_source import resolve_model
 
     path = resolve_model(args.model, _model_cache(args))
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -176,13 +172,13 @@ def _make_artifact(args) -> None:
 
 def _model_cache(args) -> str:
     """--model-cache, else PTSERVE_MODEL_CACHE (as the server reads it), else the default."""
-    from .model_source import DEFAULT_MODEL_CACHE
+    from ptcore.model_source import DEFAULT_MODEL_CACHE
 
     return getattr(args, "model_cache", None) or os.environ.get("PTSERVE_MODEL_CACHE") or DEFAULT_MODEL_CACHE
 
 
 def _models(args) -> None:
-    from .model_source import DEFAULT_MODEL, ModelCache, default_model
+    from ptcore.model_source import DEFAULT_MODEL, ModelCache, default_model
 
     cache = ModelCache(_model_cache(args))
     if args.fetch_default:
@@ -201,7 +197,7 @@ def _token(args, access: str) -> str | None:
 
 
 def _client(args, access: str):
-    from .client import PtserveClient
+    from ptclient.client import PtserveClient
 
     return PtserveClient(args.url, _token(args, access))
 
@@ -254,9 +250,8 @@ def _json_arg(flag: str, text: str | None):
 
 def build_parser() -> argparse.ArgumentParser:
     from prompt_store.artifact import HEAD_POOLINGS
-
-    from .model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE
-    from .tiny_model import ARCHS
+    from ptcore.model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE
+    from ptcore.tiny_model import ARCHS
 
     def model_cache_arg(p):
         p.add_argument("--model-cache", help=f"where GGUF models are kept once converted (default: "
@@ -438,8 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from prompt_store.errors import PtserveError
-
-    from .client import ClientError
+    from ptclient.client import ClientError
 
     args = build_parser().parse_args(argv)
     try:

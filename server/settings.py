@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .model_source import DEFAULT_MODEL_CACHE
+from ptcore.model_source import DEFAULT_MODEL_CACHE
 
 
 class Settings(BaseSettings):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prompt_store.artifact import make_artifact
-from server.model import load_model
-from server.model_source import DEFAULT_MODEL_CACHE, ModelCache, default_gguf, resolve_model
-from server.tiny_model import write_tiny_model
+from ptcore.model import load_model
+from ptcore.model_source import DEFAULT_MODEL_CACHE, ModelCache, default_gguf, resolve_model
+from ptcore.tiny_model import write_tiny_model
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ def gpt2(gpt2_dir):
 
 def live_server(loaded, store: str, **settings):
     """The app `ptserve serve` builds for `loaded`, on a free loopback port: a context manager."""
-    from server.app import create_app
+    from server.api.app import create_app
     from server.settings import Settings
     from tests.server.live_server import LiveServer
 

@@ -1,6 +1,6 @@
 """The correctness oracle (DESIGN.md): one request computed ALONE, with no KV
 cache and no padding, from inputs_embeds = render(template, h, x), recomputing
-the whole sequence at every step. Written independently of server/runner.py."""
+the whole sequence at every step. Written independently of server/engine/runner.py."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import pytest
 
 from prompt_store.errors import TemplateError
 from prompt_store.template import Field, Literal, Pseudo, parse_template, render, tokenize_text
-from server.tiny_model import train_tokenizer
+from ptcore.tiny_model import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ import torch
 
 from prompt_store.artifact import load_artifact, make_artifact
 from prompt_store.template import parse_template, render, tokenize_text
+from ptcore.model import load_model
+from ptcore.task_prompt import task_prompt
+from ptcore.tiny_model import write_tiny_model
 from ptuning.data import Example
 from ptuning.encoder import PromptEncoder
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig, default_template, prompt_from_text
-from server.model import load_model
-from server.prompts import task_prompt
-from server.runner import ModelRunner
-from server.tiny_model import write_tiny_model
-from server.work import ClassifyWork, GenerateWork, SamplingParams
+from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
+from server.engine.runner import ModelRunner
 
 MANUAL = "The official language of {input} is"
 

@@ -9,14 +9,14 @@ import torch
 from prompt_store.artifact import load_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import parse_template
+from ptclient.client import PtserveClient
+from ptcore.model import load_model
+from ptcore.tiny_model import write_tiny_model
 from ptuning.data import DataError, Example, load_examples, split_dev
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig
-from server.app import create_app
-from server.client import PtserveClient
-from server.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
-from server.tiny_model import write_tiny_model
 from tests.server.live_server import LiveServer
 
 # per family: tiny arch, template, labels (masked LMs need single-token verbalizers)

@@ -5,7 +5,7 @@ import time
 
 import uvicorn
 
-from server.http_server import server_config
+from server.api.http_server import server_config
 from tests.conftest import free_port
 
 

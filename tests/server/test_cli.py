@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from prompt_store.artifact import load_artifact
+from ptcore.model import load_model
 from server.cli import build_parser, serve_settings
-from server.model import load_model
 
 
 def run_cli(*args, cwd=None):
@@ -53,7 +53,7 @@ def test_client_commands_against_a_running_server(tmp_path):
     import os
 
     from prompt_store.artifact import save_artifact
-    from server.app import create_app
+    from server.api.app import create_app
     from server.settings import Settings
     from tests.conftest import random_prompt
     from tests.server.live_server import LiveServer

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from prompt_store.template import render
-from server.continuous import ContinuousBatcher
-from server.continuous_scheduler import ContinuousScheduler
-from server.decoders import decoder_for
-from server.kv_cache import SlotKVCache
-from server.model import load_model
-from server.prompts import task_prompt
-from server.runner import ModelRunner
-from server.scheduler import BatchStats
-from server.work import GenerateWork, SamplingParams
+from ptcore.model import load_model
+from ptcore.task_prompt import task_prompt
+from server.engine.batch import ContinuousBatcher
+from server.engine.continuous_scheduler import ContinuousScheduler
+from server.engine.kv_cache import SlotKVCache
+from server.engine.models import decoder_for
+from server.engine.request import GenerateWork, SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import BatchStats
 from tests.conftest import random_prompt
 from tests.oracle import alone_greedy
 from tests.server.concurrency import submit_from_threads

@@ -7,9 +7,9 @@ buckets, so everything a graph would replay is checked here."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
-from server.decoders import decoder_for
-from server.kv_cache import SlotKVCache
+from server.engine.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
+from server.engine.kv_cache import SlotKVCache
+from server.engine.models import decoder_for
 from tests.server.test_continuous import batcher, drive, oracle, works_for
 
 

@@ -10,9 +10,8 @@ import torch
 
 from prompt_store.artifact import artifact_bytes
 from prompt_store.template import render
-from server.app import create_app
-from server.model_source import DEFAULT_MODEL, resolve_model
-from server.runner import eos_token_ids
+from ptcore.model_source import DEFAULT_MODEL, resolve_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.oracle import alone_greedy, alone_label_scores
@@ -22,7 +21,7 @@ from tests.server.live_server import LiveServer
 def greedy(loaded, text, n):
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     no_rows = torch.empty(0, loaded.info["hidden_size"])
-    return alone_greedy(loaded.model, no_rows, ids, loaded.vocab_size, n, eos_token_ids(loaded))
+    return alone_greedy(loaded.model, no_rows, ids, loaded.vocab_size, n, loaded.eos_token_ids)
 
 
 def test_it_is_the_pinned_model(smollm2, default_model_dir):
@@ -84,7 +83,7 @@ def test_http_mixed_requests_equal_the_oracle(smollm2, default_model_dir, tmp_pa
         responses = asyncio.run(fire(live.url))
         batches = client.get("/v1/stats").json()["batches"]
 
-    V, eos = smollm2.vocab_size, eos_token_ids(smollm2)
+    V, eos = smollm2.vocab_size, smollm2.eos_token_ids
     for (task, route, text, n), r in zip(requests, responses):
         assert r.status_code == 200, r.text
         a = artifacts[task]

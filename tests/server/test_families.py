@@ -8,13 +8,13 @@ import torch
 from prompt_store.artifact import artifact_bytes, make_artifact
 from prompt_store.errors import ArtifactError
 from prompt_store.template import parse_template, render
-from server.app import create_app
-from server.model import load_model
-from server.prompts import task_prompt
-from server.runner import ModelRunner
+from ptcore.model import load_model
+from ptcore.task_prompt import task_prompt
+from ptcore.tiny_model import write_tiny_model
+from server.api.app import create_app
+from server.engine.request import ClassifyWork
+from server.engine.runner import ModelRunner
 from server.settings import Settings
-from server.tiny_model import write_tiny_model
-from server.work import ClassifyWork
 from tests.oracle import alone_embeds
 from tests.server.live_server import LiveServer
 
@@ -154,7 +154,7 @@ def test_roberta_style_positions_are_numbered_by_the_model(tmp_path):
     position ids let it number them itself, so batched == alone."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from server.tiny_model import train_wordpiece_tokenizer
+    from ptcore.tiny_model import train_wordpiece_tokenizer
 
     tok = train_wordpiece_tokenizer()
     config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.model import embedding_fingerprint, load_model
+from ptcore.model import embedding_fingerprint, load_model
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -13,14 +13,14 @@ from safetensors.torch import save
 from prompt_store.artifact import artifact_bytes
 from prompt_store.errors import ArtifactError, InvalidRequest
 from prompt_store.template import render
-from server.app import create_app
-from server.continuous import ContinuousBatcher
-from server.decoders import decoder_for
-from server.model import load_model
-from server.prompts import TaskPrompt, task_prompt
-from server.runner import ModelRunner
+from ptcore.model import load_model
+from ptcore.task_prompt import TaskPrompt, task_prompt
+from server.api.app import create_app
+from server.engine.batch import ContinuousBatcher
+from server.engine.models import decoder_for
+from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
+from server.engine.runner import ModelRunner
 from server.settings import Settings
-from server.work import ClassifyWork, GenerateWork, SamplingParams
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer
 

@@ -12,9 +12,8 @@ from safetensors.torch import save
 
 from prompt_store.artifact import artifact_bytes
 from prompt_store.template import render
-from server.app import create_app
-from server.model import load_model
-from server.runner import eos_token_ids
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt, start_redis
 from tests.oracle import alone_greedy, alone_label_scores
@@ -122,7 +121,7 @@ def check_concurrent_requests(server, client, gpt2):
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(fire())
-    eos = eos_token_ids(gpt2)
+    eos = gpt2.eos_token_ids
     V = gpt2.vocab_size
     for i, r in enumerate(responses):
         assert r.status_code == 200, r.text

@@ -1,4 +1,4 @@
-"""Socket limits of the HTTP server (server/http_server.py), with real sockets on loopback."""
+"""Socket limits of the HTTP server (server/api/http_server.py), with real sockets on loopback."""
 
 import socket
 import time

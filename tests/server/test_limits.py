@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-import server.continuous
-import server.runner
+import server.engine.batch
+import server.engine.runner
 from prompt_store.artifact import artifact_bytes
 from tests.conftest import live_server, random_prompt
 
@@ -20,7 +20,7 @@ def serve(loaded, tmp_path, **settings):
 @pytest.fixture
 def slow_steps(monkeypatch):
     """Every decode step takes 50 ms more, so requests last long enough to interrupt."""
-    for module in (server.continuous, server.runner):
+    for module in (server.engine.batch, server.engine.runner):
         real = module.step_rows
 
         def slow(logits, rows, real=real):
@@ -148,8 +148,8 @@ def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
     """A failing classify batch leaves running generations alone; a failing
     iteration does not kill the worker; a failing decode step ends streams
     with an error event instead of a cut connection."""
-    from server.continuous import ContinuousBatcher
-    from server.runner import ModelRunner
+    from server.engine.batch import ContinuousBatcher
+    from server.engine.runner import ModelRunner
 
     with serve(gpt2, tmp_path) as live, httpx.Client(base_url=live.url, timeout=60) as c:
         c.put("/v1/tasks/g", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
@@ -198,7 +198,7 @@ def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
 
 
 def test_input_far_over_the_token_limit_is_refused_before_tokenizing(gpt2, tmp_path, monkeypatch):
-    from server.engine import CHARS_PER_TOKEN_BOUND
+    from server.service import CHARS_PER_TOKEN_BOUND
 
     calls = {"n": 0}
     tokenizer_class = type(gpt2.tokenizer)
@@ -223,8 +223,8 @@ def test_input_far_over_the_token_limit_is_refused_before_tokenizing(gpt2, tmp_p
 
 
 def test_long_inputs_are_prepared_one_at_a_time_and_short_ones_do_not_wait(gpt2, tmp_path, monkeypatch):
-    from server.engine import Engine
-    from server.input_lanes import LONG_INPUT_CHARS
+    from server.api.input_lanes import LONG_INPUT_CHARS
+    from server.service import Engine
 
     real = Engine.prepare_generate
     running = {"long": 0, "most": 0}
@@ -264,7 +264,7 @@ def test_a_long_input_that_waits_too_long_for_its_lane_is_a_504():
     import anyio
 
     from prompt_store.errors import DeadlineExceeded
-    from server.input_lanes import LONG_INPUT_CHARS, InputLanes
+    from server.api.input_lanes import LONG_INPUT_CHARS, InputLanes
 
     lanes = InputLanes(wait_s=0.2)
     long_fields = {"input": "x" * (LONG_INPUT_CHARS + 1)}

@@ -1,10 +1,10 @@
-"""Prometheus metrics (server/metrics.py) over real HTTP."""
+"""Prometheus metrics (server/api/metrics.py) over real HTTP."""
 
 import httpx
 import pytest
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer
@@ -12,7 +12,7 @@ from tests.server.live_server import LiveServer
 
 @pytest.fixture(scope="module")
 def gpt2(gpt2_dir):
-    from server.model import load_model
+    from ptcore.model import load_model
 
     return load_model(str(gpt2_dir), device="cpu", dtype="float32")
 

@@ -14,10 +14,9 @@ import zipfile
 import httpx
 import pytest
 
-from server import model_source
-from server.cli import main
-from server.model import load_model
-from server.model_source import (
+from ptcore import model_source
+from ptcore.model import load_model
+from ptcore.model_source import (
     DEFAULT_MODEL,
     SOURCE_FILE,
     ModelCache,
@@ -27,6 +26,7 @@ from server.model_source import (
     gguf_in,
     resolve_model,
 )
+from server.cli import main
 from tests.conftest import free_port
 
 
@@ -37,7 +37,7 @@ def converting(caplog) -> list[str]:
 def test_gguf_model_converts_once_then_loads_from_the_cache(default_model_gguf, smollm2, tmp_path, caplog, capsys):
     """`--model x.gguf` (the default model's own GGUF, into an empty cache): the
     first resolve converts, the second finds the folder, as does the GGUF's directory."""
-    caplog.set_level(logging.INFO, logger="server.model_source")
+    caplog.set_level(logging.INFO, logger="ptcore.model_source")
     cache = tmp_path / "cache"
     first = resolve_model(str(default_model_gguf), cache)
     assert len(converting(caplog)) == 1
@@ -77,7 +77,7 @@ def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("server.gguf_convert.convert_gguf", killed)
+    monkeypatch.setattr("ptcore.gguf_convert.convert_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(gguf), cache)
     assert list(cache.iterdir()) == []
@@ -156,7 +156,7 @@ def test_default_model_download_checks_the_pinned_sha256(tmp_path, monkeypatch):
         converted.append(gguf.read_bytes())
         (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
 
-    monkeypatch.setattr("server.gguf_convert.convert_gguf", convert)
+    monkeypatch.setattr("ptcore.gguf_convert.convert_gguf", convert)
     cache = ModelCache(tmp_path / "cache")
     path = default_model(cache, spec)
     assert path == cache.root / spec.sha256 and converted == [content]

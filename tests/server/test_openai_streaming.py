@@ -7,8 +7,8 @@ import pytest
 from openai import OpenAI
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.model import load_model
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer

@@ -4,10 +4,10 @@ on an absolute-position model (GPT-2) and a rotary one (Llama)."""
 import torch
 
 from prompt_store.template import render
-from server.prompts import task_prompt
-from server.runner import ModelRunner
-from server.scheduler import BatchStats, Scheduler
-from server.work import ClassifyWork, GenerateWork, SamplingParams
+from ptcore.task_prompt import task_prompt
+from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import BatchStats, Scheduler
 from tests.conftest import random_prompt
 from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
 from tests.server.concurrency import submit_from_threads
@@ -164,7 +164,7 @@ def test_serving_leaves_the_weights_untouched(loaded):
 
 
 def test_a_row_whose_sampling_fails_does_not_sink_its_batch(loaded, monkeypatch):
-    from server.sampling import RowDecoder
+    from server.engine.sampling import RowDecoder
 
     real_sample = RowDecoder.sample
 

@@ -17,12 +17,12 @@ from prompt_store.artifact import load_artifact, make_artifact
 from prompt_store.errors import ArtifactError
 from prompt_store.peft import export_peft
 from prompt_store.template import render
-from server.app import create_app
-from server.model import default_bos_token
-from server.prompts import task_prompt
-from server.runner import ModelRunner
+from ptcore.model import default_bos_token
+from ptcore.task_prompt import task_prompt
+from server.api.app import create_app
+from server.engine.request import GenerateWork, SamplingParams
+from server.engine.runner import ModelRunner
 from server.settings import Settings
-from server.work import GenerateWork, SamplingParams
 from tests.oracle import alone_greedy
 from tests.server.live_server import LiveServer
 

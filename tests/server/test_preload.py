@@ -5,8 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from prompt_store.artifact import artifact_bytes, make_artifact
-from server.app import create_app
-from server.model import load_model
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer

@@ -3,7 +3,7 @@ import pytest
 from prompt_store.artifact import artifact_bytes
 from prompt_store.disk_store import DiskStore
 from prompt_store.errors import TaskNotFound
-from server.prompts import PromptCache
+from server.prompt_cache import PromptCache
 from tests.conftest import random_prompt
 
 

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.model import load_model
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import free_port, random_prompt
 
@@ -104,7 +104,6 @@ def test_after_redis_lost_its_data_every_replica_serves_the_new_v1_at_once(gpt2_
     id: it is version 1 again, and both replicas (the one that took the upload and
     the other) must serve it on their very next request, prefix KV included."""
     from prompt_store.template import render
-    from server.runner import eos_token_ids
     from tests.oracle import alone_greedy
     from tests.server.live_server import LiveServer
 
@@ -113,7 +112,7 @@ def test_after_redis_lost_its_data_every_replica_serves_the_new_v1_at_once(gpt2_
     old, new = (random_prompt(loaded, template, seed=s) for s in (11, 12))
     body = {"input": "json parse error", "max_new_tokens": 6}
     ids = render(new.template, loaded.tokenizer, {"input": body["input"]}, loaded.vocab_size)
-    expected = alone_greedy(loaded.model, new.embeddings, ids, loaded.vocab_size, 6, eos_token_ids(loaded))
+    expected = alone_greedy(loaded.model, new.embeddings, ids, loaded.vocab_size, 6, loaded.eos_token_ids)
     settings = Settings(model=str(gpt2_dir), store=shared_store, max_wait_ms=20)
     with (
         LiveServer(create_app(settings, loaded)) as a,

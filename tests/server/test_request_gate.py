@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.request_gate import UPLOAD_SLACK
+from server.api.app import create_app
+from server.api.request_gate import UPLOAD_SLACK
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer
@@ -21,7 +21,7 @@ PIECE = 64 * 1024
 
 @pytest.fixture(scope="module")
 def gpt2(gpt2_dir):
-    from server.model import load_model
+    from ptcore.model import load_model
 
     return load_model(str(gpt2_dir), device="cpu", dtype="float32")
 
@@ -158,7 +158,7 @@ def test_downloading_an_artifact_needs_the_write_token(gpt2, tmp_path):
 
 def test_every_route_that_writes_or_runs_the_model_needs_a_token(gpt2, tmp_path):
     """A new route is open only if it is listed here as open on purpose."""
-    from server.access import POLICY
+    from server.api.access import POLICY
 
     open_paths = ("/health", "/ready", "/metrics", "/v1/stats", "/v1/tasks", "/v1/tasks/{task_id}")
     open_routes = {("GET", path) for path in open_paths}
@@ -183,7 +183,7 @@ def test_headers_over_the_limit_are_refused_even_when_sent_at_once(gpt2, tmp_pat
 
 
 def test_the_policy_matches_the_path_the_router_sees_under_a_root_path():
-    from server.request_gate import route_path
+    from server.api.request_gate import route_path
 
     assert route_path({"path": "/api/v1/tasks/t", "root_path": "/api"}) == "/v1/tasks/t"
     assert route_path({"path": "/v1/tasks/t", "root_path": ""}) == "/v1/tasks/t"

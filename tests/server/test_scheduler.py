@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from prompt_store.errors import ServiceUnavailable
-from server.scheduler import BatchStats, Scheduler
+from server.engine.scheduler import BatchStats, Scheduler
 
 
 @dataclass

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.model import load_model
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.server.live_server import LiveServer

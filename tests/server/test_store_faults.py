@@ -7,8 +7,8 @@ import httpx
 import redis
 
 from prompt_store.artifact import artifact_bytes
-from server.app import create_app
-from server.model import load_model
+from ptcore.model import load_model
+from server.api.app import create_app
 from server.settings import Settings
 from tests.conftest import random_prompt, start_redis
 from tests.prompt_store.test_disk_faults import deny

@@ -1,0 +1,116 @@
+"""The FastAPI application. `create_app` builds nothing heavy: the engine
+(model, store, scheduler) is built in the lifespan and dropped at shutdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.errors import (
+    Abandoned,
+    BadRequest,
+    DeadlineExceeded,
+    Forbidden,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    PtserveError,
+    ServiceUnavailable,
+    TaskNotFound,
+    Unauthorized,
+)
+from ptcore.model import LoadedModel
+from server.api.input_lanes import InputLanes
+from server.api.metrics import Metrics, MetricsMiddleware
+from server.api.request_gate import RequestGate
+from server.api.routes import health, inference, openai, tasks
+from server.preload import preload
+from server.service import Engine
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    TaskNotFound: 404,
+    PayloadTooLarge: 413,
+    InvalidRequest: 422,
+    Overloaded: 429,
+    Abandoned: 499,  # nginx's "client closed request": nobody is there to read it
+    ServiceUnavailable: 503,
+    DeadlineExceeded: 504,
+}
+_HEADERS = {Unauthorized: {"WWW-Authenticate": "Bearer"}, Overloaded: {"Retry-After": "1"}}
+
+
+def _status_of(error: PtserveError) -> int:
+    for cls, status in _STATUS.items():
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def error_response(error: PtserveError) -> JSONResponse:
+    headers = next((h for cls, h in _HEADERS.items() if isinstance(error, cls)), None)
+    return JSONResponse({"detail": str(error)}, status_code=_status_of(error), headers=headers)
+
+
+def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
+    """`loaded`: an already loaded model to serve instead of loading settings.model
+    (tests share one tiny model between several servers)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.api_token is None:
+            log.warning("PTSERVE_API_TOKEN is not set: ANYONE who can reach this server can upload and delete prompts")
+        engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
+        if settings.preload:
+            await run_in_threadpool(preload, engine, settings.preload)
+        engine.start()
+        app.state.engine = engine
+        app.state.lanes = InputLanes(settings.request_timeout_s)
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="ptserve", summary="Many P-tuning soft prompts on one frozen LM", lifespan=lifespan)
+
+    @app.exception_handler(PtserveError)
+    async def _ptserve_error(request: Request, exc: PtserveError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError):
+        # FastAPI's own 422, ASCII-escaped: its errors quote the input, and a lone
+        # surrogate sent as "\\ud800" has no UTF-8 encoding (a 500 otherwise)
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        # Starlette re-raises after this answer and uvicorn then closes the connection:
+        # say so, so that clients do not send their next request on it
+        body = {"detail": f"internal error ({type(exc).__name__}): {exc}"}
+        return JSONResponse(body, status_code=500, headers={"Connection": "close"})
+
+    app.state.settings = settings  # for the HTTP server's socket limits (server/api/http_server.py)
+    metrics = Metrics(lambda: getattr(app.state, "engine", None))
+    app.state.metrics = metrics
+    app.add_middleware(RequestGate, settings=settings, respond=error_response)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+    app.include_router(inference.router)
+    app.include_router(openai.router)
+    return app

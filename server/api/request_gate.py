@@ -1,0 +1,90 @@
+"""What a request must pass before any byte of its body is read: its token and
+the size of its body."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from prompt_store.errors import BadRequest, PayloadTooLarge, PtserveError
+from server.api.access import access_for, bearer_token, check_access
+from server.settings import Settings
+
+UPLOAD_SLACK = 64 * 1024  # multipart boundaries and part headers around a PEFT upload's files
+
+
+class RequestGate:
+    """ASGI middleware. From the headers alone, before the body is read:
+    - two Authorization headers: 400 (on every route);
+    - the token the route needs (server/api/access.py): 401 / 403;
+    - a declared Content-Length over the limit: 413.
+    A body sent without a length (chunked) is counted as the app reads it and
+    refused with 413 once it passes the limit. Whenever an answer goes out before
+    its request's body was read to the end, the connection is closed, so the rest
+    of the body is never read.
+
+    Limits: a PUT is an upload of at most two artifact-sized files (a PEFT
+    adapter; the upload routes also check their exact limit from the declared
+    length); any other body, max_json_bytes."""
+
+    def __init__(self, app, settings: Settings, respond: Callable[[PtserveError], Response]):
+        """respond: the app's answer to an error, so that refusals here read like the others."""
+        self.app = app
+        self.settings = settings
+        self.respond = respond
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        limit = self._limit(scope)
+        try:
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.settings.max_header_bytes:  # h11 checks only headers that arrive in pieces
+                raise BadRequest(f"request headers are {size} bytes; the limit is {self.settings.max_header_bytes}")
+            access = access_for(scope["method"], route_path(scope))
+            if access is None:
+                bearer_token(headers)  # refuses two Authorization headers
+            else:
+                check_access(headers, access, self.settings)
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+        except PtserveError as error:
+            response = self.respond(error)
+            response.headers["connection"] = "close"
+            return await response(scope, receive, send)
+
+        chunked = "transfer-encoding" in headers
+        seen, ended = 0, not chunked and (declared is None or declared == "0")
+
+        async def counted_receive():
+            nonlocal seen, ended
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
+                if seen > limit:
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def closing_send(message):
+            if message["type"] == "http.response.start" and not ended:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counted_receive, closing_send)
+
+    def _limit(self, scope) -> int:
+        if scope["method"] == "PUT":
+            return 2 * self.settings.max_artifact_bytes + UPLOAD_SLACK
+        return self.settings.max_json_bytes
+
+
+def route_path(scope) -> str:
+    """The path the router matches: without the root path a proxy may mount the app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

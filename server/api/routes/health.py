@@ -1,0 +1,43 @@
+"""Liveness, readiness and batching statistics."""
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.errors import StoreUnavailable
+from server.api.deps import EngineDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return JSONResponse({"status": "loading", "detail": "model is not loaded yet"}, status_code=503)
+    if not engine.scheduler.alive():
+        return JSONResponse({"status": "unavailable", "detail": "the model worker is not running"}, status_code=503)
+    try:
+        await run_in_threadpool(engine.store.ping)
+    except StoreUnavailable as e:
+        return JSONResponse({"status": "unavailable", "detail": str(e)}, status_code=503)
+    return {"status": "ready", "model": engine.loaded.info}
+
+
+@router.get("/v1/stats")
+async def stats(engine: EngineDep):
+    """Batch sizes of every forward batch so far, prompt-cache counters, queue depth."""
+    return engine.stats()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request):
+    """Prometheus metrics: requests by route/task/status, latencies, generated tokens,
+    queue depth, running rows, batch sizes, prompt- and prefix-cache counters."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,60 @@
+"""OpenAI-compatible completions: `model` is the task id, `prompt` its {input}."""
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api.deps import EngineDep
+from server.api.schemas import CompletionRequest
+from server.api.streaming import stream_generation
+from server.api.waiting import wait_for_result
+
+router = APIRouter(prefix="/v1", tags=["openai"])  # inference token: server/api/access.py
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep):
+    """Every generate task, as an OpenAI model."""
+    tasks = await run_in_threadpool(engine.store.list)
+    return {
+        "object": "list",
+        "data": [
+            {"id": t["task_id"], "object": "model", "created": 0, "owned_by": "ptserve"}
+            for t in tasks
+            if t["task_type"] == "generate"
+        ],
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
+    fields = {"input": body.text()}
+    work = await request.app.state.lanes.prepare(engine.prepare_generate, body.model, fields, body.sampling_overrides())
+    ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(text: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:
+        out = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+               "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}  # fmt: skip
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def usage(result) -> dict:
+        n_in, n_out = len(work.input_ids), len(result.token_ids)
+        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+    tokens = request.app.state.metrics.generated_tokens.labels(body.model)
+    if body.stream:
+
+        def final(rest: str, result) -> list:
+            tokens.inc(len(result.token_ids))
+            return [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]
+
+        events = await stream_generation(request, engine, work, chunk, final)
+        return StreamingResponse(events, media_type="text/event-stream")
+    result = await wait_for_result(request, engine, work)
+    tokens.inc(len(result.token_ids))
+    return chunk(result.text, result.finish_reason, usage(result))

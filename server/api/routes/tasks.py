@@ -1,0 +1,83 @@
+"""Managing tasks: upload, list, read, delete prompts."""
+
+from fastapi import APIRouter, Request, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.errors import PayloadTooLarge
+from server.api.deps import EngineDep
+from server.api.schemas import TaskSummary
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])  # which routes need a token: server/api/access.py
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it grows past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+@router.put(
+    "/{task_id}",
+    status_code=201,
+    response_model=TaskSummary,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def upload_task(task_id: str, request: Request, engine: EngineDep):
+    """Upload a prompt artifact (safetensors bytes); makes a new version."""
+    data = await _read_body(request, engine.settings.max_artifact_bytes)
+    return await run_in_threadpool(engine.upload, task_id, data)
+
+
+async def _read_file(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{upload.filename or 'file'} exceeds the limit of {limit} bytes")
+    return data
+
+
+@router.put("/{task_id}/peft", status_code=201, response_model=TaskSummary)
+async def upload_peft(task_id: str, adapter_config: UploadFile, adapter_model: UploadFile, engine: EngineDep):
+    """Upload a PEFT PROMPT_TUNING / P_TUNING adapter as it was saved: multipart fields
+    `adapter_config` (adapter_config.json) and `adapter_model` (adapter_model.safetensors)."""
+    limit = engine.settings.max_artifact_bytes
+    config = await _read_file(adapter_config, limit)
+    weights = await _read_file(adapter_model, limit)
+    return await run_in_threadpool(engine.upload_peft, task_id, config, weights)
+
+
+@router.get("", response_model=list[TaskSummary])
+async def list_tasks(engine: EngineDep):
+    return await run_in_threadpool(engine.store.list)
+
+
+@router.get("/{task_id}", response_model=TaskSummary)
+async def get_task(task_id: str, engine: EngineDep):
+    return await run_in_threadpool(engine.summary, task_id)
+
+
+@router.get("/{task_id}/artifact", response_class=Response)
+async def download_artifact(task_id: str, engine: EngineDep):
+    """The latest version's artifact file, as uploaded (needs the write token:
+    the trained prompt is its owner's asset)."""
+    stored = await run_in_threadpool(engine.artifact, task_id)
+    return Response(
+        stored.data, media_type="application/octet-stream", headers={"X-Ptserve-Version": str(stored.version)}
+    )
+
+
+@router.delete("/{task_id}", status_code=204)
+async def delete_task(task_id: str, engine: EngineDep):
+    await run_in_threadpool(engine.delete, task_id)
+    return Response(status_code=204)

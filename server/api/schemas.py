@@ -1,0 +1,104 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class InferenceInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(None, description="fills {input} of a single-field template")
+    inputs: dict[str, str] | None = Field(None, description="fills every field of the template by name")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give exactly one of 'input' (a string) or 'inputs' (an object of field -> text)")
+        return self
+
+    def fields(self) -> dict[str, str]:
+        return {"input": self.input} if self.input is not None else dict(self.inputs)
+
+
+class GenerateRequest(InferenceInputs):
+    """Unset fields fall back to the task artifact's `generation` defaults, then
+    the server's. Ranges are checked in server/engine/request.py (SamplingParams)."""
+
+    max_new_tokens: int | None = Field(None, description=">= 1, up to the server's limit")
+    temperature: float | None = Field(None, description="0 = greedy (the default), else 0.001-100")
+    top_p: float | None = Field(None, description="nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: int | None = Field(None, description="keep the k most likely tokens; 0 = off")
+    stop: str | list[str] | None = Field(None, description="stop strings; not included in the text")
+    seed: int | None = Field(None, description="0 <= seed < 2**63; same seed, same draws")
+    stream: bool = Field(False, description="server-sent events: text deltas, then the whole answer")
+
+    def sampling_overrides(self) -> dict:
+        return self.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
+
+
+class ClassifyRequest(InferenceInputs):
+    pass
+
+
+class GenerateResponse(BaseModel):
+    task_id: str
+    version: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class ClassifyResponse(BaseModel):
+    task_id: str
+    version: int
+    label: str
+    scores: dict[str, float]
+
+
+class TaskSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str
+    version: int
+    task_type: str
+    num_virtual_tokens: int
+    template: str
+    labels: dict[str, str] | None = None
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's /v1/completions, for one prompt. `model` names the task; `prompt`
+    fills its {input}. Unset sampling fields use the task's defaults (greedy unless
+    the artifact says otherwise), not OpenAI's temperature 1."""
+
+    model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, ...)
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, description="OpenAI's default is 16")
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("one prompt per request: send 'prompt' as a string or a list of one string")
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported; send one request per completion")
+        if self.echo or self.logprobs is not None:
+            raise ValueError("echo and logprobs are not supported")
+        return self
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def sampling_overrides(self) -> dict:
+        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stop, "seed": self.seed}  # fmt: skip

@@ -1,0 +1,89 @@
+"""Server-sent events for generation: text deltas as tokens are chosen.
+
+The engine calls `work.on_token` from its thread after each token; the event
+loop decodes and sends what is safe to send: text that can no longer change
+(not the end of a partial UTF-8 character) and cannot be the start of a stop
+string. The last event completes the text from the final result, so the
+deltas always add up to exactly the non-streamed answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+
+from prompt_store.errors import PtserveError
+from server.api.waiting import POLL_S, ClientWait
+from server.engine.request import GenerateResult, GenerateWork
+
+
+def safe_text(text: str, stop: tuple[str, ...]) -> str:
+    """The part of `text` that later tokens cannot change or cut off."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":  # a multi-byte character still being completed
+        end -= 1
+    if stop:
+        end = max(0, end - (max(len(s) for s in stop) - 1))
+    return text[:end]
+
+
+def sse(payload) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+async def stream_generation(
+    request,
+    engine,
+    work: GenerateWork,
+    delta_event: Callable[[str], object],
+    final_events: Callable[[str, GenerateResult], list],
+) -> AsyncIterator[bytes]:
+    """Submit `work` and yield SSE bytes: delta_event(text) per new piece of text,
+    then final_events(rest, result). Abandons the work if the client leaves."""
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    work.on_token = lambda ids: loop.call_soon_threadsafe(tokens.put_nowait, ids)
+    future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
+    wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
+    decode = engine.loaded.tokenizer.decode
+
+    async def events():
+        sent = ""
+        getter = None
+        try:
+            while not future.done():
+                getter = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    ids = getter.result()
+                    while not tokens.empty():  # behind: only the newest token list matters
+                        ids = tokens.get_nowait()
+                    text = safe_text(decode(list(ids), skip_special_tokens=True), work.params.stop)
+                    if len(text) > len(sent) and text.startswith(sent):
+                        yield sse(delta_event(text[len(sent) :]))
+                        sent = text
+                else:
+                    getter.cancel()
+                stop = None if future.done() else await wait.reason_to_stop()
+                if stop is not None:
+                    wait.abandon()
+                    yield sse({"error": str(stop)})  # read by nobody if the client left
+                    return
+            try:
+                result = future.result()
+            except Exception as e:  # the 200 is already sent: the error goes in the stream
+                detail = str(e) if isinstance(e, PtserveError) else f"internal error ({type(e).__name__}): {e}"
+                yield sse({"error": detail})
+                return
+            rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+            for event in final_events(rest, result):
+                yield sse(event)
+        finally:  # also when the response is cancelled: stop the work, leave no task behind
+            if getter is not None:
+                getter.cancel()
+            if not future.done():
+                wait.abandon()
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it
+
+    return events()

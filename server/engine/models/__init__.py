@@ -1,0 +1,38 @@
+"""Forward passes over a Hugging Face model's own weights and submodules, with
+attention written against the slot KV cache (server/engine/kv_cache.py).
+
+Norms, projections, MLPs and the rotary embedding are the model's modules
+and weights; attention is ours, so that each row can read and write its own
+slot at its own positions (and, for Llama, projections that read the same
+input run as one product, see `pack_linears`). Supported: Llama-style decoders
+(model_type llama) and GPT-2; `decoder_for` returns None for anything else,
+and the server then uses the plain Hugging Face runner.
+
+A forward pass takes everything that decides tensor shapes as arguments
+(`length`: how many cache positions each row reads), and never looks at a
+tensor's values on the host. That keeps the decode step capturable in a CUDA
+graph and traceable by torch.compile (server/engine/decode_step.py).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from server.engine.models.gpt2 import GPT2Decoder
+from server.engine.models.llama import LlamaDecoder
+
+
+def decoder_for(model):
+    """A slot-cache decoder for this model, or None when its architecture is not covered."""
+    cfg = model.config
+    if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
+        layer = model.model.layers[0]
+        linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                   layer.mlp.up_proj)  # fmt: skip
+        # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
+        plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
+        if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):
+            return LlamaDecoder(model)
+    if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
+        return GPT2Decoder(model)
+    return None

@@ -1,0 +1,91 @@
+"""What the scheduler queues and the runner executes: one object per request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from prompt_store.errors import InvalidRequest
+from prompt_store.template import lone_surrogate
+from ptcore.task_prompt import TaskPrompt
+
+MIN_TEMPERATURE = 1e-3  # below this, logits / T overflows; use 0 for greedy
+MAX_STOP_STRINGS = 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling parameters; the single place their rules live
+    (requests and artifacts' `generation` defaults are both checked here)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None = a fresh random seed
+
+    def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        t = self.temperature
+        if _is_int(t) or isinstance(t, float):
+            ok = t == 0 or MIN_TEMPERATURE <= t <= 100
+        else:
+            ok = False
+        if not ok:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100, got {t!r}")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        stop_ok = all(isinstance(s, str) and s and lone_surrogate(s) is None for s in self.stop)
+        if not stop_ok or len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings without a lone surrogate, got {self.stop!r}"
+            )
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+
+@dataclass(eq=False)
+class GenerateWork:
+    prompt: TaskPrompt
+    input_ids: list[int]  # rendered template; pseudo token i is vocab_size + i
+    params: SamplingParams
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # time.monotonic() when its first token was chosen
+    abandoned: bool = False  # the client left or the deadline passed: stop working on it
+    on_token: Callable[[tuple[int, ...]], None] | None = None  # streaming: called from the engine thread
+    kind = "generate"
+
+
+@dataclass(eq=False)
+class ClassifyWork:
+    prompt: TaskPrompt
+    input_ids: list[int]
+    future: Future = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    abandoned: bool = False
+    kind = "classify"
+
+
+@dataclass
+class GenerateResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+
+
+@dataclass
+class ClassifyResult:
+    label: str
+    scores: dict[str, float]  # label -> probability
+    logprobs: dict[str, float]  # label -> summed log-probability of its verbalizer
