@@ -10,7 +10,7 @@ latency, side by side in one run, for
   (f) on CUDA: (a) with the decode step run eagerly instead of from CUDA graphs;
   (g) with --compile: (a) with the decode step fused by torch.compile;
   (p) requests arriving over time (Poisson, --rate per second) through the real
-      scheduler (ContinuousScheduler), if --rate is given.
+      scheduler, if --rate is given.
 
 On CUDA it also checks that graph replays give the tokens of the eager step
 at the same shapes (and says how many agree with the eager step at exact
@@ -40,6 +40,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -54,12 +55,13 @@ from prompt_store.artifact import make_artifact  # noqa: E402
 from ptcore.inputs import embed, pack, prompt_table  # noqa: E402
 from ptcore.model import LoadedModel, describe_model  # noqa: E402
 from ptcore.task_prompt import task_prompt  # noqa: E402
-from server.engine.batch import ContinuousBatcher  # noqa: E402
-from server.engine.continuous_scheduler import ContinuousScheduler  # noqa: E402
-from server.engine.models import decoder_for  # noqa: E402
-from server.engine.request import GenerateWork, SamplingParams  # noqa: E402
-from server.engine.runner import ModelRunner  # noqa: E402
-from server.engine.scheduler import BatchStats  # noqa: E402
+from server.engine.batch import GenerateBatch  # noqa: E402
+from server.engine.classify import Classifier  # noqa: E402
+from server.engine.models import slot_model_for  # noqa: E402
+from server.engine.request import Request, SamplingParams  # noqa: E402
+from server.engine.scheduler import Scheduler  # noqa: E402
+from server.engine.slot_backend import SlotBackend  # noqa: E402
+from server.engine.stats import BatchStats  # noqa: E402
 
 SHAPES = {
     # the issue's 1.1B Llama shape
@@ -137,29 +139,33 @@ def sync(loaded):
         torch.cuda.synchronize()
 
 
-def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | None = None) -> ContinuousBatcher:
+def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | None = None) -> GenerateBatch:
     """Built once per configuration: CUDA graphs are captured here, not per run."""
     max_len = args.prompt_len + args.input_len + args.new_tokens
     start = time.monotonic()
-    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.max_running, max_len=max_len,
-                                max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
-                                compile=compile, pad_steps=pad)  # fmt: skip
-    d = batcher.decode
+    backend = SlotBackend(loaded, slot_model_for(loaded.model), max_running=args.max_running, max_len=max_len,
+                          max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
+                          compile=compile, pad_steps=pad)  # fmt: skip
+    d = backend.decode_step
     print(
         f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "
         f"compile={compile} pad={d.pad}",
         flush=True,
     )
-    return batcher
+    return GenerateBatch(backend, loaded)
 
 
-def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> dict:
-    """Through the real ContinuousScheduler: all at once, one at a time, or at
+def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:
+    """The real scheduler over `batch`, with an empty prefix cache."""
+    batch.backend.prefixes.clear()
+    return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats)
+
+
+def run_engine(batch, requests, args, arrivals=None, concurrent=True) -> dict:
+    """Through the real scheduler thread: all at once, one at a time, or at
     `arrivals` offsets. Every run starts with an empty prefix cache."""
-    batcher.prefixes.clear()
     stats = BatchStats()
-    scheduler = ContinuousScheduler(batcher, ModelRunner(batcher.loaded), args.max_running, args.max_wait_ms / 1000,
-                                    stats)  # fmt: skip
+    scheduler = scheduler_for(batch, args, stats)
     scheduler.start()
     works, done_at = [], {}
     start = time.monotonic()
@@ -167,7 +173,7 @@ def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> dict:
         for i, (prompt, ids, params) in enumerate(requests):
             if arrivals is not None:
                 time.sleep(max(0.0, start + arrivals[i] - time.monotonic()))
-            w = GenerateWork(prompt, ids, params)
+            w = Request.generate(prompt, ids, params)
             w.future.add_done_callback(lambda f, w=w: done_at.__setitem__(id(w), time.monotonic()))
             works.append(w)
             scheduler.submit(w)
@@ -187,22 +193,12 @@ def run_engine(batcher, requests, args, arrivals=None, concurrent=True) -> dict:
     return summarize("", wall, n * len(works), ttft, tpot, step_ms)
 
 
-def tokens_in_order(batcher, requests) -> list[list[int]]:
-    """Each request's tokens, driving the batcher directly: admitted in order as
-    slots free up, no scheduler thread, so two batchers see the same batches."""
-    batcher.prefixes.clear()
-    works = [GenerateWork(prompt, ids, params) for prompt, ids, params in requests]
-    results, pending = {}, list(works)
-    done = lambda w, r: results.__setitem__(id(w), r)  # noqa: E731
-    while pending or batcher.running:
-        admitted = []
-        while pending and batcher.fits(pending[0], admitted):
-            admitted.append(pending.pop(0))
-        if admitted:
-            batcher.admit(admitted, done)
-        if batcher.running:
-            batcher.step(done)
-    return [results[id(w)].token_ids for w in works]
+def tokens_in_order(batch, requests) -> list[list[int]]:
+    """Each request's tokens, the scheduler's loop run on this thread: admitted in
+    order as slots free up, so two batches see the same batches."""
+    scheduler = scheduler_for(batch, args=SimpleNamespace(max_running=len(requests), max_wait_ms=0), stats=BatchStats())
+    results = scheduler.run_to_completion([Request.generate(prompt, ids, params) for prompt, ids, params in requests])
+    return [r.token_ids for r in results]
 
 
 class StepClock:
@@ -307,7 +303,7 @@ def main() -> None:
         ("e", "(e) ptserve engine, one at a time", lambda: run_engine(engine, serial, args, concurrent=False)),
     ]
     notes = []
-    if engine.decode.use_graphs:
+    if engine.backend.decode_step.use_graphs:
         # the same step without graphs, timed beside; and a check that replaying
         # graphs gives the tokens of the eager step at the same (padded) shapes
         eager = make_batcher(loaded, args, graphs=False)
@@ -346,7 +342,7 @@ def main() -> None:
         f"shape={args.shape} dtype={str(dtype).replace('torch.', '')} tasks={args.tasks} prompt_len={args.prompt_len} "
         f"input_len={args.input_len} new_tokens={args.new_tokens} concurrency={args.concurrency} "
         f"max_running={args.max_running} repeats={args.repeats} serial={len(serial)} "
-        f"cuda_graphs={engine.decode.use_graphs} "
+        f"cuda_graphs={engine.backend.decode_step.use_graphs} "
         f"torch={torch.__version__} transformers={transformers.__version__}",
         "decode step ms: median over steps with all max_running slots busy (all steps where none were)",
         "",

@@ -10,7 +10,7 @@ on the default model (SmolLM2-135M-Instruct), float32, greedy.
   newline or period, with the expected output.
 
 The manual prompt runs through Hugging Face directly, on its text; the
-P-tuned prompt runs through the serving path (ModelRunner). Nothing here is
+P-tuned prompt runs through the serving path (the engine's scheduler). Nothing here is
 tuned on the test splits.
 
     python bench/example_tasks.py [--write]
@@ -38,8 +38,11 @@ from prompt_store.artifact import read_artifact  # noqa: E402
 from prompt_store.template import render  # noqa: E402
 from ptcore.model import load_model  # noqa: E402
 from ptcore.task_prompt import task_prompt  # noqa: E402
-from server.engine.request import ClassifyWork, GenerateWork, SamplingParams  # noqa: E402
-from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.backends import make_batch  # noqa: E402
+from server.engine.classify import Classifier  # noqa: E402
+from server.engine.request import Request, SamplingParams  # noqa: E402
+from server.engine.scheduler import Scheduler  # noqa: E402
+from server.engine.stats import BatchStats  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 TASKS = {  # task -> (manual template, kind, new tokens)
@@ -94,13 +97,13 @@ def ptuned(loaded, path: Path, task: str, kind: str, new: int, data: list[dict])
 def score(loaded, artifact, task: str, kind: str, new: int, data: list[dict]) -> float:
     """A trained prompt's figure on `data`, through the serving path."""
     prompt = task_prompt(task, 1, artifact, loaded)
-    runner = ModelRunner(loaded)
+    runner = Scheduler(make_batch(loaded), Classifier(loaded), 64, 0.0, BatchStats())
     ids = [render(prompt.template, loaded.tokenizer, {"input": r["input"]}, loaded.vocab_size) for r in data]
     if kind == "classify":
-        results = runner.classify([ClassifyWork(prompt, i) for i in ids])
+        results = runner.run_to_completion([Request.classify(prompt, i) for i in ids])
         hits = sum(r.label == row["label"] for r, row in zip(results, data))
     else:
-        results = runner.generate([GenerateWork(prompt, i, SamplingParams(max_new_tokens=new)) for i in ids])
+        results = runner.run_to_completion([Request.generate(prompt, i, SamplingParams(new)) for i in ids])
         hits = sum(correct(task, loaded.tokenizer, row, r.token_ids, r.text) for r, row in zip(results, data))
     return hits / len(data)
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import SHAPES, build, make_batcher, make_requests, sync  # noqa: E402
 
-from server.engine.request import GenerateWork  # noqa: E402
+from server.engine.request import Request  # noqa: E402
 
 
 def main() -> None:
@@ -39,19 +39,19 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     loaded = build(args.shape, args.device, dtype)
     args.max_running = args.rows
-    batcher = make_batcher(loaded, args, graphs=True)
+    batch = make_batcher(loaded, args, graphs=True)
     requests = make_requests(loaded, args.tasks, args.rows, args.prompt_len, args.input_len, args.new_tokens)
 
     def admit(fresh_prefixes: bool):
-        batcher.rows.clear()
+        batch.remove(list(batch.requests))
         if fresh_prefixes:
-            batcher.prefixes.clear()
-        batcher.admit([GenerateWork(p, ids, params) for p, ids, params in requests], lambda w, r: None)
+            batch.backend.prefixes.clear()
+        batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
         sync(loaded)
 
     def steps(n: int = 5):
         for _ in range(n):
-            batcher.step(lambda w, r: None)
+            batch.decode()
         sync(loaded)
 
     timed = [("admit, prefixes computed", lambda: admit(True)), ("admit, prefixes cached", lambda: admit(False)),

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import SHAPES, build, make_requests  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from server.engine.batch import ContinuousBatcher  # noqa: E402
-from server.engine.models import decoder_for  # noqa: E402
-from server.engine.request import GenerateWork  # noqa: E402
+from server.engine.batch import GenerateBatch  # noqa: E402
+from server.engine.models import slot_model_for  # noqa: E402
+from server.engine.request import Request  # noqa: E402
+from server.engine.slot_backend import SlotBackend  # noqa: E402
 
 SHAPES = {
     **SHAPES,
@@ -73,20 +74,20 @@ def main() -> None:
     engine.SHAPES.update(SHAPES)
     loaded = build(args.shape, args.device, getattr(torch, args.dtype))
     requests = make_requests(loaded, 2, args.rows, prompt_len=4, input_len=16, new=8)
-    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=args.rows, max_len=64,
-                                max_tokens=10**6, prefix_cache_size=0, cuda_graphs=False,
-                                compile=args.compile)  # fmt: skip
-    batcher.admit([GenerateWork(p, ids, params) for p, ids, params in requests], lambda w, r: None)
+    backend = SlotBackend(loaded, slot_model_for(loaded.model), max_running=args.rows, max_len=64, max_tokens=10**6,
+                          prefix_cache_size=0, cuda_graphs=False, compile=args.compile)  # fmt: skip
+    batch = GenerateBatch(backend, loaded)
+    batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
     for _ in range(3):  # warm-up (and compilation)
-        batcher.step(lambda w, r: None)
+        batch.decode()
     if loaded.device.type == "cuda":
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            batcher.step(lambda w, r: None)
+            batch.decode()
         counts = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         what = "CUDA kernels"
     else:
         with CountOps() as counter:
-            batcher.step(lambda w, r: None)
+            batch.decode()
         counts, what = counter.counts, "computing aten operators"
     layers = loaded.model.config.num_hidden_layers
     total = sum(counts.values())

@@ -9,7 +9,7 @@ each the median of --repeats:
   step ms     the decode step alone (server/engine/decode_step.py: inputs in, logits
               out), timed with CUDA events on CUDA;
   engine ms   one whole engine step: the decode step plus choosing the tokens
-              and the host's per-row bookkeeping (ContinuousBatcher.step).
+              and the host's per-row bookkeeping (GenerateBatch.decode).
 
 Kernels per step are counted on one step run outside any graph (a graph
 replays the same kernels): CUDA kernels from the profiler on CUDA, computing
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import SHAPES, build, make_batcher, make_requests  # noqa: E402
 from step_ops import CountOps  # noqa: E402
 
-from server.engine.batch import ContinuousBatcher  # noqa: E402
-from server.engine.request import GenerateWork  # noqa: E402
+from server.engine.batch import GenerateBatch  # noqa: E402
+from server.engine.request import Request  # noqa: E402
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:
@@ -65,13 +65,13 @@ def timed_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def kernels_per_step(batcher: ContinuousBatcher, tokens: list[int], positions: list[int], compiled: bool):
+def kernels_per_step(batch: GenerateBatch, tokens: list[int], positions: list[int], compiled: bool):
     """Kernels (CUDA) or computing operators (CPU) of one step outside any graph; None where not countable."""
-    step = batcher.decode
+    step = batch.backend.decode_step
     n = len(tokens)
     step.inputs[:, :n].copy_(torch.tensor([tokens, positions]))
     args = (step.inputs[0, :n], step.inputs[1, :n], max(positions) + 1)
-    if batcher.loaded.device.type == "cuda":
+    if batch.device.type == "cuda":
         step.forward(*args)  # compiled: this shape's code is ready before the count
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -88,21 +88,21 @@ def kernels_per_step(batcher: ContinuousBatcher, tokens: list[int], positions: l
 
 def measure(loaded, args, graphs: bool, compiled: bool) -> list[dict]:
     start = time.monotonic()
-    batcher = make_batcher(loaded, args, graphs=graphs, compile=compiled)
+    batch = make_batcher(loaded, args, graphs=graphs, compile=compiled)
     built = time.monotonic() - start
-    how = ("graphs" if batcher.decode.use_graphs else "eager") + (" + compile" if compiled else "")
+    how = ("graphs" if batch.backend.decode_step.use_graphs else "eager") + (" + compile" if compiled else "")
     rows = []
     for n in args.rows:
-        batcher.rows.clear()  # a fresh batch: admission overwrites the slots it takes
+        batch.remove(list(batch.requests))  # a fresh batch: admission overwrites the slots it takes
         requests = make_requests(loaded, min(n, 8), n, args.prompt_len, args.input_len, args.new_tokens)
-        batcher.admit([GenerateWork(p, ids, params) for p, ids, params in requests], lambda w, r: None)
-        tokens = [r.next_token for r in batcher.rows]
-        positions = [r.length for r in batcher.rows]  # the same step each time: it rewrites one position
-        step_ms = timed_ms(lambda t=tokens, p=positions: batcher.decode(t, p), loaded.device, args.repeats)
-        engine_ms = timed_ms(lambda: batcher.step(lambda w, r: None), loaded.device,
+        batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
+        tokens = list(batch.next_tokens)
+        positions = list(batch.backend.lengths)  # the same step each time: it rewrites one position
+        step_ms = timed_ms(lambda t=tokens, p=positions: batch.backend.decode_step(t, p), loaded.device, args.repeats)
+        engine_ms = timed_ms(lambda: batch.decode(), loaded.device,
                              min(args.repeats, args.new_tokens - 3))  # fmt: skip
         row = {"how": how, "rows": n, "step_ms": step_ms, "engine_ms": engine_ms,
-               "kernels": kernels_per_step(batcher, tokens, positions, compiled), "build_s": built}  # fmt: skip
+               "kernels": kernels_per_step(batch, tokens, positions, compiled), "build_s": built}  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         rows.append(row)
     return rows

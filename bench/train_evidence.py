@@ -9,7 +9,7 @@
    held-out accuracy with the trainer's defaults vs other setups vs the best
    constant answer. Model selection only sees a dev split of reviews_train;
    reviews_test is only scored, through the serving path
-   (ModelRunner.classify).
+   (server/engine/classify.py).
 
 3. The example tasks (examples/) on the default model: the hand-written
    prompt against lstm, mlp and none encoders, started from it
@@ -43,8 +43,8 @@ from ptcore.tiny_model import write_tiny_model  # noqa: E402
 from ptuning.data import Example, load_examples, split_dev  # noqa: E402
 from ptuning.synthetic import LABELS, keyword_examples  # noqa: E402
 from ptuning.train import PromptTrainer, TrainConfig, default_template  # noqa: E402
-from server.engine.request import ClassifyWork  # noqa: E402
-from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.classify import Classifier  # noqa: E402
+from server.engine.request import Request  # noqa: E402
 
 SENTIMENT_LABELS = {"positive": "positive", "negative": "negative"}
 
@@ -79,9 +79,10 @@ def synthetic(epochs: int) -> list[str]:
 def heldout_accuracy(loaded, artifact, examples: list[Example]) -> float:
     prompt = task_prompt("sentiment", 1, artifact, loaded)
     works = [
-        ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, e.fields, loaded.vocab_size)) for e in examples
+        Request.classify(prompt, render(prompt.template, loaded.tokenizer, e.fields, loaded.vocab_size))
+        for e in examples
     ]
-    results = ModelRunner(loaded).classify(works)
+    results = Classifier(loaded).run(works)
     return sum(r.label == e.target for r, e in zip(results, examples)) / len(examples)
 
 

@@ -27,21 +27,40 @@ def prompt_table(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(blocks), offsets
 
 
+def shift_virtual_ids(seq: list[int], offset: int, vocab_size: int) -> torch.Tensor:
+    """One rendered sequence as a host tensor, its virtual ids moved to its task's rows of the table."""
+    row = torch.tensor(seq, dtype=torch.long)
+    return torch.where(row >= vocab_size, row + offset, row)
+
+
 def pack(seqs: list[list[int]], offsets: list[int], vocab_size: int, device: torch.device, left: bool = True):
-    """Pad into ids [B, T], attention_mask [B, T] and position_ids [B, T]
-    (positions count real tokens only); virtual ids of row b shift by offsets[b].
-    Left padding (causal LMs: every row ends at T-1) or right padding (masked LMs
-    and encoders, which then number positions themselves)."""
+    """Pad into ids [B, T], attention_mask [B, T] and position_ids [B, T] on
+    `device` (positions count real tokens only); virtual ids of row b shift by
+    offsets[b]. Left padding (causal LMs: every row ends at T-1) or right padding
+    (masked LMs and encoders, which then number positions themselves)."""
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, (seq, off) in enumerate(zip(seqs, offsets)):
-        row = torch.tensor(seq, dtype=torch.long)
+    for b, (seq, offset) in enumerate(zip(seqs, offsets)):
         span = slice(T - len(seq), T) if left else slice(0, len(seq))
-        ids[b, span] = torch.where(row >= vocab_size, row + off, row)
+        ids[b, span] = shift_virtual_ids(seq, offset, vocab_size)
         mask[b, span] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def pack_from(seqs: list[list[int]], offsets: list[int], starts: list[int], vocab_size: int, device: torch.device,
+              max_position: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Right-padded ids [B, T] and positions [B, T] on `device` for sequences that
+    continue a cached prefix: row b's first token sits at position starts[b].
+    Padding positions continue past each row's end (capped at max_position);
+    whatever they compute lands where the row writes again before reading it."""
+    T = max(len(seq) for seq in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, (seq, offset) in enumerate(zip(seqs, offsets)):
+        ids[b, : len(seq)] = shift_virtual_ids(seq, offset, vocab_size)
+    positions = (torch.tensor(starts)[:, None] + torch.arange(T)[None, :]).clamp(max=max_position)
+    return ids.to(device), positions.to(device)
 
 
 def embed(embed_tokens: torch.nn.Module, ids: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:

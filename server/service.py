@@ -17,12 +17,12 @@ from prompt_store.store import PromptStore, StoredPrompt, check_task_id, open_st
 from prompt_store.template import own_length, render
 from ptcore.model import LoadedModel, default_bos_token, load_model
 from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
-from server.engine.batch import ContinuousBatcher
-from server.engine.continuous_scheduler import ContinuousScheduler
-from server.engine.models import decoder_for
-from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
-from server.engine.runner import ModelRunner
-from server.engine.scheduler import BatchStats, Scheduler
+from server.engine.backends import make_batch
+from server.engine.classify import Classifier
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.slot_backend import SlotBackend
+from server.engine.stats import BatchStats
 from server.prompt_cache import PromptCache
 from server.settings import Settings
 
@@ -42,38 +42,12 @@ class Engine:
         self.loaded = loaded
         self.store = store
         self.prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
-        self.runner = ModelRunner(loaded, settings.max_classify_rows)
         self.batch_stats = BatchStats()
-        self.batcher = self._continuous_batcher(settings, loaded)
-        wait = settings.max_wait_ms / 1000
-        if self.batcher is not None:
-            self.scheduler = ContinuousScheduler(
-                self.batcher, self.runner, settings.max_batch_size, wait, self.batch_stats, settings.max_queue
-            )
-        else:
-            self.scheduler = Scheduler(self.runner, settings.max_batch_size, wait, self.batch_stats, settings.max_queue)
-        log.info("engine: %s", "continuous" if self.batcher is not None else "static")
-
-    @staticmethod
-    def _continuous_batcher(settings: Settings, loaded: LoadedModel) -> ContinuousBatcher | None:
-        if settings.engine == "static" or loaded.family != "causal" or settings.device_map:
-            return None  # a model spread by device_map runs through its own (hooked) forward
-        decoder = decoder_for(loaded.model)
-        if decoder is None:
-            if settings.engine == "continuous":
-                raise ValueError(f"engine=continuous does not cover model_type {loaded.model.config.model_type!r}")
-            return None
-        max_len = min(settings.max_seq_len, loaded.max_positions or settings.max_seq_len)
-        return ContinuousBatcher(
-            loaded,
-            decoder,
-            max_running=settings.max_running,
-            max_len=max_len,
-            max_tokens=settings.max_tokens_in_flight or settings.max_running * max_len,
-            prefix_cache_size=settings.prefix_cache_size,
-            cuda_graphs=settings.cuda_graphs,
-            compile=settings.compile,
-        )
+        self.batch = make_batch(loaded, settings.engine, bool(settings.device_map), settings.max_running,
+                                settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
+                                settings.cuda_graphs, settings.compile)  # fmt: skip
+        self.scheduler = Scheduler(self.batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
+                                   settings.max_wait_ms / 1000, self.batch_stats, settings.max_queue)  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings: Settings, loaded: LoadedModel | None = None) -> Engine:
@@ -160,7 +134,7 @@ class Engine:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {self.settings.max_input_tokens}")
         return prompt, ids
 
-    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> GenerateWork:
+    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> Request:
         if self.loaded.family != "causal":
             raise InvalidRequest(
                 f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
@@ -174,11 +148,11 @@ class Engine:
                 f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the {limit} positions "
                 "a request may use here"
             )
-        return GenerateWork(prompt, ids, params)
+        return Request.generate(prompt, ids, params)
 
     def _position_limit(self) -> int | None:
         """Input + new tokens of one generate request, at most (None: unbounded)."""
-        return self.batcher.max_len if self.batcher is not None else self.loaded.max_positions
+        return self.batch.backend.max_len if self.batch is not None else self.loaded.max_positions
 
     def _check_default_length(self, prompt: TaskPrompt) -> None:
         """The artifact's own max_new_tokens must leave room for its template, or every
@@ -193,10 +167,10 @@ class Engine:
                 "a request may use here"
             )
 
-    def prepare_classify(self, task_id: str, fields: dict[str, str]) -> ClassifyWork:
+    def prepare_classify(self, task_id: str, fields: dict[str, str]) -> Request:
         prompt, ids = self._resolve(task_id, "classify", fields)
         check_classify_input(prompt, ids, self.loaded)
-        return ClassifyWork(prompt, ids)
+        return Request.classify(prompt, ids)
 
     def _sampling_params(self, prompt: TaskPrompt, overrides: dict) -> SamplingParams:
         """Request values win over the artifact's `generation` defaults, which win over the server's."""
@@ -218,17 +192,18 @@ class Engine:
             )
         return params
 
-    def submit(self, work: GenerateWork | ClassifyWork) -> Future:
+    def submit(self, work: Request) -> Future:
         return self.scheduler.submit(work)
 
     # -- health ------------------------------------------------------------
 
     def stats(self) -> dict:
+        slots = self.batch is not None and isinstance(self.batch.backend, SlotBackend)
         return {
             "batches": self.batch_stats.snapshot(),
             "prompt_cache": self.prompts.stats(),
-            "engine": "continuous" if self.batcher is not None else "static",
-            "running": self.batcher.running if self.batcher is not None else None,
-            "prefix_cache": self.batcher.prefixes.stats() if self.batcher is not None else None,
+            "engine": "continuous" if slots else "static",
+            "running": self.scheduler.running() if self.batch is not None else None,
+            "prefix_cache": self.batch.backend.prefixes.stats() if slots else None,
             "queue_depth": self.scheduler.queue_depth(),
         }

@@ -1,9 +1,9 @@
 """Server-sent events for generation: text deltas as tokens are chosen.
 
-The engine calls `work.on_token` from its thread after each token; the event
-loop decodes and sends what is safe to send: text that can no longer change
-(not the end of a partial UTF-8 character) and cannot be the start of a stop
-string. The last event completes the text from the final result, so the
+After each step the scheduler hands a streaming request the text its new
+tokens completed (`Request.on_text`, from its thread): text that later tokens
+can neither change (a partial UTF-8 character) nor cut (the start of a stop
+string). The last event completes the text from the final result, so the
 deltas always add up to exactly the non-streamed answer.
 """
 
@@ -15,17 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from prompt_store.errors import PtserveError
 from server.api.waiting import POLL_S, ClientWait
-from server.engine.request import GenerateResult, GenerateWork
-
-
-def safe_text(text: str, stop: tuple[str, ...]) -> str:
-    """The part of `text` that later tokens cannot change or cut off."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":  # a multi-byte character still being completed
-        end -= 1
-    if stop:
-        end = max(0, end - (max(len(s) for s in stop) - 1))
-    return text[:end]
+from server.engine.request import GenerateResult, Request
 
 
 def sse(payload) -> bytes:
@@ -35,34 +25,31 @@ def sse(payload) -> bytes:
 async def stream_generation(
     request,
     engine,
-    work: GenerateWork,
+    work: Request,
     delta_event: Callable[[str], object],
     final_events: Callable[[str, GenerateResult], list],
 ) -> AsyncIterator[bytes]:
     """Submit `work` and yield SSE bytes: delta_event(text) per new piece of text,
     then final_events(rest, result). Abandons the work if the client leaves."""
     loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue = asyncio.Queue()
-    work.on_token = lambda ids: loop.call_soon_threadsafe(tokens.put_nowait, ids)
+    pieces: asyncio.Queue = asyncio.Queue()
+    work.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
     future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
     wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
-    decode = engine.loaded.tokenizer.decode
 
     async def events():
         sent = ""
         getter = None
         try:
             while not future.done():
-                getter = asyncio.ensure_future(tokens.get())
+                getter = asyncio.ensure_future(pieces.get())
                 done, _ = await asyncio.wait({getter, future}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    ids = getter.result()
-                    while not tokens.empty():  # behind: only the newest token list matters
-                        ids = tokens.get_nowait()
-                    text = safe_text(decode(list(ids), skip_special_tokens=True), work.params.stop)
-                    if len(text) > len(sent) and text.startswith(sent):
-                        yield sse(delta_event(text[len(sent) :]))
-                        sent = text
+                    piece = getter.result()
+                    while not pieces.empty():  # behind: send what has come as one event
+                        piece += pieces.get_nowait()
+                    yield sse(delta_event(piece))
+                    sent += piece
                 else:
                     getter.cancel()
                 stop = None if future.done() else await wait.reason_to_stop()

@@ -16,7 +16,7 @@ is first fused by torch.compile, on any device (a few compilations: shapes
 become dynamic after the first, with special cases such as one row).
 
 Graphs and compile need a step that never looks at values on the host; a
-decoder says whether its model allows that (`capturable`: Llama's "dynamic"
+slot model says whether its architecture allows that (`capturable`: Llama's "dynamic"
 rotary scaling reads the largest position), and otherwise the step runs eagerly.
 """
 
@@ -53,12 +53,12 @@ def smallest_at_least(sizes: list[int], n: int) -> int:
 
 
 class DecodeStep:
-    def __init__(self, decoder, embed_tokens, lm_head, cache: SlotKVCache, device: torch.device,
+    def __init__(self, model, embed_tokens, lm_head, cache: SlotKVCache, device: torch.device,
                  graphs: bool = True, compile: bool = False, pad: bool | None = None):  # fmt: skip
         """graphs: capture CUDA graphs (only on a CUDA device). pad: run at bucket
         sizes even without graphs (tests use it to check the padded path on CPU);
         default: pad exactly when graphs are used."""
-        self.decoder = decoder
+        self.model = model
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self.cache = cache
@@ -67,7 +67,7 @@ class DecodeStep:
         self.batch_sizes = batch_buckets(cache.slots)
         self.lengths = length_buckets(cache.max_len)
         graphs = graphs and device.type == "cuda"
-        if (graphs or compile) and not decoder.capturable:
+        if (graphs or compile) and not model.capturable:
             log.warning("this model's decode step reads values on the host: no CUDA graphs, no torch.compile")
             graphs = compile = False
         self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
@@ -85,7 +85,7 @@ class DecodeStep:
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """tokens, positions: [B] (row b is slot b) -> logits [B, V]."""
         attention = SlotAttention(self.cache, None, positions[:, None], length)
-        hidden = self.decoder.hidden(self.embed_tokens(tokens[:, None]), attention)  # [B, 1, H]
+        hidden = self.model.hidden(self.embed_tokens(tokens[:, None]), attention)  # [B, 1, H]
         return self.lm_head(hidden[:, 0])
 
     @torch.inference_mode()

@@ -1,15 +1,21 @@
-"""What the scheduler queues and the runner executes: one object per request."""
+"""One request as the engine sees it, its sampling parameters, and its results."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import lone_surrogate
 from ptcore.task_prompt import TaskPrompt
+
+if TYPE_CHECKING:
+    import torch
+
+    from server.engine.text import TextStream
 
 MIN_TEMPERATURE = 1e-3  # below this, logits / T overflows; use 0 for greedy
 MAX_STOP_STRINGS = 16
@@ -54,27 +60,75 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))  # what a request or an artifact may set
+
+
 @dataclass(eq=False)
-class GenerateWork:
+class Request:
+    """One request, from submission to answer: what to run, and (for generate)
+    its tokens, its random generator and its stop state.
+
+    The API side sets `abandoned` and `on_text`; only the scheduler reads them.
+    Everything below `# generation state` belongs to the scheduler's thread."""
+
+    kind: str  # "generate" | "classify"
     prompt: TaskPrompt
     input_ids: list[int]  # rendered template; pseudo token i is vocab_size + i
-    params: SamplingParams
+    params: SamplingParams | None = None  # generate only
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # time.monotonic() when its first token was chosen
     abandoned: bool = False  # the client left or the deadline passed: stop working on it
-    on_token: Callable[[tuple[int, ...]], None] | None = None  # streaming: called from the engine thread
-    kind = "generate"
+    on_text: Callable[[str], None] | None = None  # streaming: handed each new piece of final text
+    # generation state
+    generator: torch.Generator | None = None
+    text: TextStream | None = None
+    finish_reason: str | None = None  # "stop" | "length" once done
+    error: Exception | None = None
+    streamed: int = 0  # characters of text already handed to on_text
 
+    @classmethod
+    def generate(cls, prompt: TaskPrompt, input_ids: list[int], params: SamplingParams) -> Request:
+        return cls("generate", prompt, input_ids, params)
 
-@dataclass(eq=False)
-class ClassifyWork:
-    prompt: TaskPrompt
-    input_ids: list[int]
-    future: Future = field(default_factory=Future)
-    submitted_at: float = field(default_factory=time.monotonic)
-    abandoned: bool = False
-    kind = "classify"
+    @classmethod
+    def classify(cls, prompt: TaskPrompt, input_ids: list[int]) -> Request:
+        return cls("classify", prompt, input_ids)
+
+    @property
+    def need(self) -> int:
+        """Positions this request may fill: its input and every new token."""
+        return len(self.input_ids) + self.params.max_new_tokens
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def add_token(self, token: int, eos_ids: frozenset[int]) -> None:
+        """Record one chosen token and decide whether the request is done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in eos_ids:
+            self.finish_reason = "stop"
+        elif self.text.push(token):
+            self.finish_reason = "stop"
+        elif len(self.text.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+
+    def new_text(self) -> str:
+        """Streaming: the text no later token can change that on_text has not had yet."""
+        ready = self.text.safe_text()
+        piece = ready[self.streamed :]
+        self.streamed = max(self.streamed, len(ready))
+        return piece
+
+    def result(self) -> GenerateResult | Exception:
+        if self.error is not None:
+            return self.error
+        return GenerateResult(list(self.text.token_ids), self.text.text, self.finish_reason or "length")
 
 
 @dataclass

@@ -118,3 +118,29 @@ def step_rows(logits: torch.Tensor, rows: list[RowDecoder]) -> tuple[list[int], 
         if row.done:
             finished.append(i)
     return chosen, finished
+
+
+# --- PLACEHOLDER new API until the vectorised version lands (branch `sampling`) ---
+def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    g = torch.Generator(device=device)
+    if params.seed is None:
+        g.seed()
+    else:
+        g.manual_seed(params.seed)
+    return g
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> tuple[list[int], list[bool]]:
+    finite = torch.isfinite(logits).all(dim=-1)
+    greedy = torch.where(finite, logits.argmax(dim=-1), -1).tolist()
+    tokens = []
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if greedy[i] < 0 or p.temperature == 0:
+            tokens.append(max(greedy[i], 0))
+            continue
+        r = RowDecoder.__new__(RowDecoder)
+        r.params, r.generator = p, g
+        tokens.append(r.sample(logits[i].float()))
+    return tokens, [t >= 0 for t in greedy]

@@ -1,10 +1,13 @@
-"""The scheduler: gathers concurrent requests of any tasks into batches.
+"""The scheduler: one thread owns the model and loops
 
-One worker thread owns the model. It waits for the first request, then up to
-`max_wait_s` for more of the same kind (generate or classify), takes at most
-`max_batch_size` of them and hands the batch to the runner. Requests of other
-kinds stay queued, in order, for the next batch. Every batch's size is recorded
-in `BatchStats` (served at GET /v1/stats) and logged.
+    drop abandoned rows -> take queued work -> classify batch -> prefill the
+    generate newcomers that fit -> one decode step for every running row ->
+    answer what finished -> hand streaming requests their new text
+
+Requests of any tasks share every forward pass. Generate requests are
+admitted in arrival order (none overtakes one that waits for room); a classify
+batch runs between two decode steps. When nothing is running, the first
+request waits up to `max_wait_s` for company, so a burst is prefilled together.
 """
 
 from __future__ import annotations
@@ -12,91 +15,66 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
+from collections.abc import Callable
 
-from prompt_store.errors import Overloaded, ServiceUnavailable
-from server.engine.request import ClassifyWork, GenerateWork
-from server.engine.runner import ModelRunner
+from prompt_store.errors import Abandoned, Overloaded, ServiceUnavailable
+from server.engine.batch import GenerateBatch
+from server.engine.classify import Classifier
+from server.engine.request import Request
+from server.engine.stats import BatchStats
 
 log = logging.getLogger(__name__)
 
-Work = GenerateWork | ClassifyWork
 
-
-class BatchStats:
-    def __init__(self, recent: int = 1024):
-        self._lock = threading.Lock()
-        self.batches = 0
-        self.requests = 0
-        self.sizes: Counter[int] = Counter()
-        self.recent: deque[dict] = deque(maxlen=recent)
-
-    def record(self, kind: str, size: int, num_tasks: int, seconds: float) -> None:
-        """One forward batch of `size` rows. Kinds: generate / classify (static
-        engine); prefill / decode / classify (continuous engine, where a
-        request's rows appear again in every decode step)."""
-        with self._lock:
-            self.batches += 1
-            if kind != "decode":
-                self.requests += size
-            self.sizes[size] += 1
-            self.recent.append({"kind": kind, "size": size, "tasks": num_tasks, "seconds": round(seconds, 4)})
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {
-                "batches": self.batches,
-                "requests": self.requests,
-                "max_batch_size_seen": max(self.sizes, default=0),
-                "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
-                "recent": list(self.recent),
-            }
-
-
-class QueueWorker:
-    """What both schedulers share: the request queue, the one worker thread
-    that owns the model, submission, and shutdown."""
-
+class Scheduler:
     thread_name = "ptserve-scheduler"
 
-    def __init__(self, max_batch_size: int, max_wait_s: float, stats: BatchStats, max_queue: int = 1024):
+    def __init__(self, batch: GenerateBatch | None, classifier: Classifier, max_batch_size: int, max_wait_s: float,
+                 stats: BatchStats, max_queue: int = 1024):  # fmt: skip
+        """batch: None for a model that only classifies. max_batch_size bounds a
+        classify batch, one prefill batch, and the wait for company."""
+        self.batch = batch
+        self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.stats = stats
         self.max_queue = max_queue
-        self._queue: deque[Work] = deque()
+        self._queue: deque[Request] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    # -- the HTTP side's view ------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the forward pass in progress, then fail whatever is still waiting."""
+        """Finish the forward pass in progress, then fail whatever is still waiting or running."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
         shutting_down = ServiceUnavailable("server is shutting down")
-        for work in self._queue:
-            if work.future.set_running_or_notify_cancel():  # False: the client already went away
-                work.future.set_exception(shutting_down)
+        for r in self._queue:
+            if r.future.set_running_or_notify_cancel():  # False: the client already went away
+                r.future.set_exception(shutting_down)
         self._queue.clear()
         self._fail_running(shutting_down)
 
-    def submit(self, work: Work):
+    def submit(self, request: Request):
         """Queue one request; its future resolves to a GenerateResult / ClassifyResult."""
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailable("server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"{len(self._queue)} requests are already waiting; try again shortly")
-            self._queue.append(work)
+            self._queue.append(request)
             self._cond.notify_all()
-        return work.future
+        return request.future
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -105,81 +83,143 @@ class QueueWorker:
         with self._cond:
             return len(self._queue)
 
-    def _wait_for_company(self, count) -> None:
-        """Holding the lock, with a non-empty queue: wait until count() reaches
-        max_batch_size or the oldest request has waited max_wait_s."""
+    def running(self) -> int:
+        return self.batch.running if self.batch is not None else 0
+
+    def run_to_completion(self, requests: list[Request]) -> list:
+        """Without the worker thread: submit `requests` and run the loop on this
+        thread until each is answered; -> its result or its exception, in order
+        (benchmarks, offline scoring)."""
+        for r in requests:
+            self.submit(r)
+        while not all(r.future.done() for r in requests):
+            self.iteration()
+        return [r.future.exception() or r.future.result() for r in requests]
+
+    # -- the loop ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if not self.iteration():
+                    return
+            except Exception as e:  # the worker must never die silently: fail what is in flight, go on
+                log.exception("scheduler iteration failed")
+                self._fail_running(e)
+
+    def iteration(self) -> bool:
+        """One pass of the loop; waits for work when there is none. False once stopping."""
+        self._drop_abandoned()  # free their rows before admitting newcomers
+        taken = self._take()
+        if taken is None:
+            return False
+        classify, admitted = taken
+        if classify:
+            self._run("classify", classify, lambda: self._classify(classify))
+        if admitted:
+            self._run("prefill", admitted, lambda: self.batch.prefill(admitted))
+        if self.batch is not None and self.batch.running:
+            self._run("decode", list(self.batch.requests), self.batch.decode)
+        self._stream()
+        return True
+
+    def _take(self) -> tuple[list[Request], list[Request]] | None:
+        """Wait for work; take a classify batch and the generate newcomers that fit."""
+        with self._cond:
+            while not self._queue and not self.running() and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if not self.running():
+                self._wait_for_company()
+            classify: list[Request] = []
+            admitted: list[Request] = []
+            rest: deque[Request] = deque()
+            blocked = False  # generate requests are admitted in arrival order
+            for r in self._queue:
+                if r.future.cancelled():  # its client left while it waited: it takes no room
+                    continue
+                if r.kind == "classify" and len(classify) < self.max_batch_size:
+                    classify.append(r)
+                elif r.kind == "generate" and not blocked and len(admitted) < self.max_batch_size \
+                        and self.batch.fits(r, admitted):  # fmt: skip
+                    admitted.append(r)
+                else:
+                    blocked = blocked or r.kind == "generate"
+                    rest.append(r)
+            self._queue = rest
+        live = lambda rs: [r for r in rs if r.future.set_running_or_notify_cancel()]  # noqa: E731
+        return live(classify), live(admitted)
+
+    def _wait_for_company(self) -> None:
+        """Holding the lock, with a non-empty queue: wait until max_batch_size
+        requests wait or the oldest has waited max_wait_s."""
         deadline = self._queue[0].submitted_at + self.max_wait_s
-        while not self._stopping and count() < self.max_batch_size:
+        while not self._stopping and len(self._queue) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._cond.wait(remaining)
 
-    @staticmethod
-    def _finish(work: Work, result) -> None:
-        if isinstance(result, Exception):
-            work.future.set_exception(result)
-        else:
-            work.future.set_result(result)
+    def _classify(self, requests: list[Request]) -> list[Request]:
+        for r, result in zip(requests, self.classifier.run(requests)):
+            _answer(r, result)
+        return []
+
+    def _run(self, kind: str, requests: list[Request], forward: Callable[[], list[Request]]) -> None:
+        """Run one forward pass and answer the requests it finished. If it fails,
+        fail its requests (and free their rows), not the server."""
+        start = time.perf_counter()
+        try:
+            finished = forward()
+        except Exception as e:
+            log.exception("%s batch of %d failed", kind, len(requests))
+            if kind == "decode":  # a failed step leaves every row's state in doubt
+                requests = list(self.batch.requests)
+            if self.batch is not None:
+                self.batch.remove(requests)
+            for r in requests:
+                _answer(r, e)
+            return
+        for r in finished:
+            _answer(r, r.result())
+        seconds = time.perf_counter() - start
+        tasks = len({r.prompt.key for r in requests})
+        self.stats.record(kind, len(requests), tasks, seconds)
+        log.debug("batch kind=%s size=%d tasks=%d seconds=%.4f", kind, len(requests), tasks, seconds)
+
+    def _drop_abandoned(self) -> None:
+        if self.batch is None:
+            return
+        gone = [r for r in self.batch.requests if r.abandoned]
+        if gone:
+            self.batch.remove(gone)
+            for r in gone:
+                _answer(r, Abandoned("the request was abandoned"))
+
+    def _stream(self) -> None:
+        """Hand each streaming request the text its new tokens completed."""
+        if self.batch is None:
+            return
+        for r in self.batch.requests:
+            if r.on_text is not None:
+                piece = r.new_text()
+                if piece:
+                    r.on_text(piece)
 
     def _fail_running(self, error: Exception) -> None:
-        """Requests in flight when the worker stopped (none for a scheduler that finishes batches)."""
-
-    def _loop(self) -> None:
-        raise NotImplementedError
-
-
-class Scheduler(QueueWorker):
-    """Static batching: a batch of one kind runs to its end before the next starts."""
-
-    def __init__(self, runner: ModelRunner, max_batch_size: int, max_wait_s: float, stats: BatchStats,
-                 max_queue: int = 1024):  # fmt: skip
-        super().__init__(max_batch_size, max_wait_s, stats, max_queue)
-        self.runner = runner
-
-    def _take_batch(self) -> list[Work]:
-        with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return []
-            kind = self._queue[0].kind
-            self._wait_for_company(lambda: sum(1 for w in self._queue if w.kind == kind))
-            batch, rest = [], deque()
-            for w in self._queue:
-                (batch if w.kind == kind and len(batch) < self.max_batch_size else rest).append(w)
-            self._queue = rest
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return
-            batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[Work]) -> None:
-        kind = batch[0].kind
-        tasks = {(w.prompt.task_id, w.prompt.version) for w in batch}
-        start = time.perf_counter()
-
-        def finish(i: int, result) -> None:
-            self._finish(batch[i], result)
-
-        try:
-            if kind == "generate":
-                self.runner.generate(batch, on_finish=finish)
-            else:
-                for i, result in enumerate(self.runner.classify(batch)):
-                    finish(i, result)
-        except Exception as e:  # a failed forward pass fails its requests, not the server
-            log.exception("%s batch of %d failed", kind, len(batch))
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(e)
+        if self.batch is None:
             return
-        seconds = time.perf_counter() - start
-        self.stats.record(kind, len(batch), len(tasks), seconds)
-        log.info("batch kind=%s size=%d tasks=%d seconds=%.3f", kind, len(batch), len(tasks), seconds)
+        running = list(self.batch.requests)
+        self.batch.remove(running)
+        for r in running:
+            _answer(r, error)
+
+
+def _answer(request: Request, result) -> None:
+    if request.future.done():
+        return
+    if isinstance(result, Exception):
+        request.future.set_exception(result)
+    else:
+        request.future.set_result(result)

@@ -18,8 +18,9 @@ from ptuning.data import Example
 from ptuning.encoder import PromptEncoder
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig, default_template, prompt_from_text
-from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
-from server.engine.runner import ModelRunner
+from server.engine.classify import Classifier
+from server.engine.request import Request, SamplingParams
+from tests.helpers import make_scheduler
 
 MANUAL = "The official language of {input} is"
 
@@ -78,16 +79,17 @@ def test_epoch_0_is_token_exact_the_manual_prompt(models, encoder):
                              base_model=loaded.info)  # fmt: skip
     prompt = task_prompt("t", 1, artifact, loaded)
     manual = manual_view(prompt, MANUAL, loaded)
-    runner = ModelRunner(loaded)
+    runner = make_scheduler(loaded)
     inputs = ["France", "the json parse list", "a"]
     for text in inputs:
         ids = render(prompt.template, loaded.tokenizer, {"input": text}, loaded.vocab_size)
         plain = render(manual.template, loaded.tokenizer, {"input": text}, loaded.vocab_size)
         assert len(ids) == len(plain) and max(plain) < loaded.vocab_size <= max(ids)
-        soft, hard = runner.classify([ClassifyWork(prompt, ids), ClassifyWork(manual, plain)])
+        soft, hard = runner.run_to_completion([Request.classify(prompt, ids), Request.classify(manual, plain)])
         assert soft.logprobs == hard.logprobs
         params = SamplingParams(max_new_tokens=8)
-        soft, hard = runner.generate([GenerateWork(prompt, ids, params), GenerateWork(manual, plain, params)])
+        soft, hard = runner.run_to_completion([Request.generate(prompt, ids, params),
+                                               Request.generate(manual, plain, params)])  # fmt: skip
         assert soft.token_ids == hard.token_ids and len(soft.token_ids) > 0
 
 
@@ -149,8 +151,8 @@ def test_anchor_words_between_pseudo_tokens_train_and_serve(models, family, temp
     for e in dev:
         ids = render(prompt.template, loaded.tokenizer, e.fields, loaded.vocab_size)
         assert any(ids[i : i + len(anchor)] == anchor for i in range(len(ids)))
-        works.append(ClassifyWork(prompt, ids))
-    served = [r.label for r in ModelRunner(loaded).classify(works)]
+        works.append(Request.classify(prompt, ids))
+    served = [r.label for r in Classifier(loaded).run(works)]
     accuracy = sum(s == e.target for s, e in zip(served, dev)) / len(dev)
     assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
 

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.engine.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
 from server.engine.kv_cache import SlotKVCache
-from server.engine.models import decoder_for
+from server.engine.models import slot_model_for
 from tests.server.test_continuous import batcher, drive, oracle, works_for
 
 
@@ -56,7 +56,7 @@ def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured()
                          intermediate_size=64, vocab_size=64,
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    decoder = decoder_for(model)
+    decoder = slot_model_for(model)
     cache = SlotKVCache(1, 2, 2, 16, 8, torch.float32, "cpu")
     step = DecodeStep(decoder, model.get_input_embeddings(), model.get_output_embeddings(), cache,
                       torch.device("cpu"), graphs=True, compile=True)  # fmt: skip

@@ -12,9 +12,10 @@ from ptcore.model import load_model
 from ptcore.task_prompt import task_prompt
 from ptcore.tiny_model import write_tiny_model
 from server.api.app import create_app
-from server.engine.request import ClassifyWork
-from server.engine.runner import ModelRunner
+from server.engine.classify import Classifier
+from server.engine.request import Request
 from server.settings import Settings
+from tests.helpers import make_scheduler
 from tests.oracle import alone_embeds
 from tests.server.live_server import LiveServer
 
@@ -71,14 +72,14 @@ def test_family_is_detected(family_model):
 def test_batched_classification_equals_alone(family_model):
     """Encoder heads that read the [MASK] state and heads that read the mean state, in one batch."""
     loaded = family_model
-    runner = ModelRunner(loaded)
+    runner = make_scheduler(loaded)
     works = []
     for i in range(6):
         template, fields = TEMPLATES[i % len(TEMPLATES)]
         pooling = {"head_pooling": "mean" if i % 4 < 2 else "mask"} if loaded.family == "encoder" else {}
         prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[i % 2], seed=i, **pooling), loaded)
-        works.append(ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
-    results = runner.classify(works)
+        works.append(Request.classify(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
+    results = runner.run_to_completion(works)
     labels_seen = set()
     for w, r in zip(works, results):
         expected = alone_scores(loaded, w.prompt, w.input_ids)
@@ -100,7 +101,7 @@ def test_head_pooling_changes_what_the_head_reads(encoder_model):
     mask = task_prompt("a", 1, artifact(loaded, template, LABEL_SETS[1], seed=3), loaded)
     mean = task_prompt("b", 1, artifact(loaded, template, LABEL_SETS[1], seed=3, head_pooling="mean"), loaded)
     assert mask.head_pooling == "mask" and mean.head_pooling == "mean"
-    a, b = ModelRunner(loaded).classify([ClassifyWork(mask, ids), ClassifyWork(mean, ids)])
+    a, b = Classifier(loaded).run([Request.classify(mask, ids), Request.classify(mean, ids)])
     assert max(abs(x - y) for x, y in zip(a.logprobs.values(), b.logprobs.values())) > 1e-3
     with pytest.raises(ArtifactError, match="head_pooling must be one of \\['mask', 'mean'\\], got 'max'"):
         artifact(loaded, template, LABEL_SETS[1], seed=3, head_pooling="max")
@@ -165,11 +166,11 @@ def test_roberta_style_positions_are_numbered_by_the_model(tmp_path):
     tok.save_pretrained(tmp_path / "rb")
     loaded = load_model(str(tmp_path / "rb"), device="cpu", dtype="float32")
     assert loaded.family == "masked"
-    runner = ModelRunner(loaded)
+    runner = make_scheduler(loaded)
     works = []
     for i, (template, fields) in enumerate(TEMPLATES):
         prompt = task_prompt(f"t{i}", 1, artifact(loaded, template, LABEL_SETS[0], seed=i), loaded)
-        works.append(ClassifyWork(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
-    for w, r in zip(works, runner.classify(works)):
+        works.append(Request.classify(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)))
+    for w, r in zip(works, runner.run_to_completion(works)):
         expected = alone_scores(loaded, w.prompt, w.input_ids)
         assert max(abs(a - b) for a, b in zip(r.logprobs.values(), expected)) < 1e-4

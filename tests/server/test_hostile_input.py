@@ -16,12 +16,10 @@ from prompt_store.template import render
 from ptcore.model import load_model
 from ptcore.task_prompt import TaskPrompt, task_prompt
 from server.api.app import create_app
-from server.engine.batch import ContinuousBatcher
-from server.engine.models import decoder_for
-from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
-from server.engine.runner import ModelRunner
+from server.engine.request import Request, SamplingParams
 from server.settings import Settings
 from tests.conftest import random_prompt
+from tests.helpers import make_scheduler
 from tests.server.live_server import LiveServer
 
 LABELS = {"pos": " good", "neg": " bad"}
@@ -120,31 +118,18 @@ def non_finite_prompt(loaded, task_type: str) -> TaskPrompt:
     return TaskPrompt(**{**prompt.__dict__, "rows": torch.full_like(prompt.rows, float("inf"))})
 
 
-def test_non_finite_logits_fail_the_request_not_answer_it(loaded):
-    runner = ModelRunner(loaded)
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_non_finite_logits_fail_the_request_not_answer_it(loaded, engine):
+    runner = make_scheduler(loaded, engine)
     ids = render(non_finite_prompt(loaded, "generate").template, loaded.tokenizer, {"input": "hi"}, loaded.vocab_size)
-    good = GenerateWork(task_prompt("ok", 1, random_prompt(loaded, "[P:2]{input}"), loaded), ids, SamplingParams(4))
+    good = Request.generate(task_prompt("ok", 1, random_prompt(loaded, "[P:2]{input}"), loaded), ids, SamplingParams(4))
     for params in (SamplingParams(4), SamplingParams(4, temperature=1.0, seed=1)):
-        bad = GenerateWork(non_finite_prompt(loaded, "generate"), ids, params)
-        results = runner.generate([bad, good])
+        bad = Request.generate(non_finite_prompt(loaded, "generate"), ids, params)
+        results = runner.run_to_completion([bad, good])
         assert isinstance(results[0], InvalidRequest) and "NaN or Inf" in str(results[0])
         assert len(results[1].token_ids) == 4  # its batch-mate is unharmed
-    results = runner.classify([ClassifyWork(non_finite_prompt(loaded, "classify"), ids)])
+    results = runner.run_to_completion([Request.classify(non_finite_prompt(loaded, "classify"), ids)])
     assert isinstance(results[0], InvalidRequest) and "NaN or Inf" in str(results[0])
-
-
-def test_non_finite_logits_fail_the_row_in_the_continuous_engine(loaded):
-    batcher = ContinuousBatcher(loaded, decoder_for(loaded.model), max_running=4, max_len=64, max_tokens=256,
-                                prefix_cache_size=4, cuda_graphs=False)  # fmt: skip
-    ids = render(non_finite_prompt(loaded, "generate").template, loaded.tokenizer, {"input": "hi"}, loaded.vocab_size)
-    done = {}
-    batcher.admit([GenerateWork(non_finite_prompt(loaded, "generate"), ids, SamplingParams(4))],
-                  lambda w, r: done.setdefault("result", r))  # fmt: skip
-    assert isinstance(done["result"], InvalidRequest) and "NaN or Inf" in str(done["result"])
-    assert batcher.running == 0
-
-
-# -- item 5: input that made a 500 ------------------------------------------------
 
 
 def nested(depth: int) -> str:
@@ -207,12 +192,12 @@ def test_a_lone_surrogate_in_an_uploaded_artifact_is_a_422(client, gpt2, over):
 
 def test_a_vanishing_top_p_keeps_the_top_token(loaded, client):
     """top_p = 1e-46 rounds to 0 in float32: the nucleus is then the top token alone, i.e. greedy."""
-    runner = ModelRunner(loaded)
+    runner = make_scheduler(loaded)
     prompt = task_prompt("t", 1, random_prompt(loaded, "[P:3]{input}[P:1]", seed=3), loaded)
     ids = render(prompt.template, loaded.tokenizer, {"input": "hello world"}, loaded.vocab_size)
-    greedy, tiny = runner.generate([
-        GenerateWork(prompt, ids, SamplingParams(10)),
-        GenerateWork(prompt, ids, SamplingParams(10, temperature=1.0, top_p=1e-46, seed=5)),
+    greedy, tiny = runner.run_to_completion([
+        Request.generate(prompt, ids, SamplingParams(10)),
+        Request.generate(prompt, ids, SamplingParams(10, temperature=1.0, top_p=1e-46, seed=5)),
     ])  # fmt: skip
     assert tiny.token_ids == greedy.token_ids and len(greedy.token_ids) > 0
     body = {"input": "hello", "max_new_tokens": 5}

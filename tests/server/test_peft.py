@@ -20,8 +20,8 @@ from prompt_store.template import render
 from ptcore.model import default_bos_token
 from ptcore.task_prompt import task_prompt
 from server.api.app import create_app
-from server.engine.request import GenerateWork, SamplingParams
-from server.engine.runner import ModelRunner
+from server.engine.hf_backend import HFBackend
+from server.engine.request import Request, SamplingParams
 from server.settings import Settings
 from tests.oracle import alone_greedy
 from tests.server.live_server import LiveServer
@@ -51,13 +51,13 @@ def peft_last_logits(peft_model, tokenizer, text):
         return peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0, -1]
 
 
-def runner_first_step(loaded, prompt, text):
-    runner = ModelRunner(loaded)
+def served_first_logits(loaded, prompt, text):
+    """The logits of the first new token, as the Hugging Face backend computes them."""
     ids = render(prompt.template, loaded.tokenizer, {"input": text}, loaded.vocab_size)
-    work = GenerateWork(prompt, ids, SamplingParams(max_new_tokens=8))
+    work = Request.generate(prompt, ids, SamplingParams(max_new_tokens=8))
     with torch.inference_mode():
-        out, *_ = runner.prefill([work])
-    return runner, work, out.logits[0, -1]
+        logits = HFBackend(loaded, max_running=1).prefill([work])
+    return work, logits[0]
 
 
 @pytest.mark.parametrize("kind", ["PROMPT_TUNING", "P_TUNING"])
@@ -80,11 +80,11 @@ def test_import_serve_and_match(loaded, tmp_path, kind):
         served = client.post("/v1/tasks/from-peft/generate", json={"input": INPUT, "max_new_tokens": 10}).json()
         prompt = live_prompt(live, "from-peft")
 
-    runner, work, first = runner_first_step(loaded, prompt, INPUT)
+    work, first = served_first_logits(loaded, prompt, INPUT)
     expected_first = peft_last_logits(peft_model, loaded.tokenizer, INPUT)
     assert torch.allclose(first, expected_first, atol=1e-5), float((first - expected_first).abs().max())
     assert served["token_ids"] == alone_greedy(
-        loaded.model, prompt.rows, work.input_ids, loaded.vocab_size, 10, runner.eos_ids
+        loaded.model, prompt.rows, work.input_ids, loaded.vocab_size, 10, loaded.eos_token_ids
     )
 
 
@@ -144,7 +144,7 @@ def test_export_loads_in_peft_and_gives_the_same_logits(loaded, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(loaded.info["name_or_path"])
     peft_model = PeftModel.from_pretrained(base, tmp_path / "out").eval()
     assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight.detach(), rows)
-    _, _, first = runner_first_step(loaded, task_prompt("x", 1, artifact, loaded), INPUT)
+    _, first = served_first_logits(loaded, task_prompt("x", 1, artifact, loaded), INPUT)
     assert torch.allclose(first, peft_last_logits(peft_model, loaded.tokenizer, INPUT), atol=1e-5)
 
     not_prefix = make_artifact(torch.zeros(4, H), template="[P:2]{input}[P:2]", task_type="generate",

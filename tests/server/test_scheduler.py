@@ -1,112 +1,257 @@
-"""The scheduler's batching loop, driven with a fake runner (no model)."""
+"""The one scheduler loop, driven by a scripted backend (no model): admission,
+prefill, decode steps, retirement, classify batches, abandonment, failures,
+streaming and shutdown, each checked exactly."""
 
 import threading
-import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from prompt_store.errors import ServiceUnavailable
-from server.engine.scheduler import BatchStats, Scheduler
+from prompt_store.errors import Abandoned, ServiceUnavailable
+from server.engine.batch import GenerateBatch, order_after_removing
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.stats import BatchStats
+from tests.helpers import drive
+
+EOS, WORD = 0, 1  # the scripted vocabulary: 0 ends a request, 1..3 are words
+V = 4
 
 
-@dataclass
-class FakePrompt:
+class Letters:
+    """A tokenizer for the script: token t decodes to one letter."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("_abc"[t] for t in ids if not (skip_special_tokens and t == EOS))
+
+
+@dataclass(frozen=True)
+class Prompt:
     task_id: str
-    version: int = 1
+    key: tuple = ()
+    labels: tuple = ()
 
 
-@dataclass(eq=False)
-class FakeWork:
-    kind: str
-    prompt: FakePrompt
-    steps: int = 1
-    future: Future = field(default_factory=Future)
-    submitted_at: float = field(default_factory=time.monotonic)
+def generate(task: str, steps: int, max_new_tokens: int = 100, **params) -> Request:
+    """A request whose row emits WORD for steps - 1 tokens, then EOS."""
+    return Request.generate(Prompt(task, (task, 1, "")), [steps], SamplingParams(max_new_tokens, **params))
 
 
-class FakeRunner:
-    """Generate: finishes row i after works[i].steps steps; records batches."""
+def classify(task: str) -> Request:
+    return Request.classify(Prompt(task, (task, 1, "")), [0])
+
+
+class ScriptedBackend:
+    """Row r chooses WORD until its script runs out, then EOS; records every call."""
+
+    max_len = None
+
+    def __init__(self, max_running: int = 4, admits_while_running: bool = True):
+        self.max_running = max_running
+        self.admits_while_running = admits_while_running
+        self.left: list[int] = []  # per row: tokens still to emit, EOS included
+        self.calls: list[tuple] = []
+        self.fail_next: str | None = None  # "prefill" or "decode": that call raises once
+
+    @property
+    def rows(self) -> int:
+        return len(self.left)
+
+    def fits(self, request, admitted) -> bool:
+        if not self.admits_while_running and self.rows:
+            return False
+        return self.rows + len(admitted) < self.max_running
+
+    def _logits(self, rows: range) -> torch.Tensor:
+        logits = torch.zeros(len(rows), V)
+        for j, r in enumerate(rows):
+            logits[j, WORD if self.left[r] > 1 else EOS] = 1.0
+            self.left[r] -= 1
+        return logits
+
+    def prefill(self, requests) -> torch.Tensor:
+        self.calls.append(("prefill", [r.prompt.task_id for r in requests]))
+        if self.fail_next == "prefill":
+            self.fail_next = None
+            raise RuntimeError("prefill broke")
+        first = self.rows
+        self.left.extend(r.input_ids[0] for r in requests)
+        return self._logits(range(first, self.rows))
+
+    def decode(self, tokens) -> torch.Tensor:
+        self.calls.append(("decode", self.rows))
+        if self.fail_next == "decode":
+            self.fail_next = None
+            raise RuntimeError("decode broke")
+        assert tokens == [WORD] * self.rows  # every running row feeds back what it chose
+        return self._logits(range(self.rows))
+
+    def keep(self, order) -> None:
+        self.calls.append(("keep", list(order)))
+        self.left = [self.left[i] for i in order]
+
+
+class Labels:
+    """Classifies every request as its task id; records batches."""
 
     def __init__(self):
-        self.batches = []
-        self.gate = threading.Event()
-        self.gate.set()
+        self.batches: list[list[str]] = []
 
-    def generate(self, works, on_finish):
-        self.batches.append([w.kind for w in works])
-        self.gate.wait()
-        for step in range(1, max(w.steps for w in works) + 1):
-            for i, w in enumerate(works):
-                if w.steps == step:
-                    on_finish(i, f"{w.prompt.task_id}:{step}")
-            time.sleep(0.01)
-
-    def classify(self, works):
-        self.batches.append([w.kind for w in works])
-        return [w.prompt.task_id for w in works]
+    def run(self, requests):
+        self.batches.append([r.prompt.task_id for r in requests])
+        return [r.prompt.task_id for r in requests]
 
 
-def scheduler(runner, max_batch_size=8, max_wait_s=0.05):
-    s = Scheduler(runner, max_batch_size, max_wait_s, BatchStats())
-    s.start()
-    return s
+def make(max_running=4, admits_while_running=True, max_batch_size=8, max_wait_s=0.0):
+    backend = ScriptedBackend(max_running, admits_while_running)
+    loaded = SimpleNamespace(eos_token_ids=frozenset({EOS}), tokenizer=Letters(), device=torch.device("cpu"))
+    scheduler = Scheduler(GenerateBatch(backend, loaded), Labels(), max_batch_size, max_wait_s, BatchStats())
+    return scheduler, backend
 
 
-def test_kinds_are_batched_apart_and_sizes_bounded():
-    runner = FakeRunner()
-    runner.gate.clear()
-    s = scheduler(runner, max_batch_size=3)
-    blocker = s.submit(FakeWork("generate", FakePrompt("first")))
-    time.sleep(0.1)  # the worker is now busy with `blocker`
-    works = [FakeWork("generate" if i % 2 else "classify", FakePrompt(f"t{i}")) for i in range(8)]
-    futures = [s.submit(w) for w in works]
-    runner.gate.set()
-    assert [f.result(timeout=5) for f in futures] == [f"t{i}" if i % 2 == 0 else f"t{i}:1" for i in range(8)]
-    assert blocker.result(timeout=5) == "first:1"
-    s.stop()
-    assert all(len(set(b)) == 1 and len(b) <= 3 for b in runner.batches)
-    assert s.stats.snapshot()["requests"] == 9
+def test_requests_join_between_steps_and_leave_as_soon_as_they_finish():
+    scheduler, backend = make()
+    requests = [generate("a", 3), generate("b", 1), generate("c", 2)]
+    results, log = drive(scheduler, requests, arrivals=[0, 0, 1])
+    assert [r.text for r in results] == ["aa", "", "a"]
+    assert [r.finish_reason for r in results] == ["stop"] * 3
+    # iteration 0: a and b prefill (b's first token is EOS: it leaves at once), a decodes;
+    # iteration 1: c joins beside a, both decode and both end
+    assert log == [(0, "join", 0), (0, "join", 1), (0, "leave", 1), (1, "leave", 0), (1, "join", 2),
+                   (1, "leave", 2)]  # fmt: skip
+    assert backend.calls == [("prefill", ["a", "b"]), ("keep", [0]), ("decode", 1), ("prefill", ["c"]),
+                             ("decode", 2), ("keep", [])]  # fmt: skip
+    assert scheduler.running() == 0
 
 
-def test_a_short_request_is_answered_before_the_long_one_in_its_batch_ends():
-    s = scheduler(FakeRunner())
-    long = FakeWork("generate", FakePrompt("long"), steps=50)
-    short = FakeWork("generate", FakePrompt("short"), steps=1)
-    f_long, f_short = s.submit(long), s.submit(short)
-    assert f_short.result(timeout=5) == "short:1"
-    assert not f_long.done()
-    assert f_long.result(timeout=5) == "long:50"
-    s.stop()
+def test_a_freed_row_is_taken_by_the_last_row():
+    assert order_after_removing(5, [1]) == [0, 4, 2, 3]
+    assert order_after_removing(5, [1, 4]) == [0, 3, 2]
+    assert order_after_removing(3, [0, 1, 2]) == []
+    assert order_after_removing(4, [3]) == [0, 1, 2]
 
 
-def test_stop_fails_queued_work_and_tolerates_cancelled_futures():
-    runner = FakeRunner()
-    runner.gate.clear()
-    s = scheduler(runner, max_batch_size=1)
-    running = s.submit(FakeWork("generate", FakePrompt("running")))
-    time.sleep(0.1)
-    queued = s.submit(FakeWork("generate", FakePrompt("queued")))
-    cancelled = s.submit(FakeWork("generate", FakePrompt("gone")))
-    assert cancelled.cancel()
-    threading.Timer(0.2, runner.gate.set).start()
-    s.stop()
-    assert running.result(timeout=5) == "running:1"
+def test_max_new_tokens_ends_a_request_with_length():
+    scheduler, _ = make()
+    (result,), _ = drive(scheduler, [generate("a", 10, max_new_tokens=3)])
+    assert (result.token_ids, result.finish_reason) == ([WORD] * 3, "length")
+
+
+def test_admission_is_in_arrival_order_and_bounded_by_room():
+    scheduler, backend = make(max_running=2)
+    requests = [generate("a", 3), generate("b", 3), generate("c", 1), generate("d", 1)]
+    _, log = drive(scheduler, requests)
+    joins = [(step, i) for step, event, i in log if event == "join"]
+    # c and d wait for room; d does not overtake c although both would fit together later
+    assert joins == [(0, 0), (0, 1), (2, 2), (2, 3)]
+    assert [c for c in backend.calls if c[0] == "prefill"] == [("prefill", ["a", "b"]), ("prefill", ["c", "d"])]
+
+
+def test_a_backend_that_admits_only_into_an_empty_batch():
+    scheduler, backend = make(admits_while_running=False)
+    requests = [generate("a", 3), generate("b", 1)]
+    _, log = drive(scheduler, requests, arrivals=[0, 1])
+    assert [(s, i) for s, e, i in log if e == "join"] == [(0, 0), (2, 1)]  # b waits until a is done
+
+
+def test_classify_runs_between_decode_steps_in_batches_of_at_most_max_batch_size():
+    scheduler, backend = make(max_batch_size=2)
+    requests = [generate("g", 4), classify("x"), classify("y"), classify("z")]
+    results, log = drive(scheduler, requests)
+    assert [results[1], results[2], results[3]] == ["x", "y", "z"]
+    assert scheduler.classifier.batches == [["x", "y"], ["z"]]
+    leaves = {i: s for s, e, i in log if e == "leave"}
+    assert leaves == {1: 0, 2: 0, 3: 1, 0: 2}  # the generation went on while they were answered
+    assert scheduler.stats.snapshot()["requests"] == 4
+
+
+def test_an_abandoned_row_is_dropped_before_the_next_step():
+    scheduler, backend = make()
+    keep, leave = generate("keep", 5), generate("leave", 50)
+    scheduler.submit(keep)
+    scheduler.submit(leave)
+    scheduler.iteration()
+    leave.abandoned = True  # what the HTTP side does when its client goes away
+    scheduler.iteration()
+    with pytest.raises(Abandoned):
+        leave.future.result(timeout=0)
+    assert backend.calls[2] == ("keep", [0])  # its row was freed before the second decode step
+    assert backend.calls[3] == ("decode", 1)
+    while not keep.future.done():
+        scheduler.iteration()
+    assert keep.future.result().token_ids == [WORD] * 4
+
+
+def test_a_cancelled_request_in_the_queue_takes_no_room():
+    scheduler, backend = make(max_running=1)
+    gone, wanted = generate("gone", 2), generate("wanted", 2)
+    scheduler.submit(gone)
+    scheduler.submit(wanted)
+    assert gone.future.cancel()
+    results, _ = drive(scheduler, [wanted])
+    assert results[0].token_ids == [WORD]
+    assert backend.calls[0] == ("prefill", ["wanted"])
+
+
+def test_a_failing_prefill_fails_only_its_newcomers():
+    scheduler, backend = make()
+    old = generate("old", 4)
+    scheduler.submit(old)
+    scheduler.iteration()
+    backend.fail_next = "prefill"
+    new = generate("new", 2)
+    scheduler.submit(new)
+    scheduler.iteration()
+    with pytest.raises(RuntimeError, match="prefill broke"):
+        new.future.result(timeout=0)
+    while not old.future.done():
+        scheduler.iteration()
+    assert old.future.result().token_ids == [WORD] * 3
+
+
+def test_a_failing_decode_step_fails_every_running_row_and_the_loop_goes_on():
+    scheduler, backend = make()
+    a, b = generate("a", 5), generate("b", 5)
+    backend.fail_next = "decode"
+    results, _ = drive(scheduler, [a, b])
+    assert [str(r) for r in results] == ["decode broke", "decode broke"]
+    assert scheduler.running() == 0 and backend.rows == 0
+    (after,), _ = drive(scheduler, [generate("c", 2)])
+    assert after.token_ids == [WORD]
+
+
+def test_streaming_gets_every_piece_once_and_the_pieces_add_up():
+    scheduler, _ = make()
+    pieces: list[str] = []
+    streamed = generate("s", 6)
+    streamed.on_text = pieces.append
+    results, _ = drive(scheduler, [streamed])
+    # text reaches on_text after each step except the last, whose text comes with the result
+    assert pieces == ["aa", "a", "a", "a"]
+    assert results[0].text == "aaaaa"
+
+
+def test_stop_fails_queued_and_running_work_and_refuses_new_work():
+    scheduler, backend = make(max_running=1, max_wait_s=0.0)
+    gate = threading.Event()
+    real_decode = backend.decode
+
+    def gated_decode(tokens):
+        gate.wait(5)
+        return real_decode(tokens)
+
+    backend.decode = gated_decode
+    scheduler.start()
+    running = scheduler.submit(generate("running", 100))
+    while not scheduler.running():
+        threading.Event().wait(0.01)
+    queued = scheduler.submit(generate("queued", 2))
+    threading.Timer(0.2, gate.set).start()
+    scheduler.stop()
+    for future in (running, queued):
+        with pytest.raises(ServiceUnavailable, match="shutting down"):
+            future.result(timeout=5)
     with pytest.raises(ServiceUnavailable):
-        queued.result(timeout=5)
-    with pytest.raises(ServiceUnavailable):
-        s.submit(FakeWork("generate", FakePrompt("late")))
-
-
-def test_a_failing_batch_fails_only_its_own_requests():
-    class Broken(FakeRunner):
-        def classify(self, works):
-            raise RuntimeError("boom")
-
-    s = scheduler(Broken())
-    bad = s.submit(FakeWork("classify", FakePrompt("c")))
-    with pytest.raises(RuntimeError, match="boom"):
-        bad.result(timeout=5)
-    assert s.submit(FakeWork("generate", FakePrompt("g"))).result(timeout=5) == "g:1"
-    s.stop()
+        scheduler.submit(generate("late", 2))

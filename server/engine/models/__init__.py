@@ -5,7 +5,7 @@ Norms, projections, MLPs and the rotary embedding are the model's modules
 and weights; attention is ours, so that each row can read and write its own
 slot at its own positions (and, for Llama, projections that read the same
 input run as one product, see `pack_linears`). Supported: Llama-style decoders
-(model_type llama) and GPT-2; `decoder_for` returns None for anything else,
+(model_type llama) and GPT-2; `slot_model_for` returns None for anything else,
 and the server then uses the plain Hugging Face runner.
 
 A forward pass takes everything that decides tensor shapes as arguments
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from server.engine.models.gpt2 import GPT2Decoder
-from server.engine.models.llama import LlamaDecoder
+from server.engine.models.gpt2 import GPT2SlotModel
+from server.engine.models.llama import LlamaSlotModel
 
 
-def decoder_for(model):
-    """A slot-cache decoder for this model, or None when its architecture is not covered."""
+def slot_model_for(model):
+    """A slot forward for this model, or None when its architecture is not covered."""
     cfg = model.config
     if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
         layer = model.model.layers[0]
@@ -32,7 +32,7 @@ def decoder_for(model):
         # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
         plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
         if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):
-            return LlamaDecoder(model)
+            return LlamaSlotModel(model)
     if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
-        return GPT2Decoder(model)
+        return GPT2SlotModel(model)
     return None

@@ -7,7 +7,7 @@ import torch
 from server.engine.models.slot_attention import SlotAttention
 
 
-class GPT2Decoder:
+class GPT2SlotModel:
     def __init__(self, model):
         self.model = model
         self.inner = model.transformer

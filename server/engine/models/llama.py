@@ -1,5 +1,5 @@
 """Llama's forward pass over its own weights, with slot-cache attention and
-fewer kernels per layer than Hugging Face's (see LlamaDecoder)."""
+fewer kernels per layer than Hugging Face's (see LlamaSlotModel)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def pack(params: list[nn.Parameter]) -> torch.Tensor:
     return whole
 
 
-class LlamaDecoder:
+class LlamaSlotModel:
     """Per layer: one product for q, k and v, rotary position on q and k
     together, one product for the MLP's gate and up projections, and each
     RMSNorm as one fused kernel. The rotary tables, the norms' weights, the
