@@ -6,8 +6,11 @@ import os
 
 import torch
 
+from prompt_store.template import render
+from ptcore.task_prompt import task_prompt
 from server.engine.backends import make_batch
 from server.engine.classify import Classifier
+from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stats import BatchStats
 
@@ -52,3 +55,36 @@ def drive(scheduler: Scheduler, requests: list, arrivals: list[int] | None = Non
                 log.append((step, "leave", i))
         step += 1
     return [r.future.exception() or r.future.result() for r in requests], log
+
+
+# pseudo tokens before, between and after fields; different prompt lengths
+TEMPLATES = [
+    ("[P:3]{input}[P:3]", {"input": "hello world"}),
+    ("[P:2] Review: {input} [P:2] Sentiment:", {"input": "the quick brown fox jumps over the lazy dog"}),
+    ("{premise}[P:3]{hypothesis}?[P:3]", {"premise": "a cat sat", "hypothesis": "is it a dog"}),
+    ("[P:9]{input}", {"input": "x"}),
+    ("Question: {input}[P:1]", {"input": "what is the return value of this function"}),
+]
+
+
+def generate_requests(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (i % 4)) -> list[Request]:
+    """n greedy requests over `tasks` tasks of TEMPLATES, with random prompts."""
+    from tests.conftest import random_prompt
+
+    out = []
+    for i in range(n):
+        template, fields = TEMPLATES[i % tasks % len(TEMPLATES)]
+        prompt = task_prompt(
+            f"t{i % tasks}", version, random_prompt(loaded, template, seed=i % tasks + 10 * version), loaded
+        )
+        ids = render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)
+        out.append(Request.generate(prompt, ids, SamplingParams(max_new_tokens=max_new(i))))
+    return out
+
+
+def oracle_tokens(loaded, request) -> list[int]:
+    """The request's greedy tokens computed alone (tests/oracle.py)."""
+    from tests.oracle import alone_greedy
+
+    return alone_greedy(loaded.model, request.prompt.rows, request.input_ids, loaded.vocab_size,
+                        request.params.max_new_tokens, loaded.eos_token_ids)  # fmt: skip

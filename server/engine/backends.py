@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def make_batch(loaded: LoadedModel, engine: str = "auto", spread: bool = False, max_running: int = 32,
                max_seq_len: int = 1024, max_tokens: int = 0, prefix_cache_size: int = 64, cuda_graphs: bool = True,
-               compile: bool = False) -> GenerateBatch | None:  # fmt: skip
+               compile: bool = False, pad_steps: bool | None = None) -> GenerateBatch | None:  # fmt: skip
     """The generate batch for `loaded`, or None for a model that cannot generate.
 
     engine "continuous" (the slot backend: requests join between any two decode
@@ -35,6 +35,6 @@ def make_batch(loaded: LoadedModel, engine: str = "auto", spread: bool = False, 
     max_len = min(max_seq_len, loaded.max_positions or max_seq_len)
     backend = SlotBackend(loaded, model, max_running=max_running, max_len=max_len,
                           max_tokens=max_tokens or max_running * max_len, prefix_cache_size=prefix_cache_size,
-                          cuda_graphs=cuda_graphs, compile=compile)  # fmt: skip
+                          cuda_graphs=cuda_graphs, compile=compile, pad_steps=pad_steps)  # fmt: skip
     log.info("engine: continuous (slot KV cache, %d rows of %d positions)", max_running, max_len)
     return GenerateBatch(backend, loaded)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from server.engine.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
 from server.engine.kv_cache import SlotKVCache
 from server.engine.models import slot_model_for
-from tests.server.test_continuous import batcher, drive, oracle, works_for
+from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens
 
 
 def test_buckets_cover_every_size():
@@ -26,15 +26,18 @@ def test_buckets_cover_every_size():
 def test_padded_steps_equal_alone(loaded):
     """Rows padded to batch buckets (extra rows write free slots) and to
     length buckets (extra positions masked) get their own tokens exactly."""
-    b = batcher(loaded, max_running=5, pad_steps=True, cuda_graphs=False)
-    b.decode.lengths = [8, 16, 32, 64, 128]  # small buckets, so rows cross several while they grow
-    works = works_for(loaded, 11)
+    s = make_scheduler(loaded, max_running=5, pad_steps=True, cuda_graphs=False)
+    backend = s.batch.backend
+    backend.decode_step.lengths = [8, 16, 32, 64, 128]  # small buckets, so rows cross several while they grow
+    works = generate_requests(loaded, 11)
     seen = []
-    step = b.decode.__call__
-    b.decode = lambda tokens, positions: seen.append((len(tokens), max(positions))) or step(tokens, positions)
-    results, _ = drive(b, works, arrivals=[0, 0, 0, 1, 2, 4, 6, 6, 9, 12, 15])
-    for w in works:
-        assert results[id(w)].token_ids == oracle(loaded, b, w)
+    step = backend.decode_step
+    backend.decode_step = lambda tokens, positions: (
+        seen.append((len(tokens), max(positions))) or step(tokens, positions)
+    )
+    results, _ = drive(s, works, arrivals=[0, 0, 0, 1, 2, 4, 6, 6, 9, 12, 15])
+    for w, r in zip(works, results):
+        assert r.token_ids == oracle_tokens(loaded, w)
     assert {n for n, _ in seen} >= {3, 5}, "padded batch sizes were not exercised"
 
 
@@ -42,11 +45,11 @@ def test_compiled_step_equals_alone(loaded):
     """torch.compile traces the whole step as one graph (fullgraph: no host
     syncs, nothing data-dependent), and its tokens equal the oracle."""
     torch._dynamo.reset()
-    b = batcher(loaded, max_running=4, compile=True)
-    works = works_for(loaded, 6)
-    results, _ = drive(b, works, arrivals=[0, 0, 1, 3, 3, 7])
-    for w in works:
-        assert results[id(w)].token_ids == oracle(loaded, b, w)
+    s = make_scheduler(loaded, max_running=4, compile=True)
+    works = generate_requests(loaded, 6)
+    results, _ = drive(s, works, arrivals=[0, 0, 1, 3, 3, 7])
+    for w, r in zip(works, results):
+        assert r.token_ids == oracle_tokens(loaded, w)
 
 
 def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured():

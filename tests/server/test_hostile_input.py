@@ -122,8 +122,9 @@ def non_finite_prompt(loaded, task_type: str) -> TaskPrompt:
 def test_non_finite_logits_fail_the_request_not_answer_it(loaded, engine):
     runner = make_scheduler(loaded, engine)
     ids = render(non_finite_prompt(loaded, "generate").template, loaded.tokenizer, {"input": "hi"}, loaded.vocab_size)
-    good = Request.generate(task_prompt("ok", 1, random_prompt(loaded, "[P:2]{input}"), loaded), ids, SamplingParams(4))
     for params in (SamplingParams(4), SamplingParams(4, temperature=1.0, seed=1)):
+        good = Request.generate(task_prompt("ok", 1, random_prompt(loaded, "[P:2]{input}"), loaded), ids,
+                                SamplingParams(4))  # fmt: skip
         bad = Request.generate(non_finite_prompt(loaded, "generate"), ids, params)
         results = runner.run_to_completion([bad, good])
         assert isinstance(results[0], InvalidRequest) and "NaN or Inf" in str(results[0])

@@ -10,18 +10,9 @@ from ptcore.task_prompt import task_prompt
 from server.engine.classify import Classifier
 from server.engine.request import Request, SamplingParams
 from tests.conftest import random_prompt
-from tests.helpers import drive, make_scheduler
+from tests.helpers import TEMPLATES, drive, make_scheduler
 from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
 from tests.server.concurrency import submit_from_threads
-
-# pseudo tokens before, between and after fields; different prompt lengths
-TEMPLATES = [
-    ("[P:3]{input}[P:3]", {"input": "hello world"}),
-    ("[P:2] Review: {input} [P:2] Sentiment:", {"input": "the quick brown fox jumps over the lazy dog"}),
-    ("{premise}[P:3]{hypothesis}?[P:3]", {"premise": "a cat sat", "hypothesis": "is it a dog"}),
-    ("[P:9]{input}", {"input": "x"}),
-    ("Question: {input}[P:1]", {"input": "what is the return value of this function"}),
-]
 
 
 def make_generate(loaded, i, template, fields, max_new_tokens=12, **params):

@@ -10,27 +10,8 @@ from server.engine.kv_cache import SlotKVCache
 from server.engine.models import slot_model_for
 from server.engine.request import Request, SamplingParams
 from tests.conftest import random_prompt
-from tests.helpers import drive, make_scheduler
-from tests.oracle import alone_greedy
+from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens
 from tests.server.concurrency import submit_from_threads
-from tests.server.test_oracle import TEMPLATES
-
-
-def works_for(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (i % 4)):
-    out = []
-    for i in range(n):
-        template, fields = TEMPLATES[i % tasks % len(TEMPLATES)]
-        prompt = task_prompt(
-            f"t{i % tasks}", version, random_prompt(loaded, template, seed=i % tasks + 10 * version), loaded
-        )
-        ids = render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size)
-        out.append(Request.generate(prompt, ids, SamplingParams(max_new_tokens=max_new(i))))
-    return out
-
-
-def oracle(loaded, w):
-    return alone_greedy(loaded.model, w.prompt.rows, w.input_ids, loaded.vocab_size, w.params.max_new_tokens,
-                        loaded.eos_token_ids)  # fmt: skip
 
 
 def fresh(requests):
@@ -59,10 +40,10 @@ def test_packing_llama_projections_changes_nothing_the_model_computes(tiny_model
 
 def test_joins_and_leaves_mid_generation_equal_alone(loaded):
     s = make_scheduler(loaded, max_running=3)
-    works = works_for(loaded, 9)
+    works = generate_requests(loaded, 9)
     results, log = drive(s, works, arrivals=[0, 0, 1, 2, 3, 5, 8, 8, 13])
     for w, r in zip(works, results):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
     joins = {i: s for s, e, i in log if e == "join"}
     leaves = {i: s for s, e, i in log if e == "leave"}
     # someone joined while others were mid-generation, and someone left while others went on
@@ -73,38 +54,38 @@ def test_joins_and_leaves_mid_generation_equal_alone(loaded):
 
 def test_prefix_reuse_on_and_off_give_identical_tokens(loaded):
     with_reuse, without = make_scheduler(loaded), make_scheduler(loaded, prefix_cache_size=0)
-    works = works_for(loaded, 12)
+    works = generate_requests(loaded, 12)
     a, _ = drive(with_reuse, works)
     c, _ = drive(without, fresh(works))
     assert [r.token_ids for r in a] == [r.token_ids for r in c]
     # 12 requests of 5 tasks; 10 of them of the 4 tasks whose template has a prefix: 4 misses, 6 hits
     assert prefixes(with_reuse)["hits"] == 6 and prefixes(without)["size"] == 0
     for w, r in zip(works, a):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
 
 
 def test_eviction_with_a_prefix_cache_smaller_than_the_task_count(loaded):
     s = make_scheduler(loaded, prefix_cache_size=2)
-    works = works_for(loaded, 15, tasks=5)
+    works = generate_requests(loaded, 15, tasks=5)
     results, _ = drive(s, works)
     stats = prefixes(s)
     assert stats["evictions"] == stats["misses"] - 2 and stats["size"] == 2
     for w, r in zip(works, results):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
 
 
 def test_a_new_version_never_gets_the_old_prefix(loaded):
     s = make_scheduler(loaded)
-    v1 = works_for(loaded, 1, tasks=1, version=1)
-    v2 = works_for(loaded, 1, tasks=1, version=2)  # same task id, other rows
+    v1 = generate_requests(loaded, 1, tasks=1, version=1)
+    v2 = generate_requests(loaded, 1, tasks=1, version=2)  # same task id, other rows
     (r1,), _ = drive(s, v1)
     (r2,), _ = drive(s, v2)
-    assert r2.token_ids == oracle(loaded, v2[0])
+    assert r2.token_ids == oracle_tokens(loaded, v2[0])
     assert r1.token_ids != r2.token_ids
 
 
 def test_token_budget_bounds_admission(loaded):
-    works = works_for(loaded, 6, tasks=1, max_new=lambda i: 20)  # all of one size
+    works = generate_requests(loaded, 6, tasks=1, max_new=lambda i: 20)  # all of one size
     need = works[0].need
     s = make_scheduler(loaded, max_running=8, max_tokens=2 * need + 1)
     results, log = drive(s, works)
@@ -114,7 +95,7 @@ def test_token_budget_bounds_admission(loaded):
         peak = max(peak, running)
     assert peak == 2
     for w, r in zip(works, results):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
 
 
 def test_slot_cache_write_read_move():
@@ -145,11 +126,11 @@ def test_slot_cache_loads_prefixes_of_different_lengths_into_their_slots():
 def test_scheduler_serves_concurrent_submissions(loaded):
     s = make_scheduler(loaded, max_running=4, max_batch_size=8, max_wait_s=0.05)
     s.start()
-    works = works_for(loaded, 14)
+    works = generate_requests(loaded, 14)
     results = submit_from_threads(s, works)
     s.stop()
     for w, r in zip(works, results):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
     snap = s.stats.snapshot()
     assert snap["requests"] == len(works)
     assert any(x["kind"] == "decode" and x["size"] > 1 and x["tasks"] > 1 for x in snap["recent"])
@@ -169,18 +150,18 @@ def test_a_request_no_longer_than_the_prefix_does_not_poison_it(loaded):
     assert len(short.input_ids) == prompt.prefix_len == 3
     for w in (short, normal, again):  # one after another: the cache state carries over
         (r,), _ = drive(s, [w])
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
     assert prefixes(s)["hits"] == 1  # `again` reused what `normal` stored
 
 
 def test_each_task_prefix_is_computed_once_per_batch(loaded):
     s = make_scheduler(loaded, max_running=12)
-    works = works_for(loaded, 12, tasks=3)  # 4 requests each of 3 tasks, admitted together
+    works = generate_requests(loaded, 12, tasks=3)  # 4 requests each of 3 tasks, admitted together
     results, _ = drive(s, works)
     with_prefix = {(w.prompt.task_id, w.prompt.version) for w in works if w.prompt.prefix_len}
     assert prefixes(s)["misses"] == len(with_prefix) and prefixes(s)["size"] == len(with_prefix)
     for w, r in zip(works, results):
-        assert r.token_ids == oracle(loaded, w)
+        assert r.token_ids == oracle_tokens(loaded, w)
 
 
 def prefixes(scheduler) -> dict:
