@@ -63,9 +63,8 @@ def sample(
         tokens = greedy.clone()
         for layout, rows in groups.items():
             index = torch.tensor(rows, device=logits.device)
-            chosen = _sample_rows(
-                logits.index_select(0, index).float(), layout, [params[i] for i in rows], [generators[i] for i in rows]
-            )
+            x = logits if len(rows) == len(params) else logits.index_select(0, index)  # all rows: no copy
+            chosen = _sample_rows(x.float(), layout, [params[i] for i in rows], [generators[i] for i in rows])
             tokens.index_copy_(0, index, chosen)
     chosen, ok = torch.stack([tokens, finite.long()]).tolist()
     return chosen, [bool(f) for f in ok]

@@ -163,3 +163,11 @@ def test_bfloat16_logits():
 
 def test_empty_batch():
     assert sample(torch.empty(0, V), [], []) == ([], [])
+
+
+def test_logits_left_unchanged():
+    for params in (MIXED, [MIXED[3]] * 8, [MIXED[1]] * 8):
+        logits = logits_rows(8, seed=7)
+        before = logits.clone()
+        draw(logits, params, steps=1)
+        assert torch.equal(logits, before)
