@@ -1,0 +1,91 @@
+"""Time of one sampling step: the old per-row path (step_rows over RowDecoders)
+against the batched sample(), on the same logits, at batch 64 and a SmolLM2-sized
+vocabulary, for all-greedy, all-sampled and half/half batches. CPU; each case is
+timed old/new alternately and the medians are reported.
+
+    python bench/sampling.py [--batch 64] [--vocab 49152] [--repeats 15] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report import report  # noqa: E402
+
+from server.engine.request import SamplingParams  # noqa: E402
+from server.engine.sampling import RowDecoder, make_generator, sample, step_rows  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=10**9)
+SAMPLED = SamplingParams(max_new_tokens=10**9, temperature=0.8, top_p=0.9, top_k=50)
+
+
+def cases(batch: int) -> dict[str, list[SamplingParams]]:
+    half = batch // 2
+    return {
+        "all greedy": [GREEDY] * batch,
+        "all sampled (T 0.8, top_p 0.9, top_k 50)": [SAMPLED] * batch,
+        "half greedy, half sampled": [GREEDY] * half + [SAMPLED] * (batch - half),
+    }
+
+
+def seeded(params: list[SamplingParams]) -> list[SamplingParams]:
+    return [SamplingParams(**{**vars(p), "seed": i}) for i, p in enumerate(params)]
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=49_152)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--write", action="store_true", help="also save the table under bench/results/")
+    args = parser.parse_args()
+
+    logits = torch.randn(args.batch, args.vocab, generator=torch.Generator().manual_seed(0)) * 4  # [B, V]
+    lines = [
+        f"# sampling step, {date.today()}, {platform.node()} ({platform.machine()}, CPU, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"batch={args.batch} vocab={args.vocab} float32 logits; median of {args.repeats} repeats, "
+        "old and new alternating; `python bench/sampling.py --write`",
+        "",
+        "| batch | old: step_rows (per-row loop) ms | new: sample() ms | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for name, params in cases(args.batch).items():
+        params = seeded(params)
+        rows = [RowDecoder(p, frozenset(), None, torch.device("cpu")) for p in params]
+        generators = [make_generator(p, "cpu") for p in params]
+        step_rows(logits, rows), sample(logits, params, generators)  # warm-up
+        old, new = [], []
+        for _ in range(args.repeats):
+            old.append(timed(step_rows, logits, rows))
+            new.append(timed(sample, logits, params, generators))
+        old_ms, new_ms = 1000 * statistics.median(old), 1000 * statistics.median(new)
+        lines.append(f"| {name} | {old_ms:.1f} | {new_ms:.1f} | {old_ms / new_ms:.1f}x |")
+    lines += [
+        "",
+        "The machine's 2 cores are shared with other work, so absolute times move between runs; "
+        "old and new are timed alternately so both see the same load.",
+    ]
+    report(lines, "sampling", args.write)
+
+
+if __name__ == "__main__":
+    main()
