@@ -1,11 +1,19 @@
-"""Choosing the next token and deciding when a row is done, per request."""
+"""Choosing the next token for every row of a batch in one vectorised pass.
+
+Greedy rows take the argmax. Sampling rows (temperature > 0) are scaled by their
+temperature, cut to their top-k and top-p candidates, and drawn by an exponential
+race: token = argmax(p / q) with q ~ Exp(1) from the row's own generator, which
+picks token i with probability p_i. Each row's candidates and noise have a width
+fixed by its own params (k, or the whole vocabulary), never by its batch-mates,
+so a seeded row gives the same tokens whatever else is in the batch.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from prompt_store.errors import InvalidRequest
-from server.engine.request import GenerateResult, SamplingParams
+from server.engine.request import SamplingParams
 
 
 def non_finite_output() -> InvalidRequest:
@@ -16,131 +24,79 @@ def non_finite_output() -> InvalidRequest:
     )
 
 
-class RowDecoder:
-    """One generating row: its sampling state, its tokens so far, its stop rules."""
-
-    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], tokenizer, device: torch.device,
-                 on_token=None):  # fmt: skip
-        """on_token(token_ids): called with the tokens so far after each new token
-        that does not end the row (streaming; the final text comes with the result)."""
-        self.params = params
-        self.on_token = on_token
-        self.eos_ids = eos_ids
-        self.tokenizer = tokenizer
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.text: str | None = None
-        self.error: Exception | None = None
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """logits: [V] float32 of this row (only called when temperature > 0)."""
-        p = self.params
-        logits = logits / p.temperature
-        if p.top_k > 0 and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p, and always the first token:
-            # a top_p below float32's smallest value (1e-46) compares as 0 and would drop it
-            drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
-            drop[0] = False
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def push(self, token: int) -> None:
-        if token in self.eos_ids:
-            self.finish_reason = "stop"
-        else:
-            self.token_ids.append(token)
-            if self.params.stop:
-                text = self._decode()
-                hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
-                if hits:
-                    self.text = text[: min(hits)]
-                    self.finish_reason = "stop"
-                    return
-            if len(self.token_ids) >= self.params.max_new_tokens:
-                self.finish_reason = "length"
-        if self.done and self.text is None:
-            self.text = self._decode()
-        if not self.done and self.on_token is not None:  # a finished row's text goes with its result
-            self.on_token(tuple(self.token_ids))
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-
-    def fail(self, error: Exception) -> None:
-        """End this row with `error` as its result."""
-        self.error, self.finish_reason = error, "error"
-
-    def result(self) -> GenerateResult | Exception:
-        if self.error is not None:
-            return self.error
-        return GenerateResult(self.token_ids, self.text or "", self.finish_reason or "length")
+VOCAB, SORTED_VOCAB = 0, -1  # candidate layouts of rows without a top-k (see sample)
 
 
-def step_rows(logits: torch.Tensor, rows: list[RowDecoder]) -> tuple[list[int], list[int]]:
-    """Choose and record one token per unfinished row. logits: [B, V].
-    -> (the chosen tokens, 0 for rows already done; indices of rows that finished
-    now). Greedy rows share one argmax; sampling rows use their own generator. A
-    row whose sampling fails finishes with its exception; the others go on. A row
-    whose logits hold NaN or Inf fails rather than answer meaningless tokens."""
-    finite = torch.isfinite(logits).all(dim=-1)
-    greedy = torch.where(finite, logits.argmax(dim=-1), -1).tolist()  # -1: not finite (still one sync)
-    chosen = [0] * len(rows)
-    finished = []
-    for i, row in enumerate(rows):
-        if row.done:
-            continue
-        if greedy[i] < 0:
-            row.fail(non_finite_output())
-            finished.append(i)
-            continue
-        try:
-            chosen[i] = row.sample(logits[i].float()) if row.params.temperature > 0 else greedy[i]
-            row.push(chosen[i])
-        except Exception as e:  # one bad row must not sink its batch-mates
-            row.fail(e)
-        if row.done:
-            finished.append(i)
-    return chosen, finished
-
-
-# --- PLACEHOLDER new API until the vectorised version lands (branch `sampling`) ---
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+    """The random stream of one request: None for greedy, else seeded from
+    params.seed, or from a fresh random seed when it is None."""
     if params.temperature == 0:
         return None
-    g = torch.Generator(device=device)
+    generator = torch.Generator(device=device)
     if params.seed is None:
-        g.seed()
+        generator.seed()
     else:
-        g.manual_seed(params.seed)
-    return g
+        generator.manual_seed(params.seed)
+    return generator
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> tuple[list[int], list[bool]]:
-    finite = torch.isfinite(logits).all(dim=-1)
-    greedy = torch.where(finite, logits.argmax(dim=-1), -1).tolist()
-    tokens = []
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if greedy[i] < 0 or p.temperature == 0:
-            tokens.append(max(greedy[i], 0))
-            continue
-        r = RowDecoder.__new__(RowDecoder)
-        r.params, r.generator = p, g
-        tokens.append(r.sample(logits[i].float()))
-    return tokens, [t >= 0 for t in greedy]
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[list[int], list[bool]]:
+    """logits: [B, V], any float dtype, one row per request.
+    -> (the chosen token of each row, whether each row's logits were all finite).
+    A non-finite row's token means nothing: the caller fails that row.
+    One host sync in all: the final .tolist()."""
+    # max and min propagate NaN, so one pass each tells argmax and finiteness
+    best, greedy = logits.max(dim=-1)  # [B], [B]
+    finite = best.isfinite() & logits.amin(dim=-1).isfinite()  # [B]
+    tokens = greedy
+    vocab = logits.shape[-1]
+    # rows grouped by how their candidates are laid out, which only their own params decide:
+    # k > 0: their k best, SORTED_VOCAB: the vocabulary sorted (for top-p), VOCAB: the vocabulary as is
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.temperature > 0:
+            layout = p.top_k if 0 < p.top_k < vocab else SORTED_VOCAB if p.top_p < 1 else VOCAB
+            groups.setdefault(layout, []).append(i)
+    if groups:
+        tokens = greedy.clone()
+        for layout, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            x = logits if len(rows) == len(params) else logits.index_select(0, index)  # all rows: no copy
+            chosen = _sample_rows(x.float(), layout, [params[i] for i in rows], [generators[i] for i in rows])
+            tokens.index_copy_(0, index, chosen)
+    chosen, ok = torch.stack([tokens, finite.long()]).tolist()
+    return chosen, [bool(f) for f in ok]
+
+
+def _sample_rows(
+    x: torch.Tensor, layout: int, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Draw one token per row of x: [G, V] float32, rows of one candidate layout. -> [G] token ids."""
+    device = x.device
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [G, 1]
+    # inf: no top-p cut for that row (so a row's cut never depends on a batch-mate's)
+    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=device).unsqueeze(1)
+    cut = any(p.top_p < 1 for p in params)
+    ids = None  # candidate position -> token id; None: candidates are the vocabulary in order
+    if layout > 0:
+        x, ids = x.topk(layout, dim=-1)  # [G, k], best first
+    elif layout == SORTED_VOCAB:
+        x, ids = x.sort(dim=-1, descending=True, stable=True)  # [G, V], best first, ties by token id
+    x = x / temperature
+    weight = (x - x.amax(dim=-1, keepdim=True)).exp_()  # [G, W]: probabilities times a per-row constant
+    if cut:
+        # keep the smallest prefix whose mass reaches top_p, and always the first candidate:
+        # a top_p below float32's smallest value (1e-46) rounds to 0 and would drop it
+        mass = weight.cumsum(dim=-1)  # [G, W]
+        before = mass - weight
+        drop = before >= top_p * mass[:, -1:]
+        drop[:, 0] = False
+        weight = weight.masked_fill_(drop, 0.0)
+    noise = torch.empty_like(weight)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    # an Exp(1) draw of exactly 0 would give 0/0 on a dropped candidate: clamp it away
+    position = (weight / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)  # [G]
+    return position if ids is None else ids.gather(1, position.unsqueeze(1)).squeeze(1)

@@ -1,33 +1,101 @@
-"""PLACEHOLDER until the incremental version lands (branch `sampling`)."""
+"""A generating row's text, decoded a few tokens at a time, and its stop strings.
+
+Decoding all of a row's tokens after each new one costs O(n) per token. Here each
+token decodes only a short window: the tokens of the last piece of text already
+settled ("prefix") and those after it. The text of the window past the prefix's own
+text is new; it is settled once it does not end in "\ufffd" (the bytes of a UTF-8
+character still arriving), and the window then moves on. This is the prefix/read
+offset scheme of TGI's `decode_token`; it keeps the window's first token in both
+decodes, so decoders that treat a sequence's first token specially (SentencePiece's
+leading space) give the same text as one decode of everything.
+
+Not `tokenizers.decoders.DecodeStream`: it gives the same text for our byte-level
+tokenizers, but says nothing about tokens whose character is not complete yet (so
+`.text` could not equal decode() after them), and needs a fast tokenizer.
+"""
 
 from __future__ import annotations
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    """The text of one row's generated tokens, with its stop strings.
+
+    After every push, `.text` equals tokenizer.decode(token_ids, skip_special_tokens=True),
+    until a stop string appears: then it ends just before the earliest one."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.hold = max(map(len, stop), default=1) - 1  # characters that could be the start of a stop string
         self.token_ids: list[int] = []
-        self.text = ""
-        self._stopped = False
+        self.stopped = False
+        # A decoder that rewrites text across tokens (transformers' clean_up_tokenization_spaces
+        # turns " ." into "." wherever the space came from) has no incremental form: such a
+        # stream never settles anything, so each push decodes all its tokens, as before.
+        self._incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._settled: list[str] = []  # pieces of text that later tokens cannot change
+        self._settled_len = 0
+        self._tail = ""  # the last `hold` settled characters: where a stop string may begin
+        self._pending = ""  # text after the settled part; may still change
+        self._prefix = 0  # token_ids[_prefix:_read] decode to the last settled piece
+        self._read = 0
+        self._prefix_text: str | None = ""  # their decode, None until needed
+        self._text: str | None = ""  # .text, cached
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = "".join(self._settled) + self._pending
+        return self._text
 
     def push(self, token_id: int) -> bool:
+        """Append one generated token that is not EOS. -> True when a stop string now
+        appears (.text is then cut just before the earliest one; push no more)."""
+        if self.stopped:
+            raise ValueError("this stream already met a stop string")
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = text[: min(hits)]
-            self._stopped = True
-            return True
-        self.text = text
-        return False
+        before = self._settled_len  # text up to here is settled: unchanged by this token
+        tail = self._tail
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self.token_ids[self._prefix : self._read])
+        window = self._decode(self.token_ids[self._prefix :])
+        if not window.startswith(self._prefix_text):  # the decoder rewrote settled text: decode everything
+            self._incremental = False
+            self._settled, self._settled_len, self._tail, self._prefix, self._read = [], 0, "", 0, 0
+            self._prefix_text, window = "", self._decode(self.token_ids)
+            before, tail = 0, ""
+        new = window[len(self._prefix_text) :]
+        self._text = None
+        if self._incremental and new and not new.endswith("\ufffd"):
+            self._settled.append(new)
+            self._settled_len += len(new)
+            self._tail = (self._tail + new)[-self.hold :] if self.hold else ""
+            self._pending = ""
+            self._prefix, self._read, self._prefix_text = self._read, len(self.token_ids), None
+        else:
+            self._pending = new
+        if not self.stop:
+            return False
+        # a stop string that ends in the new text starts at most `hold` characters before it
+        changed = tail + new
+        hits = [i for i in (changed.find(s) for s in self.stop) if i >= 0]
+        if not hits:
+            return False
+        self._text = self.text[: before - len(tail) + min(hits)]
+        self.stopped = True
+        return True
 
     def safe_text(self) -> str:
-        if self._stopped:
-            return self.text
-        end = len(self.text)
-        while end and self.text[end - 1] == "\ufffd":
+        """The prefix of .text that later tokens can neither change nor cut off:
+        what streaming may send. Holds back the end of a character still arriving
+        ("\ufffd") and the last characters that could begin a stop string."""
+        text = self.text
+        if self.stopped:
+            return text
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
             end -= 1
-        if self.stop:
-            end = max(0, end - (max(len(s) for s in self.stop) - 1))
-        return self.text[:end]
+        return text[: max(0, end - self.hold)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,168 @@
+"""TextStream: after every token its text is exactly what one decode of all the
+tokens gives, with stop strings cut where the old full-text search cut them."""
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from ptcore.model_source import DEFAULT_MODEL
+from server.engine.text import TextStream
+
+TEXTS = [
+    "Hello world",
+    " Leading spaces,  double  spaces and a trailing one ",
+    "Line one\nline two\n\n\tindented\r\nwindows line",
+    "Café, naïve, façade, jalapeño, Ærøskøbing, Zürich",
+    "Emoji: 🙂👍🏽 🇫🇷 👨‍👩‍👧 done",
+    "日本語のテキストと中文文本，还有한국어.",
+    "mixed: x²+y² ≤ π·r², €5 — “quotes” and ‘single’…",
+    "def f(x):\n    return {'a': [1, 2]}  # code\n",
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "smollm2"])
+def tokenizer(request, tiny_model_dirs, model_cache):
+    if request.param == "smollm2":
+        path = model_cache.get(DEFAULT_MODEL.sha256)
+        if path is None:
+            pytest.skip(
+                f"the default model (SmolLM2) is not converted in {model_cache.root}: `ptserve serve` once fetches it"
+            )
+        return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(tiny_model_dirs[request.param]))
+
+
+def sequences(tok) -> list[list[int]]:
+    """Token ids of real text, some with special tokens in the middle, and random ids
+    (which split characters between tokens and make invalid UTF-8)."""
+    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+    out = []
+    for n, text in enumerate(TEXTS):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out.append(ids)
+        cut = len(ids) // 2
+        out.append(specials[:1] + ids[:cut] + specials[n % len(specials) :] + ids[cut:] + specials[-1:])
+    rng = random.Random(0)
+    vocab = len(tok)
+    for _ in range(5):
+        out.append([rng.randrange(vocab) for _ in range(60)])
+    return out
+
+
+def test_text_equals_decode_after_every_token(tokenizer):
+    for ids in sequences(tokenizer):
+        stream = TextStream(tokenizer)
+        for n, token in enumerate(ids, 1):
+            assert stream.push(token) is False
+            expected = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            assert stream.text == expected, (ids[:n], stream.text, expected)
+            assert expected.startswith(stream.safe_text())
+        assert stream.token_ids == ids
+
+
+def test_multibyte_characters_arrive_in_pieces(tokenizer):
+    """The tiny tokenizers know few emoji: an emoji's bytes come in several tokens,
+    and until the last, the text ends in \ufffd and safe_text holds it back."""
+    ids = tokenizer("ok 👍🏽", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer)
+    partial = 0
+    for token in ids:
+        stream.push(token)
+        if stream.text.endswith("\ufffd"):
+            partial += 1
+            assert "\ufffd" not in stream.safe_text()
+    assert stream.text == stream.safe_text() == "ok 👍🏽"
+    if len(tokenizer) < 1000:
+        assert partial > 0
+
+
+def run(tok, text: str, stop: tuple[str, ...]) -> tuple[TextStream, int]:
+    """Push the tokens of `text` until a stop string appears -> (stream, tokens pushed)."""
+    stream = TextStream(tok, stop)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for n, token in enumerate(ids, 1):
+        if stream.push(token):
+            return stream, n
+    return stream, len(ids)
+
+
+def old_stop(tok, text: str, stop: tuple[str, ...]) -> tuple[str, int]:
+    """What RowDecoder.push did: decode everything after each token and cut at the earliest stop."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for n in range(1, len(ids) + 1):
+        decoded = tok.decode(ids[:n], skip_special_tokens=True)
+        hits = [i for i in (decoded.find(s) for s in stop) if i >= 0]
+        if hits:
+            return decoded[: min(hits)], n
+    return tok.decode(ids, skip_special_tokens=True), len(ids)
+
+
+@pytest.mark.parametrize(
+    "text, stop, expected",
+    [
+        ("The answer is: forty-two. END of story", ("END",), "The answer is: forty-two. "),  # across tokens
+        ("alpha beta gamma delta", ("delta", "beta", "gamma"), "alpha "),  # the earliest wins, not the first listed
+        ("STOP right there", ("STOP",), ""),  # at the very start: empty text
+        ("one two three", ("two three", "two"), "one "),  # a prefix of a later stop string
+        ("a\n\nb\n\nc", ("\n\n",), "a"),
+        ("Zürich 🙂 und Café", ("🙂",), "Zürich "),
+        ("no stop here at all", ("xyz", "qq"), "no stop here at all"),
+    ],
+)
+def test_stop_strings(tokenizer, text, stop, expected):
+    stream, pushed = run(tokenizer, text, stop)
+    assert stream.text == expected
+    assert (stream.text, pushed) == old_stop(tokenizer, text, stop)
+    assert stream.stopped == (expected != text)
+    assert stream.safe_text() == (expected if stream.stopped else expected[: len(expected) - max(map(len, stop)) + 1])
+
+
+def test_stop_found_as_early_as_the_old_search(tokenizer):
+    """On every text, with stop strings taken from inside it, the stream stops at the
+    same token and cuts at the same place as a full decode after each token."""
+    for text in TEXTS:
+        for start, length in ((0, 1), (3, 4), (len(text) // 2, 2), (len(text) - 3, 3)):
+            stop = (text[start : start + length], "\n")
+            if not stop[0].strip():
+                continue
+            stream, pushed = run(tokenizer, text, stop)
+            assert (stream.text, pushed) == old_stop(tokenizer, text, stop), stop
+
+
+def test_safe_text_holds_back_a_possible_stop(tokenizer):
+    stream = TextStream(tokenizer, ("<END>",))
+    for token in tokenizer("Hello there <EN", add_special_tokens=False)["input_ids"]:
+        assert stream.push(token) is False
+    assert stream.text == "Hello there <EN"
+    assert stream.safe_text() == "Hello there"  # the last 4 characters could still begin <END>
+    rest = tokenizer("D> more", add_special_tokens=False)["input_ids"]
+    while not stream.push(rest.pop(0)):
+        pass
+    assert stream.text == stream.safe_text() == "Hello there "
+    with pytest.raises(ValueError):
+        stream.push(rest[0])
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many tokens each decode call gets."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+        self.clean_up_tokenization_spaces = tok.clean_up_tokenization_spaces
+
+    def decode(self, ids, **kw):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+def test_each_token_decodes_a_short_window(tokenizer):
+    """Per token, at most two decodes of a few tokens: not the whole text again."""
+    ids = tokenizer(" ".join(TEXTS) * 4, add_special_tokens=False)["input_ids"]
+    counting = CountingTokenizer(tokenizer)
+    stream = TextStream(counting, ("never-there",))
+    for token in ids:
+        stream.push(token)
+    assert stream.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(counting.sizes) <= 2 * len(ids)
+    assert max(counting.sizes) <= 12, max(counting.sizes)
