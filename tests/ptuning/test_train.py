@@ -17,7 +17,7 @@ from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig
 from server.api.app import create_app
 from server.settings import Settings
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer
 
 # per family: tiny arch, template, labels (masked LMs need single-token verbalizers)
 FAMILIES = {

@@ -16,10 +16,7 @@ from server.engine.models import decoder_for
 from server.engine.request import GenerateWork, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import BatchStats
-from tests.conftest import random_prompt
-from tests.oracle import alone_greedy
-from tests.server.concurrency import submit_from_threads
-from tests.server.test_oracle import TEMPLATES
+from tests.helpers import TEMPLATES, alone_greedy, random_prompt, submit_from_threads
 
 
 def works_for(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (i % 4)):

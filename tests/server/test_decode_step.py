@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from server.engine.decode_step import DecodeStep, batch_buckets, length_buckets, smallest_at_least
 from server.engine.kv_cache import SlotKVCache
 from server.engine.models import decoder_for
-from tests.server.test_continuous import batcher, drive, oracle, works_for
+from tests.helpers import batcher, drive, oracle, works_for
 
 
 def test_buckets_cover_every_size():

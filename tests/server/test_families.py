@@ -15,8 +15,7 @@ from server.api.app import create_app
 from server.engine.request import ClassifyWork
 from server.engine.runner import ModelRunner
 from server.settings import Settings
-from tests.oracle import alone_embeds
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, alone_embeds
 
 TEMPLATES = [
     ("[CLS][P:3]{input}[P:3][MASK][SEP]", {"input": "json is a format"}),

@@ -21,8 +21,7 @@ from server.engine.models import decoder_for
 from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
 from server.engine.runner import ModelRunner
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, random_prompt
 
 LABELS = {"pos": " good", "neg": " bad"}
 

@@ -27,7 +27,7 @@ from ptcore.model_source import (
     resolve_model,
 )
 from server.cli import main
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def converting(caplog) -> list[str]:

@@ -8,9 +8,7 @@ from ptcore.task_prompt import task_prompt
 from server.engine.request import ClassifyWork, GenerateWork, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import BatchStats, Scheduler
-from tests.conftest import random_prompt
-from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
-from tests.server.concurrency import submit_from_threads
+from tests.helpers import alone_greedy, alone_label_logprobs, alone_label_scores, random_prompt, submit_from_threads
 
 # pseudo tokens before, between and after fields; different prompt lengths
 TEMPLATES = [

@@ -23,8 +23,7 @@ from server.api.app import create_app
 from server.engine.request import GenerateWork, SamplingParams
 from server.engine.runner import ModelRunner
 from server.settings import Settings
-from tests.oracle import alone_greedy
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, alone_greedy
 
 INPUT = "the quick brown fox"
 
