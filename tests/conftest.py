@@ -1,24 +1,13 @@
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
-from prompt_store.artifact import make_artifact
 from ptcore.model import load_model
 from ptcore.model_source import DEFAULT_MODEL_CACHE, ModelCache, default_gguf, resolve_model
 from ptcore.tiny_model import write_tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import start_redis
 
 
 @pytest.fixture(scope="session")
@@ -71,47 +60,6 @@ def smollm2(default_model_dir):
 def gpt2(gpt2_dir):
     """The tiny GPT-2, loaded in float32 on the CPU (for tests that only read it)."""
     return load_model(str(gpt2_dir), device="cpu", dtype="float32")
-
-
-def live_server(loaded, store: str, **settings):
-    """The app `ptserve serve` builds for `loaded`, on a free loopback port: a context manager."""
-    from server.api.app import create_app
-    from server.settings import Settings
-    from tests.server.live_server import LiveServer
-
-    return LiveServer(create_app(Settings(model=loaded.info["name_or_path"], store=store, **settings), loaded))
-
-
-def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):
-    """An artifact with random rows on the scale of the model's embeddings."""
-    from prompt_store.template import parse_template
-
-    m = parse_template(template).num_virtual_tokens
-    weight = loaded.model.get_input_embeddings().weight
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randn(m, weight.shape[1], generator=g) * float(weight.std()) * 2
-    return make_artifact(rows, template=template, task_type=task_type, labels=labels, base_model=loaded.info, **meta)
-
-
-def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A real redis-server on a loopback port (a free one by default), with no persistence."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail(
-            "redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset"
-        )
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")

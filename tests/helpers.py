@@ -1,18 +1,133 @@
-"""Helpers shared by test modules (fixtures live in conftest.py)."""
+"""What several test modules share: the correctness oracle, prompts and
+artifacts to test with, real servers (uvicorn, redis-server) on free ports,
+and ways to drive the engine. Fixtures stay in conftest.py; no test module
+imports another.
+
+Only torch and the prompt-store and ptcore packages are imported at the top:
+bench/without_server_deps.py runs the engine's tests with FastAPI, uvicorn,
+pydantic and redis made unimportable, and conftest.py imports this module.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
 
+import pytest
 import torch
 
-from prompt_store.template import render
+from prompt_store.artifact import artifact_bytes, make_artifact, read_artifact
+from prompt_store.template import parse_template, render
 from ptcore.task_prompt import task_prompt
 from server.engine.backends import make_batch
 from server.engine.classify import Classifier
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stats import BatchStats
+
+# --- the correctness oracle (DESIGN.md) -------------------------------------
+# One request computed ALONE, with no KV cache and no padding, from
+# inputs_embeds = render(template, h, x), recomputing the whole sequence at
+# every step. Written independently of server/engine/.
+
+
+def alone_embeds(model, rows: torch.Tensor, ids: list[int], vocab_size: int) -> torch.Tensor:
+    """[1, T, H]: real ids embed normally, pseudo token i (id vocab_size + i) is rows[i]."""
+    table = model.get_input_embeddings().weight
+    vecs = [rows[i - vocab_size] if i >= vocab_size else table[i] for i in ids]
+    return torch.stack(vecs).unsqueeze(0)
+
+
+@torch.no_grad()
+def alone_greedy(model, rows, ids, vocab_size, max_new_tokens, eos_ids) -> list[int]:
+    """The greedy continuation of `ids`, recomputed from embeddings at every step."""
+    embeds = alone_embeds(model, rows, ids, vocab_size)
+    table = model.get_input_embeddings().weight
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+        token = int(logits.argmax())
+        if token in eos_ids:
+            break
+        out.append(token)
+        embeds = torch.cat([embeds, table[token].view(1, 1, -1)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def alone_label_logprobs(model, rows, ids, vocab_size, label_ids) -> list[float]:
+    """Summed log-probability of each label's verbalizer tokens after `ids`."""
+    scores = []
+    for verbalizer in label_ids:
+        embeds = alone_embeds(model, rows, ids + list(verbalizer), vocab_size)
+        logp = torch.log_softmax(model(inputs_embeds=embeds, use_cache=False).logits[0].float(), dim=-1)
+        n = len(ids)
+        scores.append(sum(float(logp[n - 1 + j, t]) for j, t in enumerate(verbalizer)))
+    return scores
+
+
+def alone_label_scores(model, rows, ids, vocab_size, label_ids) -> list[float]:
+    """Label probabilities: softmax over the labels' summed log-probabilities."""
+    logprobs = alone_label_logprobs(model, rows, ids, vocab_size, label_ids)
+    return torch.softmax(torch.tensor(logprobs, dtype=torch.float64), dim=0).tolist()
+
+
+# --- prompts and artifacts ---------------------------------------------------
+
+# pseudo tokens before, between and after fields; different prompt lengths
+TEMPLATES = [
+    ("[P:3]{input}[P:3]", {"input": "hello world"}),
+    ("[P:2] Review: {input} [P:2] Sentiment:", {"input": "the quick brown fox jumps over the lazy dog"}),
+    ("{premise}[P:3]{hypothesis}?[P:3]", {"premise": "a cat sat", "hypothesis": "is it a dog"}),
+    ("[P:9]{input}", {"input": "x"}),
+    ("Question: {input}[P:1]", {"input": "what is the return value of this function"}),
+]
+
+
+def random_prompt(loaded, template, task_type="generate", labels=None, seed=0, **meta):
+    """An artifact with random rows on the scale of the model's embeddings."""
+    m = parse_template(template).num_virtual_tokens
+    weight = loaded.model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(m, weight.shape[1], generator=g) * float(weight.std()) * 2
+    return make_artifact(rows, template=template, task_type=task_type, labels=labels, base_model=loaded.info, **meta)
+
+
+def filled_artifact(fill: float, template="[P:2]{input}") -> bytes:
+    """The bytes of a generate artifact for a 4-wide model whose rows all hold
+    `fill` (read back with fill_of): tells stored versions apart."""
+    base = {"name_or_path": "tiny", "hidden_size": 4, "vocab_size": 10}
+    rows = torch.full((2, 4), fill)
+    return artifact_bytes(make_artifact(rows, template=template, task_type="generate", base_model=base))
+
+
+def fill_of(stored) -> float:
+    """The fill of a stored filled_artifact."""
+    return float(read_artifact(stored.data).embeddings[0, 0])
+
+
+# --- driving the engine ------------------------------------------------------
+
+
+def submit_from_threads(scheduler, works) -> list:
+    """One thread per work, all submitting together, as concurrent HTTP requests
+    do; -> the results, in order."""
+    futures = [None] * len(works)
+
+    def submit(i):
+        futures[i] = scheduler.submit(works[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(works))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [f.result(timeout=60) for f in futures]
 
 
 def make_scheduler(loaded, engine: str = "continuous", max_batch_size: int = 64, max_wait_s: float = 0.0,
@@ -57,20 +172,8 @@ def drive(scheduler: Scheduler, requests: list, arrivals: list[int] | None = Non
     return [r.future.exception() or r.future.result() for r in requests], log
 
 
-# pseudo tokens before, between and after fields; different prompt lengths
-TEMPLATES = [
-    ("[P:3]{input}[P:3]", {"input": "hello world"}),
-    ("[P:2] Review: {input} [P:2] Sentiment:", {"input": "the quick brown fox jumps over the lazy dog"}),
-    ("{premise}[P:3]{hypothesis}?[P:3]", {"premise": "a cat sat", "hypothesis": "is it a dog"}),
-    ("[P:9]{input}", {"input": "x"}),
-    ("Question: {input}[P:1]", {"input": "what is the return value of this function"}),
-]
-
-
 def generate_requests(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (i % 4)) -> list[Request]:
     """n greedy requests over `tasks` tasks of TEMPLATES, with random prompts."""
-    from tests.conftest import random_prompt
-
     out = []
     for i in range(n):
         template, fields = TEMPLATES[i % tasks % len(TEMPLATES)]
@@ -84,7 +187,100 @@ def generate_requests(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (
 
 def oracle_tokens(loaded, request) -> list[int]:
     """The request's greedy tokens computed alone (tests/oracle.py)."""
-    from tests.oracle import alone_greedy
-
     return alone_greedy(loaded.model, request.prompt.rows, request.input_ids, loaded.vocab_size,
                         request.params.max_new_tokens, loaded.eos_token_ids)  # fmt: skip
+
+
+# --- real servers on loopback ports ------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app served as `ptserve serve` serves it (same protocol and socket
+    limits): a real uvicorn server on 127.0.0.1 and a free port, run in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        from server.api.http_server import server_config
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        where = {"host": "127.0.0.1", "port": self.port, "log_level": "warning"}
+        settings = app.state.settings.model_copy(update=where)
+        self._server = uvicorn.Server(server_config(app, settings))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def live_server(loaded, store: str, **settings):
+    """The app `ptserve serve` builds for `loaded`, on a free loopback port: a context manager."""
+    from server.api.app import create_app
+    from server.settings import Settings
+
+    return LiveServer(create_app(Settings(model=loaded.info["name_or_path"], store=store, **settings), loaded))
+
+
+def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a loopback port (a free one by default), with no persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail(
+            "redis-server is not installed (apt-get install -y redis-server) and PTSERVE_TEST_REDIS_URL is unset"
+        )
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+# --- faults --------------------------------------------------------------------
+
+
+def deny(monkeypatch, root, error=PermissionError) -> None:
+    """Every filesystem call on a path under `root` fails, as for a store root the
+    server may not read (tests run as root, where chmod does not deny anything)."""
+    import builtins
+    import io
+
+    root = os.fspath(root)
+
+    def guarded(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(root):
+                raise error(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    for name in ("listdir", "scandir", "stat", "lstat", "open", "mkdir", "access"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
+    monkeypatch.setattr(builtins, "open", guarded(builtins.open))
+    monkeypatch.setattr(io, "open", guarded(io.open))

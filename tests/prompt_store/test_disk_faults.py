@@ -10,7 +10,7 @@ import pytest
 
 from prompt_store.disk_store import DiskStore
 from prompt_store.errors import StoreOutcomeUnknown, StoreUnavailable
-from tests.prompt_store.test_store import data, fill_of
+from tests.helpers import deny, fill_of, filled_artifact
 
 # the filesystem calls a write is made of; each may fail with ENOSPC
 WRITE_CALLS = ("open", "write", "fsync", "replace", "rename")
@@ -66,11 +66,11 @@ def stages(prepare, action):
 
 
 def put_v1(store):
-    store.put("t", data(1.0))
+    store.put("t", filled_artifact(1.0))
 
 
 def put_v2(store):
-    return store.put("t", data(2.0))
+    return store.put("t", filled_artifact(2.0))
 
 
 def latest(store):
@@ -116,34 +116,12 @@ def test_a_full_disk_during_a_delete_keeps_the_task(tmp_path, monkeypatch, call,
     assert put_v2(store)["version"] == 2  # versions never repeat after a delete
 
 
-def deny(monkeypatch, root, error=PermissionError) -> None:
-    """Every filesystem call on a path under `root` fails, as for a store root the
-    server may not read (tests run as root, where chmod does not deny anything)."""
-    import builtins
-    import io
-
-    root = os.fspath(root)
-
-    def guarded(real):
-        def call(path, *args, **kwargs):
-            if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(root):
-                raise error(errno.EACCES, "Permission denied", os.fspath(path))
-            return real(path, *args, **kwargs)
-
-        return call
-
-    for name in ("listdir", "scandir", "stat", "lstat", "open", "mkdir", "access"):
-        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
-    monkeypatch.setattr(builtins, "open", guarded(builtins.open))
-    monkeypatch.setattr(io, "open", guarded(io.open))
-
-
 def test_an_unreadable_store_raises_store_unavailable_without_paths(tmp_path, monkeypatch):
     store = DiskStore(tmp_path / "prompts")
-    store.put("t", data(1.0))
+    store.put("t", filled_artifact(1.0))
     deny(monkeypatch, tmp_path)
     for op in (store.list, lambda: store.get("t"), lambda: store.identity("t"), lambda: store.summary("t"),
-               lambda: store.delete("t"), lambda: store.put("t", data(2.0)), store.ping):  # fmt: skip
+               lambda: store.delete("t"), lambda: store.put("t", filled_artifact(2.0)), store.ping):  # fmt: skip
         with pytest.raises(StoreUnavailable) as e:
             op()
         assert str(tmp_path) not in str(e.value) and "Permission denied" in str(e.value)
@@ -151,8 +129,8 @@ def test_an_unreadable_store_raises_store_unavailable_without_paths(tmp_path, mo
 
 def test_opening_the_store_removes_temporary_files_of_killed_uploads(tmp_path):
     store = DiskStore(tmp_path)
-    store.put("t", data(1.0))
-    store.put("u", data(1.0))
+    store.put("t", filled_artifact(1.0))
+    store.put("u", filled_artifact(1.0))
     (tmp_path / "t" / ".tmp-killed").write_bytes(b"half an upload")
     (tmp_path / "u" / ".tmp-in-flight").write_bytes(b"another replica is writing this")
     with open(tmp_path / "u" / ".lock", "a") as lock:  # that replica holds u's lock while it writes
@@ -172,8 +150,8 @@ def test_a_first_upload_makes_its_task_folder_durable(tmp_path, monkeypatch):
     synced = []
     real = disk_store._sync_dir
     monkeypatch.setattr(disk_store, "_sync_dir", lambda d: synced.append(os.path.realpath(d)) or real(d))
-    store.put("fresh", data(1.0))
+    store.put("fresh", filled_artifact(1.0))
     assert os.path.realpath(tmp_path) in synced
     synced.clear()
-    store.put("fresh", data(2.0))
+    store.put("fresh", filled_artifact(2.0))
     assert os.path.realpath(tmp_path) not in synced  # an existing folder needs no second sync of the root

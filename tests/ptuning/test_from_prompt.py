@@ -178,4 +178,4 @@ def test_cli_from_prompt_on_an_encoder_without_template(models, tmp_path):
          "-o", str(out), "--from-prompt", MANUAL, "--template", "[P:2]{input}"],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert both.returncode != 0 and "not allowed with argument" in both.stderr
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr  # argparse's usage error

@@ -55,8 +55,7 @@ def test_client_commands_against_a_running_server(tmp_path):
     from prompt_store.artifact import save_artifact
     from server.api.app import create_app
     from server.settings import Settings
-    from tests.conftest import random_prompt
-    from tests.server.live_server import LiveServer
+    from tests.helpers import LiveServer, random_prompt
 
     run_cli("tiny-model", str(tmp_path / "tiny"))
     loaded = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32")

@@ -19,8 +19,16 @@ def test_buckets_cover_every_size():
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
     assert length_buckets(212) == [64, 128, 212]
     assert length_buckets(64) == [64]
-    for n in range(1, 33):
-        assert n <= smallest_at_least(batch_buckets(32), n) <= max(n + 7, 2 * n)
+    want = [1, 2, 4, 4] + [8] * 4 + [16] * 8 + [24] * 8 + [32] * 8  # for n = 1..32
+    assert [smallest_at_least(batch_buckets(32), n) for n in range(1, 33)] == want
+    assert [smallest_at_least(length_buckets(212), n) for n in (1, 64, 65, 128, 129, 212)] == [
+        64,
+        64,
+        128,
+        128,
+        212,
+        212,
+    ]
 
 
 def test_padded_steps_equal_alone(loaded):
@@ -58,10 +66,20 @@ def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured()
     config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, vocab_size=64,
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})  # fmt: skip
+    torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     decoder = slot_model_for(model)
-    cache = SlotKVCache(1, 2, 2, 16, 8, torch.float32, "cpu")
-    step = DecodeStep(decoder, model.get_input_embeddings(), model.get_output_embeddings(), cache,
-                      torch.device("cpu"), graphs=True, compile=True)  # fmt: skip
-    assert not decoder.capturable and step.forward == step._forward and not step.use_graphs
-    assert step([3, 4], [0, 0]).shape == (2, 64)
+
+    def step(**kw):
+        cache = SlotKVCache(1, 2, 2, 16, 8, torch.float32, "cpu")
+        return DecodeStep(decoder, model.get_input_embeddings(), model.get_output_embeddings(), cache,
+                          torch.device("cpu"), **kw)  # fmt: skip
+
+    asked = step(graphs=True, compile=True)
+    assert not decoder.capturable and asked.forward == asked._forward and not asked.use_graphs
+    eager = step(graphs=False, compile=False)
+    with torch.no_grad():
+        got, want = asked([3, 4], [0, 0]), eager([3, 4], [0, 0])
+        assert torch.equal(got, want)
+        # and it is the model's own answer for each token alone at position 0
+        assert torch.equal(got, model(torch.tensor([[3], [4]])).logits[:, 0])

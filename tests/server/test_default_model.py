@@ -13,9 +13,7 @@ from prompt_store.template import render
 from ptcore.model_source import DEFAULT_MODEL, resolve_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.oracle import alone_greedy, alone_label_scores
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, alone_greedy, alone_label_scores, random_prompt
 
 
 def greedy(loaded, text, n):

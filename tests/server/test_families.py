@@ -15,9 +15,7 @@ from server.api.app import create_app
 from server.engine.classify import Classifier
 from server.engine.request import Request
 from server.settings import Settings
-from tests.helpers import make_scheduler
-from tests.oracle import alone_embeds
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, alone_embeds, make_scheduler
 
 TEMPLATES = [
     ("[CLS][P:3]{input}[P:3][MASK][SEP]", {"input": "json is a format"}),

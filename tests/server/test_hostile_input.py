@@ -18,9 +18,7 @@ from ptcore.task_prompt import TaskPrompt, task_prompt
 from server.api.app import create_app
 from server.engine.request import Request, SamplingParams
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.helpers import make_scheduler
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, make_scheduler, random_prompt
 
 LABELS = {"pos": " good", "neg": " bad"}
 

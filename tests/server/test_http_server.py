@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from tests.conftest import live_server
+from tests.helpers import live_server
 
 
 def serve(loaded, tmp_path, **settings):

@@ -10,7 +10,7 @@ import server.engine.runner
 
 import server.engine.batch
 from prompt_store.artifact import artifact_bytes
-from tests.conftest import live_server, random_prompt
+from tests.helpers import live_server, random_prompt
 
 
 def serve(loaded, tmp_path, **settings):

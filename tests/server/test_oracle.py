@@ -9,10 +9,16 @@ from prompt_store.template import render
 from ptcore.task_prompt import task_prompt
 from server.engine.classify import Classifier
 from server.engine.request import Request, SamplingParams
-from tests.conftest import random_prompt
-from tests.helpers import TEMPLATES, drive, make_scheduler
-from tests.oracle import alone_greedy, alone_label_logprobs, alone_label_scores
-from tests.server.concurrency import submit_from_threads
+from tests.helpers import (
+    TEMPLATES,
+    alone_greedy,
+    alone_label_logprobs,
+    alone_label_scores,
+    drive,
+    make_scheduler,
+    random_prompt,
+    submit_from_threads,
+)
 
 
 def make_generate(loaded, i, template, fields, max_new_tokens=12, **params):

@@ -23,8 +23,7 @@ from server.api.app import create_app
 from server.engine.hf_backend import HFBackend
 from server.engine.request import Request, SamplingParams
 from server.settings import Settings
-from tests.oracle import alone_greedy
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, alone_greedy
 
 INPUT = "the quick brown fox"
 

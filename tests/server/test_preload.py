@@ -8,8 +8,7 @@ from prompt_store.artifact import artifact_bytes, make_artifact
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, random_prompt
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from prompt_store.artifact import artifact_bytes
 from prompt_store.disk_store import DiskStore
 from prompt_store.errors import TaskNotFound
 from server.prompt_cache import PromptCache
-from tests.conftest import random_prompt
+from tests.helpers import random_prompt
 
 
 @pytest.fixture

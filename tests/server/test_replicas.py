@@ -12,7 +12,7 @@ from prompt_store.artifact import artifact_bytes
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.conftest import free_port, random_prompt
+from tests.helpers import free_port, random_prompt
 
 
 def start_server(model_dir, store, tmp_path, name):
@@ -91,7 +91,7 @@ def test_device_map_is_passed_through(gpt2_dir, tmp_path, monkeypatch):
     assert seen.get("device_map") == "auto"
     assert loaded.device.type == "cpu"  # no GPU here: accelerate puts everything on the CPU
     app = create_app(settings, loaded)
-    from tests.server.live_server import LiveServer
+    from tests.helpers import LiveServer
 
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
         assert client.get("/v1/stats").json()["engine"] == "static"
@@ -104,8 +104,7 @@ def test_after_redis_lost_its_data_every_replica_serves_the_new_v1_at_once(gpt2_
     id: it is version 1 again, and both replicas (the one that took the upload and
     the other) must serve it on their very next request, prefix KV included."""
     from prompt_store.template import render
-    from tests.oracle import alone_greedy
-    from tests.server.live_server import LiveServer
+    from tests.helpers import LiveServer, alone_greedy
 
     loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
     template = "Note:[P:2] about {input}[P:1]"  # a static prefix: the prefix cache is used

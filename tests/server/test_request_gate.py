@@ -12,8 +12,7 @@ from prompt_store.artifact import artifact_bytes
 from server.api.app import create_app
 from server.api.request_gate import UPLOAD_SLACK
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, random_prompt
 
 WRITE, INFERENCE = "w-secret", "i-secret"
 PIECE = 64 * 1024

@@ -9,9 +9,7 @@ from ptcore.task_prompt import task_prompt
 from server.engine.kv_cache import SlotKVCache
 from server.engine.models import slot_model_for
 from server.engine.request import Request, SamplingParams
-from tests.conftest import random_prompt
-from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens
-from tests.server.concurrency import submit_from_threads
+from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens, random_prompt, submit_from_threads
 
 
 def fresh(requests):

@@ -10,9 +10,7 @@ from prompt_store.artifact import artifact_bytes
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.conftest import random_prompt, start_redis
-from tests.prompt_store.test_disk_faults import deny
-from tests.server.live_server import LiveServer
+from tests.helpers import LiveServer, deny, random_prompt, start_redis
 
 
 def serve(loaded, store: str) -> LiveServer:
