@@ -186,7 +186,7 @@ def generate_requests(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (
 
 
 def oracle_tokens(loaded, request) -> list[int]:
-    """The request's greedy tokens computed alone (tests/oracle.py)."""
+    """The request's greedy tokens computed alone (alone_greedy above)."""
     return alone_greedy(loaded.model, request.prompt.rows, request.input_ids, loaded.vocab_size,
                         request.params.max_new_tokens, loaded.eos_token_ids)  # fmt: skip
 

@@ -3,7 +3,7 @@ model's own forward on the same input embeddings, float32 on the CPU.
 
 A whole sequence prefilled alone runs the same operations on the same shapes
 as Hugging Face's forward and gives its final hidden states and logits bit for
-bit (LlamaDecoder's docstring claims this for its fused kernels). Padded
+bit (LlamaSlotModel's docstring claims this for its fused kernels). Padded
 batches and decode steps change shapes (a one-token query, a longer key
 axis), so sums are blocked differently: over 36 decode steps on the tiny
 models the largest difference seen was 9e-6 of the tensor's largest value
@@ -17,9 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 
 from ptcore.model import load_model
 from server.engine.kv_cache import SlotKVCache
-from server.engine.models import decoder_for
-from server.engine.models.gpt2 import GPT2Decoder
-from server.engine.models.llama import LlamaDecoder
+from server.engine.models import slot_model_for
+from server.engine.models.gpt2 import GPT2SlotModel
+from server.engine.models.llama import LlamaSlotModel
 from server.engine.models.slot_attention import SlotAttention
 
 SCALE_RTOL = 1e-4
@@ -53,16 +53,16 @@ def reference(loaded, ids: torch.Tensor):
 
 def parts(loaded):
     """The slot-cache decoder, and the model's own input embedding and LM head."""
-    return decoder_for(loaded.model), loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+    return slot_model_for(loaded.model), loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
 
 
 def new_cache(decoder, slots=4, max_len=64) -> SlotKVCache:
     return SlotKVCache(decoder.num_layers, slots, decoder.kv_heads, max_len, decoder.head_dim, torch.float32, "cpu")
 
 
-def test_decoder_for_picks_the_decoder_of_each_covered_architecture(causal):
-    want = {"gpt2": GPT2Decoder, "llama": LlamaDecoder}[causal.model.config.model_type]
-    assert type(decoder_for(causal.model)) is want
+def test_slot_model_for_picks_the_decoder_of_each_covered_architecture(causal):
+    want = {"gpt2": GPT2SlotModel, "llama": LlamaSlotModel}[causal.model.config.model_type]
+    assert type(slot_model_for(causal.model)) is want
 
 
 @torch.no_grad()
@@ -118,7 +118,7 @@ def test_a_prefix_then_a_chunk_then_single_tokens_equal_the_whole_sequence(causa
 @torch.no_grad()
 def test_rows_at_different_positions_decode_together(causal):
     """One decode step for two rows whose sequences have different lengths."""
-    decoder, embed = decoder_for(causal.model), causal.model.get_input_embeddings()
+    decoder, embed = slot_model_for(causal.model), causal.model.get_input_embeddings()
     seqs = sequences(causal, [7, 15], seed=3)
     cache = new_cache(decoder, slots=2)
     for slot, s in enumerate(seqs):  # prefill all but the last token of each, alone
@@ -131,11 +131,11 @@ def test_rows_at_different_positions_decode_together(causal):
         assert_close_to_scale(step[b, 0], reference(causal, s)[0][-1])
 
 
-def test_decoder_for_returns_none_for_an_uncovered_architecture():
+def test_slot_model_for_returns_none_for_an_uncovered_architecture():
     """The server then runs the plain Hugging Face runner."""
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                             intermediate_size=64, vocab_size=64))  # fmt: skip
-    assert decoder_for(neox) is None
+    assert slot_model_for(neox) is None
     # a covered model type with an option its decoder does not implement
     upcast = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, reorder_and_upcast_attn=True))
-    assert decoder_for(upcast) is None
+    assert slot_model_for(upcast) is None
