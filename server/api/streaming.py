@@ -44,7 +44,7 @@ async def stream_generation(
     loop = asyncio.get_running_loop()
     tokens: asyncio.Queue = asyncio.Queue()
     work.on_token = lambda ids: loop.call_soon_threadsafe(tokens.put_nowait, ids)
-    future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
+    future = asyncio.wrap_future(engine.inference.submit(work))  # a full queue raises here, before the stream starts
     wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
     decode = engine.loaded.tokenizer.decode
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import lone_surrogate
@@ -52,6 +52,9 @@ class SamplingParams:
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))  # what a request or an artifact may set
 
 
 @dataclass(eq=False)
