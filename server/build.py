@@ -21,7 +21,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import BatchStats, QueueWorker, Scheduler
 from server.inference import Inference
 from server.prompt_cache import PromptCache
-from server.settings import Settings
+from server.settings import EngineKind, Settings
 from server.tasks import TaskManager
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
             settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map,
             settings.model_cache,
         )  # fmt: skip
+    if settings.engine == EngineKind.CONTINUOUS and loaded.family != "causal":
+        raise ValueError(
+            f"engine=continuous needs a causal LM; {loaded.info['name_or_path']!r} is a {loaded.family} model"
+        )
     store = open_store(settings.store)
     prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
     batch_stats = BatchStats()
@@ -97,11 +101,11 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
 
 
 def _continuous_batcher(settings: Settings, loaded: LoadedModel) -> ContinuousBatcher | None:
-    if settings.engine == "static" or loaded.family != "causal" or settings.device_map:
+    if settings.engine == EngineKind.STATIC or loaded.family != "causal" or settings.device_map:
         return None  # a model spread by device_map runs through its own (hooked) forward
     decoder = decoder_for(loaded.model)
     if decoder is None:
-        if settings.engine == "continuous":
+        if settings.engine == EngineKind.CONTINUOUS:
             raise ValueError(f"engine=continuous does not cover model_type {loaded.model.config.model_type!r}")
         return None
     max_len = min(settings.max_seq_len, loaded.max_positions or settings.max_seq_len)
