@@ -121,6 +121,12 @@ class Settings(BaseSettings):
             raise ValueError(f"preload: {value!r} is not a directory of .safetensors artifacts")
         return value
 
+    @field_validator("engine", "model_family", "dtype", "log_level", mode="before")
+    @classmethod
+    def _choices_ignore_case(cls, value):
+        """PTSERVE_LOG_LEVEL=INFO means info."""
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("api_token", "inference_token", "device_map")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:

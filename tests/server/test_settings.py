@@ -29,6 +29,12 @@ def test_choices_are_str_enums_that_round_trip_through_json():
     ]  # fmt: skip
 
 
+def test_choices_ignore_case(monkeypatch):
+    monkeypatch.setenv("PTSERVE_LOG_LEVEL", "INFO")
+    assert Settings(model="m", engine="Static").engine == EngineKind.STATIC
+    assert Settings(model="m").log_level == LogLevel.INFO
+
+
 def test_an_unknown_choice_names_the_field_and_the_choices():
     assert error_of(engine="fast") == "invalid settings: engine: Input should be 'auto', 'continuous' or 'static'"
     assert error_of(dtype="float8") == (
