@@ -129,3 +129,16 @@ def test_serve_with_a_flag_contradicting_the_environment_exits_with_the_message(
         "ptserve serve: invalid settings: compile=true contradicts engine=static: compile fuses the continuous "
         "engine's decode step, which this server would not run\n"
     )
+
+
+def test_continuous_engine_on_a_model_found_not_to_be_causal(tmp_path):
+    from ptcore.model import load_model
+    from ptcore.tiny_model import write_tiny_model
+    from server.build import build_engine
+
+    masked = load_model(str(write_tiny_model(tmp_path / "bert", arch="bert")), device="cpu", dtype="float32")
+    settings = Settings(model=masked.info["name_or_path"], store=str(tmp_path / "store"), engine="continuous")
+    with pytest.raises(ValueError) as caught:
+        build_engine(settings, masked)
+    name = masked.info["name_or_path"]
+    assert str(caught.value) == f"engine=continuous needs a causal LM; {name!r} is a masked model"
