@@ -10,11 +10,17 @@ import sys
 
 
 def serve_settings(args):
-    """Settings from the environment, with the flags that were given on top."""
-    from server.settings import Settings
+    """Settings from the environment, with the flags that were given on top;
+    invalid ones exit with what is wrong."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings, settings_error
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        sys.exit(f"ptserve serve: {settings_error(e)}")
 
 
 def _serve(args) -> None:
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     serve.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
     serve.add_argument("--device-map", dest="device_map", help="'auto': spread the model over all GPUs (accelerate)")
+    serve.add_argument("--engine", help="auto | continuous | static (PTSERVE_ENGINE)")
     serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     serve.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     serve.add_argument("--header-timeout-s", dest="header_timeout_s", type=float,

@@ -13,17 +13,18 @@ import logging
 from pathlib import Path
 
 from prompt_store.errors import PtserveError
+from server.tasks import TaskManager
 
 log = logging.getLogger(__name__)
 
 
-def preload(engine, folder: str) -> dict[str, int | str]:
+def preload(tasks: TaskManager, folder: str) -> dict[str, int | str]:
     """-> {task id: its stored version, or the reason it was skipped}."""
     root = Path(folder)
     outcome: dict[str, int | str] = {}
     for path in sorted(root.glob("*.safetensors")):
         try:
-            outcome[path.stem] = engine.upload(path.stem, path.read_bytes())["version"]
+            outcome[path.stem] = tasks.upload(path.stem, path.read_bytes())["version"]
         except (PtserveError, OSError) as e:
             outcome[path.stem] = str(e)
             log.warning("--preload: skipped %s: %s", path.name, e)

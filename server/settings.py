@@ -3,12 +3,41 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ptcore.model_source import DEFAULT_MODEL_CACHE
+
+
+class EngineKind(StrEnum):
+    AUTO = "auto"  # continuous where the architecture allows it, else static
+    CONTINUOUS = "continuous"  # continuous batching over a slot KV cache (Llama-style and GPT-2 models)
+    STATIC = "static"  # the Hugging Face forward (any causal LM); requests join an empty batch
+
+
+class ModelFamily(StrEnum):
+    AUTO = "auto"  # from the checkpoint's architectures
+    CAUSAL = "causal"  # generate, and classify by verbalizer
+    MASKED = "masked"  # classify at [MASK]
+    ENCODER = "encoder"  # no LM head: classify with a per-task linear head
+
+
+class Dtype(StrEnum):
+    AUTO = "auto"  # bfloat16 on GPU, float32 on CPU
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class LogLevel(StrEnum):
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
 
 
 class Settings(BaseSettings):
@@ -29,13 +58,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    model_family: str = Field("auto", description="'auto' (from the checkpoint), 'causal', 'masked' or 'encoder'")
+    model_family: ModelFamily = Field(ModelFamily.AUTO, description="what the model is: 'auto' reads the checkpoint")
     device_map: str | None = Field(
         None,
         description="'auto': spread a model too large for one GPU over all GPUs (needs accelerate); "
         "overrides device and uses the static engine",
     )
-    dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'float16', 'bfloat16'")
+    dtype: Dtype = Field(Dtype.AUTO, description="'auto': bfloat16 on GPU, float32 on CPU")
 
     # Batching: a batch starts when max_batch_size requests wait or the oldest has
     # waited max_wait_ms. Larger waits batch more under light load but add latency.
@@ -45,7 +74,7 @@ class Settings(BaseSettings):
     # The engine: "continuous" batching over a slot KV cache (Llama-style and GPT-2
     # models) or "static" batches through the plain Hugging Face forward (any
     # causal LM). "auto" picks continuous where the architecture allows it.
-    engine: str = Field("auto", pattern="^(auto|continuous|static)$")
+    engine: EngineKind = EngineKind.AUTO
     max_running: int = Field(32, ge=1, description="continuous: rows decoding at once (KV-cache slots)")
     max_seq_len: int = Field(1024, ge=8, description="continuous: input + new tokens per row (slot length)")
     max_tokens_in_flight: int = Field(0, ge=0, description="continuous: bound on the sum of input + max_new_tokens "
@@ -81,7 +110,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1, description="open connections; beyond it a new one gets 503 and is "
                                  "closed (lowered to fit the open-file limit)")  # fmt: skip
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers; beyond it: 400")
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
     preload: str | None = Field(None, description="a folder of NAME.safetensors artifacts uploaded as task NAME at "
                                 "startup (an unchanged artifact makes no new version)")  # fmt: skip
 
@@ -92,8 +121,61 @@ class Settings(BaseSettings):
             raise ValueError(f"preload: {value!r} is not a directory of .safetensors artifacts")
         return value
 
+    @field_validator("engine", "model_family", "dtype", "log_level", mode="before")
+    @classmethod
+    def _choices_ignore_case(cls, value):
+        """PTSERVE_LOG_LEVEL=INFO means info."""
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("api_token", "inference_token", "device_map")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         """PTSERVE_API_TOKEN= (empty) means no token, not a token that is empty."""
         return value or None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Settings that contradict each other are a startup error naming both,
+        rather than one of them silently losing."""
+        problems = []
+        if self.engine == EngineKind.CONTINUOUS and self.device_map:
+            problems.append(
+                f"engine=continuous contradicts device_map={self.device_map!r}: a model spread by device_map runs "
+                "on the static engine; unset one of them"
+            )
+        if self.engine == EngineKind.CONTINUOUS and self.model_family in (ModelFamily.MASKED, ModelFamily.ENCODER):
+            problems.append(
+                f"engine=continuous contradicts model_family={self.model_family}: only a causal LM generates, "
+                "continuously or not; unset engine"
+            )
+        if self.compile and (self.engine == EngineKind.STATIC or self.device_map):
+            other = "engine=static" if self.engine == EngineKind.STATIC else f"device_map={self.device_map!r}"
+            problems.append(
+                f"compile=true contradicts {other}: compile fuses the continuous engine's decode step, "
+                "which this server would not run"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            problems.append(
+                f"default_max_new_tokens {self.default_max_new_tokens} exceeds max_new_tokens_limit "
+                f"{self.max_new_tokens_limit}: every generate request that keeps the default would be refused"
+            )
+        if 0 < self.max_tokens_in_flight < self.max_seq_len:
+            problems.append(
+                f"max_tokens_in_flight {self.max_tokens_in_flight} is below max_seq_len {self.max_seq_len}: "
+                "one request of full length would exceed the bound on its own; raise max_tokens_in_flight "
+                "(0 = max_running * max_seq_len) or lower max_seq_len"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def settings_error(error: ValidationError) -> str:
+    """What is wrong with the settings, one line per problem, without the values
+    pydantic would quote (they may hold tokens)."""
+    lines = []
+    for e in error.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in e["loc"])
+        lines.append(f"{where}: {message}" if where else message)
+    return "invalid settings: " + "\n".join(lines)

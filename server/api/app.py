@@ -31,8 +31,8 @@ from server.api.input_lanes import InputLanes
 from server.api.metrics import Metrics, MetricsMiddleware
 from server.api.request_gate import RequestGate
 from server.api.routes import health, inference, openai, tasks
+from server.build import build_engine
 from server.preload import preload
-from server.service import Engine
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     async def lifespan(app: FastAPI):
         if settings.api_token is None:
             log.warning("PTSERVE_API_TOKEN is not set: ANYONE who can reach this server can upload and delete prompts")
-        engine = await run_in_threadpool(Engine.from_settings, settings, loaded)
+        engine = await run_in_threadpool(build_engine, settings, loaded)
         if settings.preload:
-            await run_in_threadpool(preload, engine, settings.preload)
+            await run_in_threadpool(preload, engine.tasks, settings.preload)
         engine.start()
         app.state.engine = engine
         app.state.lanes = InputLanes(settings.request_timeout_s)

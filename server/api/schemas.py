@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.engine.request import SAMPLING_KEYS
+
 
 class InferenceInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +36,7 @@ class GenerateRequest(InferenceInputs):
     stream: bool = Field(False, description="server-sent events: text deltas, then the whole answer")
 
     def sampling_overrides(self) -> dict:
-        return self.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
+        return self.model_dump(include=set(SAMPLING_KEYS))
 
 
 class ClassifyRequest(InferenceInputs):

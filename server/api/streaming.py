@@ -34,7 +34,7 @@ async def stream_generation(
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     work.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
-    future = asyncio.wrap_future(engine.submit(work))  # a full queue raises here, before the stream starts
+    future = asyncio.wrap_future(engine.inference.submit(work))  # a full queue raises here, before the stream starts
     wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
 
     async def events():

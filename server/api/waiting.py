@@ -42,7 +42,7 @@ class ClientWait:
 async def wait_for_result(request, engine, work):
     """Submit `work` and wait for its result, abandoning it if the client leaves
     or the deadline passes (raising Abandoned / DeadlineExceeded)."""
-    future = asyncio.wrap_future(engine.submit(work))
+    future = asyncio.wrap_future(engine.inference.submit(work))
     wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
     while not future.done():
         await asyncio.wait({future}, timeout=max(0.0, min(POLL_S, wait.remaining())))

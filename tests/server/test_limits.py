@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-import server.engine.runner
 
 import server.engine.batch
 from prompt_store.artifact import artifact_bytes
@@ -200,7 +199,7 @@ def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
 
 
 def test_input_far_over_the_token_limit_is_refused_before_tokenizing(gpt2, tmp_path, monkeypatch):
-    from server.service import CHARS_PER_TOKEN_BOUND
+    from server.inference import CHARS_PER_TOKEN_BOUND
 
     calls = {"n": 0}
     tokenizer_class = type(gpt2.tokenizer)
@@ -226,9 +225,9 @@ def test_input_far_over_the_token_limit_is_refused_before_tokenizing(gpt2, tmp_p
 
 def test_long_inputs_are_prepared_one_at_a_time_and_short_ones_do_not_wait(gpt2, tmp_path, monkeypatch):
     from server.api.input_lanes import LONG_INPUT_CHARS
-    from server.service import Engine
+    from server.inference import Inference
 
-    real = Engine.prepare_generate
+    real = Inference.prepare_generate
     running = {"long": 0, "most": 0}
 
     def slow_long(self, task_id, fields, overrides):
@@ -240,7 +239,7 @@ def test_long_inputs_are_prepared_one_at_a_time_and_short_ones_do_not_wait(gpt2,
         running["long"] -= 1
         return real(self, task_id, fields, overrides)
 
-    monkeypatch.setattr(Engine, "prepare_generate", slow_long)
+    monkeypatch.setattr(Inference, "prepare_generate", slow_long)
     with serve(gpt2, tmp_path, max_input_tokens=256) as live:  # long inputs are refused, in the long lane
         httpx.put(f"{live.url}/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
 

@@ -5,7 +5,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import StoreUnavailable
 from server.api.deps import EngineDep
 
 router = APIRouter(tags=["health"])
@@ -21,12 +20,9 @@ async def ready(request: Request):
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "loading", "detail": "model is not loaded yet"}, status_code=503)
-    if not engine.scheduler.alive():
-        return JSONResponse({"status": "unavailable", "detail": "the model worker is not running"}, status_code=503)
-    try:
-        await run_in_threadpool(engine.store.ping)
-    except StoreUnavailable as e:
-        return JSONResponse({"status": "unavailable", "detail": str(e)}, status_code=503)
+    reason = await run_in_threadpool(engine.why_not_ready)
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "detail": reason}, status_code=503)
     return {"status": "ready", "model": engine.loaded.info}
 
 

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/tasks", tags=["inference"])  # inference token: s
 )
 async def generate(task_id: str, body: GenerateRequest, request: Request, engine: EngineDep):
     fields, overrides = body.fields(), body.sampling_overrides()
-    work = await request.app.state.lanes.prepare(engine.prepare_generate, task_id, fields, overrides)
+    work = await request.app.state.lanes.prepare(engine.inference.prepare_generate, task_id, fields, overrides)
     if body.stream:
 
         def final(rest: str, result) -> list:
@@ -42,6 +42,6 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, engine
 
 @router.post("/{task_id}/classify", response_model=ClassifyResponse)
 async def classify(task_id: str, body: ClassifyRequest, request: Request, engine: EngineDep):
-    work = await request.app.state.lanes.prepare(engine.prepare_classify, task_id, body.fields())
+    work = await request.app.state.lanes.prepare(engine.inference.prepare_classify, task_id, body.fields())
     result = await wait_for_result(request, engine, work)
     return ClassifyResponse(task_id=task_id, version=work.prompt.version, label=result.label, scores=result.scores)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep
+from server.api.deps import EngineDep, TasksDep
 from server.api.schemas import CompletionRequest
 from server.api.streaming import stream_generation
 from server.api.waiting import wait_for_result
@@ -16,14 +16,14 @@ router = APIRouter(prefix="/v1", tags=["openai"])  # inference token: server/api
 
 
 @router.get("/models")
-async def list_models(engine: EngineDep):
+async def list_models(tasks: TasksDep):
     """Every generate task, as an OpenAI model."""
-    tasks = await run_in_threadpool(engine.store.list)
+    summaries = await run_in_threadpool(tasks.list)
     return {
         "object": "list",
         "data": [
             {"id": t["task_id"], "object": "model", "created": 0, "owned_by": "ptserve"}
-            for t in tasks
+            for t in summaries
             if t["task_type"] == "generate"
         ],
     }
@@ -31,8 +31,8 @@ async def list_models(engine: EngineDep):
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
-    fields = {"input": body.text()}
-    work = await request.app.state.lanes.prepare(engine.prepare_generate, body.model, fields, body.sampling_overrides())
+    fields, overrides = {"input": body.text()}, body.sampling_overrides()
+    work = await request.app.state.lanes.prepare(engine.inference.prepare_generate, body.model, fields, overrides)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(text: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import PayloadTooLarge
-from server.api.deps import EngineDep
+from server.api.deps import TasksDep
 from server.api.schemas import TaskSummary
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])  # which routes need a token: server/api/access.py
@@ -34,10 +34,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
         }
     },
 )
-async def upload_task(task_id: str, request: Request, engine: EngineDep):
+async def upload_task(task_id: str, request: Request, tasks: TasksDep):
     """Upload a prompt artifact (safetensors bytes); makes a new version."""
-    data = await _read_body(request, engine.settings.max_artifact_bytes)
-    return await run_in_threadpool(engine.upload, task_id, data)
+    data = await _read_body(request, tasks.settings.max_artifact_bytes)
+    return await run_in_threadpool(tasks.upload, task_id, data)
 
 
 async def _read_file(upload: UploadFile, limit: int) -> bytes:
@@ -48,36 +48,36 @@ async def _read_file(upload: UploadFile, limit: int) -> bytes:
 
 
 @router.put("/{task_id}/peft", status_code=201, response_model=TaskSummary)
-async def upload_peft(task_id: str, adapter_config: UploadFile, adapter_model: UploadFile, engine: EngineDep):
+async def upload_peft(task_id: str, adapter_config: UploadFile, adapter_model: UploadFile, tasks: TasksDep):
     """Upload a PEFT PROMPT_TUNING / P_TUNING adapter as it was saved: multipart fields
     `adapter_config` (adapter_config.json) and `adapter_model` (adapter_model.safetensors)."""
-    limit = engine.settings.max_artifact_bytes
+    limit = tasks.settings.max_artifact_bytes
     config = await _read_file(adapter_config, limit)
     weights = await _read_file(adapter_model, limit)
-    return await run_in_threadpool(engine.upload_peft, task_id, config, weights)
+    return await run_in_threadpool(tasks.upload_peft, task_id, config, weights)
 
 
 @router.get("", response_model=list[TaskSummary])
-async def list_tasks(engine: EngineDep):
-    return await run_in_threadpool(engine.store.list)
+async def list_tasks(tasks: TasksDep):
+    return await run_in_threadpool(tasks.list)
 
 
 @router.get("/{task_id}", response_model=TaskSummary)
-async def get_task(task_id: str, engine: EngineDep):
-    return await run_in_threadpool(engine.summary, task_id)
+async def get_task(task_id: str, tasks: TasksDep):
+    return await run_in_threadpool(tasks.summary, task_id)
 
 
 @router.get("/{task_id}/artifact", response_class=Response)
-async def download_artifact(task_id: str, engine: EngineDep):
+async def download_artifact(task_id: str, tasks: TasksDep):
     """The latest version's artifact file, as uploaded (needs the write token:
     the trained prompt is its owner's asset)."""
-    stored = await run_in_threadpool(engine.artifact, task_id)
+    stored = await run_in_threadpool(tasks.artifact, task_id)
     return Response(
         stored.data, media_type="application/octet-stream", headers={"X-Ptserve-Version": str(stored.version)}
     )
 
 
 @router.delete("/{task_id}", status_code=204)
-async def delete_task(task_id: str, engine: EngineDep):
-    await run_in_threadpool(engine.delete, task_id)
+async def delete_task(task_id: str, tasks: TasksDep):
+    await run_in_threadpool(tasks.delete, task_id)
     return Response(status_code=204)

@@ -79,7 +79,7 @@ def test_a_sequence_prefilled_alone_equals_hugging_face_bit_for_bit(causal):
 
 @torch.no_grad()
 def test_a_right_padded_batch_in_scattered_slots_equals_each_sequence_alone(causal):
-    """As ContinuousBatcher prefills: rows of different lengths, right-padded, in slots out of order."""
+    """As the slot backend prefills: rows of different lengths, right-padded, in slots out of order."""
     decoder, embed, head = parts(causal)
     seqs = sequences(causal, [12, 5, 9], seed=1)
     T = max(len(s) for s in seqs)

@@ -1,0 +1,110 @@
+"""Building the engine: everything the routes talk to, made once in the lifespan.
+
+The scheduler is built in one place, `make_scheduler`; only this file looks
+behind it, at the backend of its generate batch (its position limit and its
+prefix cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prompt_store.errors import StoreUnavailable
+from prompt_store.store import PromptStore, open_store
+from ptcore.model import LoadedModel, load_model
+from server.engine.backends import make_batch
+from server.engine.classify import Classifier
+from server.engine.scheduler import Scheduler
+from server.engine.slot_backend import SlotBackend
+from server.engine.stats import BatchStats
+from server.inference import Inference
+from server.prompt_cache import PromptCache
+from server.settings import EngineKind, Settings
+from server.tasks import TaskManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    settings: Settings
+    loaded: LoadedModel
+    store: PromptStore
+    prompts: PromptCache  # the tasks' prompt rows on the device (LRU, fresh against the store)
+    tasks: TaskManager
+    inference: Inference
+    scheduler: Scheduler  # owns the model: the one worker thread that runs forward passes
+    batch_stats: BatchStats
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.store.close()
+
+    def why_not_ready(self) -> str | None:
+        """What keeps this engine from serving now, or None. Blocks: pings the store."""
+        if not self.scheduler.alive():
+            return "the model worker is not running"
+        try:
+            self.store.ping()
+        except StoreUnavailable as e:
+            return str(e)
+        return None
+
+    def stats(self) -> dict:
+        """/v1/stats and /metrics: batch sizes, cache counters, queue depth."""
+        backend = _backend(self.scheduler)
+        slots = isinstance(backend, SlotBackend)
+        return {
+            "batches": self.batch_stats.snapshot(),
+            "prompt_cache": self.prompts.stats(),
+            "engine": "continuous" if slots else "static",
+            "running": self.scheduler.running() if backend is not None else None,
+            "prefix_cache": backend.prefixes.stats() if slots else None,
+            "queue_depth": self.scheduler.queue_depth(),
+        }
+
+
+def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engine:
+    """`loaded`: an already loaded model to serve instead of loading settings.model."""
+    if loaded is None:
+        loaded = load_model(
+            settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map,
+            settings.model_cache,
+        )  # fmt: skip
+    if settings.engine == EngineKind.CONTINUOUS and loaded.family != "causal":
+        raise ValueError(
+            f"engine=continuous needs a causal LM; {loaded.info['name_or_path']!r} is a {loaded.family} model"
+        )
+    store = open_store(settings.store)
+    prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
+    batch_stats = BatchStats()
+    scheduler = make_scheduler(settings, loaded, batch_stats)
+    inference = Inference(settings, loaded, prompts, scheduler, position_limit(scheduler, loaded))
+    tasks = TaskManager(settings, loaded, store, prompts, inference)
+    return Engine(settings, loaded, store, prompts, tasks, inference, scheduler, batch_stats)
+
+
+def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -> Scheduler:
+    """The one scheduler, over the generate batch whose backend suits this model
+    and these settings (server/engine/backends.py), and the classifier."""
+    batch = make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
+                       settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
+                       settings.cuda_graphs, settings.compile)  # fmt: skip
+    return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
+                     settings.max_wait_ms / 1000, stats, settings.max_queue)  # fmt: skip
+
+
+def _backend(scheduler: Scheduler):
+    """The backend of the scheduler's generate batch (None: a model that only classifies)."""
+    return scheduler.batch.backend if scheduler.batch is not None else None
+
+
+def position_limit(scheduler: Scheduler, loaded: LoadedModel) -> int | None:
+    """Input + new tokens of one generate request, at most (None: unbounded):
+    the backend's bound (a slot's length, or the model's positions)."""
+    backend = _backend(scheduler)
+    return backend.max_len if backend is not None else loaded.max_positions

@@ -1,0 +1,123 @@
+"""Turning a request into work for the scheduler, and submitting it.
+
+`prepare_generate` / `prepare_classify` block (a store read, tokenizing), so the
+routes run them in a worker thread; `submit` only queues.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from prompt_store.errors import InvalidRequest
+from prompt_store.template import own_length, render
+from ptcore.model import LoadedModel
+from ptcore.task_prompt import TaskPrompt, check_classify_input
+from server.engine.request import SAMPLING_KEYS, Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.prompt_cache import PromptCache
+from server.settings import Settings
+
+# No tokenizer we serve packs more than this many characters into one token of
+# ordinary text (English averages about 4), so input longer than
+# max_input_tokens * CHARS_PER_TOKEN_BOUND cannot fit and is refused before
+# tokenizing, which would cost far more than the refusal.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+class Inference:
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedModel,
+        prompts: PromptCache,
+        scheduler: Scheduler,
+        position_limit: int | None,
+    ):
+        """position_limit: input + new tokens of one generate request, at most
+        (None: unbounded); the scheduler's, from server/build.py."""
+        self.settings = settings
+        self.loaded = loaded
+        self.prompts = prompts
+        self.scheduler = scheduler
+        self.position_limit = position_limit
+
+    def resolve(self, task_id: str, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
+        """The task's prompt and the rendered input ids, within the input limits."""
+        prompt = self.prompts.get(task_id)
+        if prompt.task_type != task_type:
+            raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
+        chars, limit = sum(len(value) for value in fields.values()), self.settings.max_input_tokens
+        if chars > limit * CHARS_PER_TOKEN_BOUND:
+            raise InvalidRequest(
+                f"input is {chars} characters; the limit is {limit * CHARS_PER_TOKEN_BOUND} "
+                f"({CHARS_PER_TOKEN_BOUND} characters per token of the {limit}-token input limit), "
+                "checked before tokenizing"
+            )
+        ids = render(prompt.template, self.loaded.tokenizer, fields, self.loaded.vocab_size)
+        if len(ids) > limit:
+            raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {limit}")
+        return prompt, ids
+
+    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> Request:
+        if self.loaded.family != "causal":
+            raise InvalidRequest(
+                f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
+                "not a causal LM: it cannot generate text, only classify"
+            )
+        prompt, ids = self.resolve(task_id, "generate", fields)
+        params = self.sampling_params(prompt.generation, overrides)
+        limit = self.position_limit
+        if limit is not None and len(ids) + params.max_new_tokens > limit:
+            raise InvalidRequest(
+                f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the {limit} positions "
+                "a request may use here"
+            )
+        return Request.generate(prompt, ids, params)
+
+    def prepare_classify(self, task_id: str, fields: dict[str, str]) -> Request:
+        prompt, ids = self.resolve(task_id, "classify", fields)
+        check_classify_input(prompt, ids, self.loaded)
+        return Request.classify(prompt, ids)
+
+    def sampling_params(self, generation: dict, overrides: dict) -> SamplingParams:
+        """Request values (`overrides`) win over the artifact's `generation` defaults,
+        which win over the server's; None means unset."""
+        chosen = {"max_new_tokens": self.settings.default_max_new_tokens}
+        for source in (generation, overrides):
+            chosen.update({k: v for k, v in source.items() if k in SAMPLING_KEYS and v is not None})
+        stop = chosen.get("stop", ())
+        if isinstance(stop, str):
+            chosen["stop"] = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            chosen["stop"] = tuple(stop)
+        else:
+            raise InvalidRequest(f"stop must be a string or a list of strings, got {stop!r}")
+        params = SamplingParams(**chosen)
+        if params.max_new_tokens > self.settings.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens {params.max_new_tokens} exceeds this server's limit of "
+                f"{self.settings.max_new_tokens_limit}"
+            )
+        return params
+
+    def check_generation_defaults(self, prompt: TaskPrompt) -> None:
+        """A generate task's `generation` defaults must make valid parameters, and its
+        max_new_tokens must leave room for the template, or every request that keeps
+        the defaults would be refused (checked at upload)."""
+        try:
+            self.sampling_params(prompt.generation, {})
+            wanted, limit = prompt.generation.get("max_new_tokens"), self.position_limit
+            if wanted is None or limit is None:
+                return
+            fixed = own_length(prompt.template, self.loaded.tokenizer, self.loaded.vocab_size)
+            if fixed + wanted > limit:
+                raise InvalidRequest(
+                    f"max_new_tokens {wanted} plus the template's own {fixed} tokens exceed the {limit} positions "
+                    "a request may use here"
+                )
+        except InvalidRequest as e:
+            raise InvalidRequest(f"bad 'generation' defaults in the artifact: {e}") from None
+
+    def submit(self, work: Request) -> Future:
+        """Queue `work`; its future resolves to a GenerateResult / ClassifyResult."""
+        return self.scheduler.submit(work)

@@ -1,0 +1,82 @@
+"""Managing tasks: upload (checked against the served model), list, read, delete.
+
+Every method blocks (store I/O), so the routes run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prompt_store.artifact import artifact_bytes, read_artifact
+from prompt_store.errors import InvalidRequest, TaskNotFound
+from prompt_store.peft import artifact_from_peft, parse_peft_config
+from prompt_store.store import PromptStore, StoredPrompt, check_task_id
+from ptcore.model import LoadedModel, default_bos_token
+from ptcore.task_prompt import task_prompt
+from server.inference import Inference
+from server.prompt_cache import PromptCache
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TaskManager:
+    def __init__(
+        self, settings: Settings, loaded: LoadedModel, store: PromptStore, prompts: PromptCache, inference: Inference
+    ):
+        """inference: checks a generate task's defaults against the server's limits."""
+        self.settings = settings
+        self.loaded = loaded
+        self.store = store
+        self.prompts = prompts
+        self.inference = inference
+
+    def upload(self, task_id: str, data: bytes) -> dict:
+        """Check the artifact fully against the served model, then store it.
+        Anything wrong raises before the store is touched. -> the task's summary."""
+        check_task_id(task_id)
+        artifact = read_artifact(data, self.settings.max_artifact_bytes)
+        rows, limit = artifact.embeddings.shape[0], self.settings.max_virtual_tokens
+        if rows > limit:
+            raise InvalidRequest(f"{rows} prompt rows; this server allows at most {limit}")
+        prompt = task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
+        if prompt.labels and len(prompt.labels) > self.settings.max_labels:
+            raise InvalidRequest(f"{len(prompt.labels)} labels; this server allows at most {self.settings.max_labels}")
+        if prompt.task_type == "generate":
+            self.inference.check_generation_defaults(prompt)
+        summary = self.store.put(task_id, data)
+        log.info("stored task %s version %d", task_id, summary["version"])
+        return summary
+
+    def upload_peft(self, task_id: str, config: bytes, weights: bytes) -> dict:
+        """Convert a PEFT prompt-tuning / P-tuning adapter for the served model, then upload it."""
+        check_task_id(task_id)
+        artifact = artifact_from_peft(
+            parse_peft_config(config),
+            weights,
+            base_model=self.loaded.info,
+            bos_token=default_bos_token(self.loaded.tokenizer),
+        )
+        return self.upload(task_id, artifact_bytes(artifact))
+
+    def list(self) -> list[dict]:
+        """The summary of every stored task."""
+        return self.store.list()
+
+    def summary(self, task_id: str) -> dict:
+        summary = self.store.summary(check_task_id(task_id))
+        if summary is None:
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        return summary
+
+    def artifact(self, task_id: str) -> StoredPrompt:
+        """The latest version's artifact, as uploaded."""
+        stored = self.store.get(check_task_id(task_id))
+        if stored is None:
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        return stored
+
+    def delete(self, task_id: str) -> None:
+        if not self.store.delete(check_task_id(task_id)):
+            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        self.prompts.drop(task_id)
