@@ -111,6 +111,25 @@ def fill_of(stored) -> float:
     return float(read_artifact(stored.data).embeddings[0, 0])
 
 
+def make_adapter(model_dir, kind, path, seed=0):
+    """A PeftModel on the tiny model with random (large) prompt weights, saved as PEFT saves it."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    if kind == "PROMPT_TUNING":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    else:
+        config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
+    peft_model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(path)
+    return peft_model.eval()
+
+
 # --- driving the engine ------------------------------------------------------
 
 

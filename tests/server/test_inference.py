@@ -10,8 +10,7 @@ from server.build import build_engine
 from server.engine.request import SamplingParams
 from server.inference import CHARS_PER_TOKEN_BOUND
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.oracle import alone_greedy
+from tests.helpers import alone_greedy, random_prompt
 
 TEMPLATE = "[P:2]{input}[P:2]"
 

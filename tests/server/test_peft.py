@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 import torch
-from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from prompt_store.artifact import load_artifact, make_artifact
@@ -23,25 +23,9 @@ from server.api.app import create_app
 from server.engine.hf_backend import HFBackend
 from server.engine.request import Request, SamplingParams
 from server.settings import Settings
-from tests.helpers import LiveServer, alone_greedy
+from tests.helpers import LiveServer, alone_greedy, make_adapter
 
 INPUT = "the quick brown fox"
-
-
-def make_adapter(model_dir, kind, path, seed=0):
-    """A PeftModel on the tiny model with random (large) prompt weights, saved as PEFT saves it."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    if kind == "PROMPT_TUNING":
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
-    else:
-        config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
-    peft_model = get_peft_model(base, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.prompt_encoder.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    peft_model.save_pretrained(path)
-    return peft_model.eval()
 
 
 def peft_last_logits(peft_model, tokenizer, text):

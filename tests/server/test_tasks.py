@@ -9,8 +9,7 @@ from prompt_store.errors import InvalidRequest, InvalidTaskId, TaskNotFound
 from ptcore.model import default_bos_token
 from server.build import build_engine
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.server.test_peft import make_adapter
+from tests.helpers import make_adapter, random_prompt
 
 LABELS = {"good": " yes", "bad": " no", "meh": " maybe"}
 
