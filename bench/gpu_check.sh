@@ -54,7 +54,7 @@ else
     export PTSERVE_TEST_DEVICE=cuda
     big=llama-1b small=smollm2-135m rows="1 8 32 64" new=128 concurrency=64 serial=8 repeats=50
     # the compiled step's test runs in a2, not here: compilation is a2's time
-    tests_graphs=(tests/server/test_oracle.py tests/server/test_continuous.py tests/server/test_decode_step.py
+    tests_graphs=(tests/server/test_oracle.py tests/server/test_slot_backend.py tests/server/test_decode_step.py
                   -k "not compiled_step")
     tests_compile=(tests/server/test_decode_step.py)
     limits=(60 90 210 90 50)

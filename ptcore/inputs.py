@@ -27,6 +27,11 @@ def prompt_table(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(blocks), offsets
 
 
+def on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list of ids, positions or row indices as one long tensor on `device` (one copy)."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def shift_virtual_ids(seq: list[int], offset: int, vocab_size: int) -> torch.Tensor:
     """One rendered sequence as a host tensor, its virtual ids moved to its task's rows of the table."""
     row = torch.tensor(seq, dtype=torch.long)

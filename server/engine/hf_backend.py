@@ -15,7 +15,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from ptcore.inputs import embed, pack, prompt_table
+from ptcore.inputs import embed, on_device, pack, prompt_table
 from ptcore.model import LoadedModel
 from server.engine.request import Request
 
@@ -56,7 +56,7 @@ class HFBackend:
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed tokens[i] to row i; -> logits [rows, V]."""
-        step = torch.tensor(tokens, device=self.loaded.device).unsqueeze(1)  # [rows, 1]
+        step = on_device(tokens, self.loaded.device).unsqueeze(1)  # [rows, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones(self.rows, 1)], dim=1)
         self._positions = self._positions + 1
         out = self.model(inputs_embeds=self.embed_tokens(step), attention_mask=self._mask,

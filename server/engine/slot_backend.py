@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ptcore.inputs import embed, pack_from, prompt_table
+from ptcore.inputs import embed, on_device, pack_from, prompt_table
 from ptcore.model import LoadedModel
 from server.engine.decode_step import DecodeStep
 from server.engine.kv_cache import SlotKVCache
@@ -94,7 +94,7 @@ class SlotBackend:
             self.cache.load([slots[i] for i in loads], [prefix_kv[keys[i]] for i in loads])
         hidden = self._forward(slots, starts, seqs, requests)  # [n, T, H]
         dev = self.loaded.device
-        last = torch.tensor([len(seq) - 1 for seq in seqs], device=dev)
+        last = on_device([len(seq) - 1 for seq in seqs], dev)
         logits = self.lm_head(hidden[torch.arange(len(requests), device=dev), last])  # [n, V]
         self.lengths.extend(len(r.input_ids) for r in requests)
         self.needs.extend(r.need for r in requests)
@@ -107,7 +107,7 @@ class SlotBackend:
         table, offsets = prompt_table([r.prompt.rows for r in requests])
         ids, positions = pack_from(seqs, offsets, starts, V, dev, self.max_len - 1)
         length = min(max(starts) + ids.shape[1], self.max_len)
-        attention = SlotAttention(self.cache, torch.tensor(slots, device=dev), positions, length)
+        attention = SlotAttention(self.cache, on_device(slots, dev), positions, length)
         return self.model.hidden(embed(self.embed_tokens, ids, table, V), attention)
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

@@ -53,16 +53,17 @@ def test_client_commands_against_a_running_server(tmp_path):
     import os
 
     from prompt_store.artifact import save_artifact
+    from prompt_store.template import render
+    from ptcore.task_prompt import task_prompt
     from server.api.app import create_app
     from server.settings import Settings
-    from tests.helpers import LiveServer, random_prompt
+    from tests.helpers import LiveServer, alone_label_scores, random_prompt
 
     run_cli("tiny-model", str(tmp_path / "tiny"))
     loaded = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32")
     save_artifact(random_prompt(loaded, "[P:2]{input}"), tmp_path / "gen.safetensors")
-    save_artifact(
-        random_prompt(loaded, "[P:2]{input}", "classify", {"a": " a", "b": " b"}), tmp_path / "cls.safetensors"
-    )
+    classifier = random_prompt(loaded, "[P:2]{input}", "classify", {"a": " a", "b": " b"})
+    save_artifact(classifier, tmp_path / "cls.safetensors")
     settings = Settings(model=str(tmp_path / "tiny"), store=str(tmp_path / "store"), api_token="tok")
     with LiveServer(create_app(settings, loaded)) as live:
         url = ["--url", live.url]
@@ -72,10 +73,13 @@ def test_client_commands_against_a_running_server(tmp_path):
         assert json.loads(out)["version"] == 1
         run_cli("push", str(tmp_path / "cls.safetensors"), "--task-id", "c", "--token", "tok", *url)
         denied = subprocess.run(push_gen + url, capture_output=True, text=True)
-        assert denied.returncode != 0 and "HTTP 401" in denied.stderr and "Traceback" not in denied.stderr
+        assert denied.returncode == 1 and "HTTP 401" in denied.stderr and "Traceback" not in denied.stderr
         answer = json.loads(run_cli("generate", "g", "--input", "hello", "--max-new-tokens", "4", "--json", *url))
         assert len(answer["token_ids"]) == 4 and answer["version"] == 1
-        assert json.loads(run_cli("classify", "c", "--input", "hello", *url)) in ("a", "b")
+        prompt = task_prompt("c", 1, classifier, loaded)
+        ids = render(prompt.template, loaded.tokenizer, {"input": "hello"}, loaded.vocab_size)
+        scores = alone_label_scores(loaded.model, prompt.rows, ids, loaded.vocab_size, prompt.label_ids)
+        assert json.loads(run_cli("classify", "c", "--input", "hello", *url)) == "ab"[scores.index(max(scores))]
         assert [t["task_id"] for t in json.loads(run_cli("tasks", *url))] == ["c", "g"]
 
 
