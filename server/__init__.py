@@ -1,1 +1,1 @@
-"""ptserve: the HTTP server, scheduler and model runner."""
+"""ptserve: the HTTP server, the task and inference services, and the engine."""

@@ -83,7 +83,14 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
     prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
     batch_stats = BatchStats()
     scheduler = make_scheduler(settings, loaded, batch_stats)
-    inference = Inference(settings, loaded, prompts, scheduler, position_limit(scheduler, loaded))
+    limit = position_limit(scheduler, loaded)
+    if scheduler.batch is not None and limit is not None and settings.default_max_new_tokens >= limit:
+        raise ValueError(
+            f"default_max_new_tokens {settings.default_max_new_tokens} leaves no room for any input in the {limit} "
+            f"positions a request may use here (max_seq_len {settings.max_seq_len}, the model's "
+            f"{loaded.max_positions}): every generate request that keeps the default would be refused"
+        )
+    inference = Inference(settings, loaded, prompts, scheduler, limit)
     tasks = TaskManager(settings, loaded, store, prompts, inference)
     return Engine(settings, loaded, store, prompts, tasks, inference, scheduler, batch_stats)
 

@@ -75,10 +75,12 @@ class Settings(BaseSettings):
     # models) or "static" batches through the plain Hugging Face forward (any
     # causal LM). "auto" picks continuous where the architecture allows it.
     engine: EngineKind = EngineKind.AUTO
-    max_running: int = Field(32, ge=1, description="continuous: rows decoding at once (KV-cache slots)")
+    max_running: int = Field(32, ge=1, description="rows generating at once (continuous: KV-cache slots; static: "
+                             "the largest batch)")  # fmt: skip
     max_seq_len: int = Field(1024, ge=8, description="continuous: input + new tokens per row (slot length)")
     max_tokens_in_flight: int = Field(0, ge=0, description="continuous: bound on the sum of input + max_new_tokens "
-                                      "over running rows; 0 = max_running * max_seq_len")  # fmt: skip
+                                      "over running rows (a request alone is always admitted); "
+                                      "0 = max_running * max_seq_len")  # fmt: skip
     prefix_cache_size: int = Field(64, ge=0, description="continuous: task prefixes whose keys/values are kept")
     cuda_graphs: bool = Field(True, description="continuous, on CUDA: replay the decode step from CUDA graphs "
                               "captured at startup")  # fmt: skip
@@ -159,11 +161,10 @@ class Settings(BaseSettings):
                 f"default_max_new_tokens {self.default_max_new_tokens} exceeds max_new_tokens_limit "
                 f"{self.max_new_tokens_limit}: every generate request that keeps the default would be refused"
             )
-        if 0 < self.max_tokens_in_flight < self.max_seq_len:
+        if self.compile and self.model_family in (ModelFamily.MASKED, ModelFamily.ENCODER):
             problems.append(
-                f"max_tokens_in_flight {self.max_tokens_in_flight} is below max_seq_len {self.max_seq_len}: "
-                "one request of full length would exceed the bound on its own; raise max_tokens_in_flight "
-                "(0 = max_running * max_seq_len) or lower max_seq_len"
+                f"compile=true contradicts model_family={self.model_family}: compile fuses the decode step, and "
+                "this model only classifies"
             )
         if problems:
             raise ValueError("; ".join(problems))

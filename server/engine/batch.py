@@ -6,7 +6,7 @@ requests that finished; answering them is the scheduler's job. Model code
 never sees futures, callbacks or the `abandoned` flag.
 
 A backend (server/engine/slot_backend.py, server/engine/hf_backend.py) offers:
-  rows, max_len, admits_while_running
+  rows, max_len, logits_device
   fits(request, admitted) -> bool
   prefill(requests) -> logits [n, V]    the newcomers become the last n rows
   decode(tokens) -> logits [rows, V]    one token per row
@@ -38,7 +38,7 @@ class GenerateBatch:
         self.backend = backend
         self.eos_ids = loaded.eos_token_ids
         self.tokenizer = loaded.tokenizer
-        self.device = loaded.device
+        self.device = backend.logits_device  # the generators' device (with device_map, not the inputs')
         self.requests: list[Request] = []
         self.next_tokens: list[int] = []  # row i's last chosen token: fed by the next decode step
 
@@ -70,8 +70,14 @@ class GenerateBatch:
     def _advance(self, logits: torch.Tensor, first: int) -> list[Request]:
         """Sample rows first.. (logits [n, V] in that order); remove those that finished."""
         rows = self.requests[first:]
-        tokens, finite = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        try:
+            tokens, finite = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        except Exception:  # find the row(s) it fails for: sampled alone, the others still get their tokens
+            tokens, finite = self._sample_alone(logits, rows)
         for j, r in enumerate(rows):
+            if isinstance(finite[j], Exception):
+                r.fail(finite[j])
+                continue
             if not finite[j]:  # never answer tokens chosen from NaN or Inf
                 r.fail(non_finite_output())
                 continue
@@ -83,6 +89,19 @@ class GenerateBatch:
         finished = [r for r in rows if r.done]
         self.remove(finished)
         return finished
+
+    @staticmethod
+    def _sample_alone(logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], list]:
+        """Each row sampled on its own: a row whose sampling raises gets the exception in place of `finite`."""
+        tokens, finite = [], []
+        for j, r in enumerate(rows):
+            try:
+                (token,), (ok,) = sample(logits[j : j + 1], [r.params], [r.generator])
+            except Exception as e:
+                token, ok = 0, e
+            tokens.append(token)
+            finite.append(ok)
+        return tokens, finite
 
     def remove(self, requests: list[Request]) -> None:
         """`requests` leave the batch; their rows are freed."""

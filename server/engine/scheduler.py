@@ -93,7 +93,8 @@ class Scheduler:
         for r in requests:
             self.submit(r)
         while not all(r.future.done() for r in requests):
-            self.iteration()
+            if not self.iteration():
+                raise ServiceUnavailable("the scheduler is stopping")
         return [r.future.exception() or r.future.result() for r in requests]
 
     # -- the loop ------------------------------------------------------------
@@ -204,8 +205,13 @@ class Scheduler:
         for r in self.batch.requests:
             if r.on_text is not None:
                 piece = r.new_text()
-                if piece:
+                if not piece:
+                    continue
+                try:
                     r.on_text(piece)
+                except Exception:  # its client's side is gone (e.g. a closed event loop): drop it alone
+                    log.exception("streaming to one request failed; abandoning it")
+                    r.abandoned = True
 
     def _fail_running(self, error: Exception) -> None:
         if self.batch is None:

@@ -22,8 +22,6 @@ from server.engine.request import Request
 
 
 class SlotBackend:
-    admits_while_running = True
-
     def __init__(self, loaded: LoadedModel, model, max_running: int, max_len: int, max_tokens: int,
                  prefix_cache_size: int, reuse_prefixes: bool = True, cuda_graphs: bool = True,
                  compile: bool = False, pad_steps: bool | None = None):  # fmt: skip
@@ -34,6 +32,7 @@ class SlotBackend:
         self.model = model
         self.lm_head = loaded.model.get_output_embeddings()
         self.embed_tokens = loaded.model.get_input_embeddings()
+        self.logits_device = loaded.model.get_output_embeddings().weight.device
         self.max_running = max_running
         self.max_len = max_len
         self.max_tokens = max_tokens

@@ -47,6 +47,7 @@ class ScriptedBackend:
     """Row r chooses WORD until its script runs out, then EOS; records every call."""
 
     max_len = None
+    logits_device = torch.device("cpu")
 
     def __init__(self, max_running: int = 4, admits_while_running: bool = True):
         self.max_running = max_running
@@ -255,3 +256,35 @@ def test_stop_fails_queued_and_running_work_and_refuses_new_work():
             future.result(timeout=5)
     with pytest.raises(ServiceUnavailable):
         scheduler.submit(generate("late", 2))
+
+
+def test_a_failing_stream_consumer_drops_only_its_own_request():
+    scheduler, _ = make()
+    broken, fine = generate("broken", 6), generate("fine", 6)
+
+    def closed_loop(piece):
+        raise RuntimeError("Event loop is closed")
+
+    broken.on_text = closed_loop
+    results, _ = drive(scheduler, [broken, fine])
+    assert isinstance(results[0], Abandoned)
+    assert results[1].text == "aaaaa"
+
+
+def test_a_row_whose_sampling_fails_fails_alone(monkeypatch):
+    import server.engine.batch
+
+    real = server.engine.batch.sample
+
+    def sample(logits, params, generators):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("sampling blew up")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(server.engine.batch, "sample", sample)
+    scheduler, _ = make()
+    bad, good = generate("bad", 4, temperature=1.0, seed=666), generate("good", 4)
+    results, log = drive(scheduler, [bad, good])
+    assert isinstance(results[0], RuntimeError) and str(results[0]) == "sampling blew up"
+    assert results[1].token_ids == [WORD] * 3
+    assert log[:3] == [(0, "join", 0), (0, "leave", 0), (0, "join", 1)]

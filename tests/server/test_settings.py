@@ -77,13 +77,19 @@ def test_default_max_new_tokens_over_the_limit():
     assert Settings(model="m", default_max_new_tokens=64, max_new_tokens_limit=64).default_max_new_tokens == 64
 
 
-def test_tokens_in_flight_below_one_full_length_request():
-    assert error_of(max_tokens_in_flight=512, max_seq_len=1024) == (
-        "invalid settings: max_tokens_in_flight 512 is below max_seq_len 1024: one request of full length would "
-        "exceed the bound on its own; raise max_tokens_in_flight (0 = max_running * max_seq_len) or lower max_seq_len"
-    )
-    assert Settings(model="m", max_tokens_in_flight=1024, max_seq_len=1024).max_tokens_in_flight == 1024
+def test_tokens_in_flight_below_one_full_length_request_is_allowed():
+    """A request alone is always admitted (the slot backend's fits), so a small bound only
+    keeps long requests from running beside others; the static engine ignores it."""
+    assert Settings(model="m", max_tokens_in_flight=512, max_seq_len=1024).max_tokens_in_flight == 512
+    assert Settings(model="m", max_tokens_in_flight=600, engine="static").max_tokens_in_flight == 600
     assert Settings(model="m", max_tokens_in_flight=0, max_seq_len=1024).max_tokens_in_flight == 0  # 0 = derived
+
+
+def test_compile_with_a_model_that_only_classifies():
+    assert error_of(compile=True, model_family="encoder") == (
+        "invalid settings: compile=true contradicts model_family=encoder: compile fuses the decode step, and "
+        "this model only classifies"
+    )
 
 
 def test_every_contradiction_is_reported_at_once():
@@ -142,3 +148,16 @@ def test_continuous_engine_on_a_model_found_not_to_be_causal(tmp_path):
         build_engine(settings, masked)
     name = masked.info["name_or_path"]
     assert str(caught.value) == f"engine=continuous needs a causal LM; {name!r} is a masked model"
+
+
+def test_a_default_length_that_leaves_no_room_for_an_input(gpt2, tmp_path):
+    from server.build import build_engine
+
+    settings = Settings(model="m", store=str(tmp_path / "store"), max_seq_len=64, default_max_new_tokens=64)
+    with pytest.raises(ValueError) as caught:
+        build_engine(settings, gpt2)
+    assert str(caught.value) == (
+        f"default_max_new_tokens 64 leaves no room for any input in the 64 positions a request may use here "
+        f"(max_seq_len 64, the model's {gpt2.max_positions}): every generate request that keeps the default "
+        "would be refused"
+    )

@@ -6,7 +6,7 @@ and weights; attention is ours, so that each row can read and write its own
 slot at its own positions (and, for Llama, projections that read the same
 input run as one product, see `pack_linears`). Supported: Llama-style decoders
 (model_type llama) and GPT-2; `slot_model_for` returns None for anything else,
-and the server then uses the plain Hugging Face runner.
+and the server then uses the Hugging Face backend (server/engine/hf_backend.py).
 
 A forward pass takes everything that decides tensor shapes as arguments
 (`length`: how many cache positions each row reads), and never looks at a
