@@ -15,7 +15,7 @@ brace is refused. `[P:n]` holds 1 <= n <= MAX_PSEUDO_PER_HOLE pseudo tokens.
 
 Rendered sequences are lists of ints. Pseudo token i of a task (counted from 0
 across the whole template) is written as the *virtual id* `vocab_size + i`, an id
-the model's vocabulary does not have; the runner swaps those ids for the task's
+the model's vocabulary does not have; the engine swaps those ids for the task's
 prompt rows.
 """
 

@@ -132,7 +132,7 @@ def test_rows_at_different_positions_decode_together(causal):
 
 
 def test_slot_model_for_returns_none_for_an_uncovered_architecture():
-    """The server then runs the plain Hugging Face runner."""
+    """The server then runs the Hugging Face backend."""
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                             intermediate_size=64, vocab_size=64))  # fmt: skip
     assert slot_model_for(neox) is None
