@@ -17,7 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PTSERVE_PORT=8000 \
     PTSERVE_STORE=/data
 
-RUN useradd --create-home --uid 1000 ptserve \
+# A fixed UID and GID (1000:1000): deploy/k8s runs the container as exactly
+# these, with a read-only root file system.
+RUN groupadd --gid 1000 ptserve \
+    && useradd --create-home --uid 1000 --gid 1000 ptserve \
     && mkdir -p /models /data && chown ptserve:ptserve /models /data
 
 # torch first: the largest layer, and the one that changes least.
@@ -40,7 +43,7 @@ COPY server ./server
 COPY ptuning ./ptuning
 RUN pip install --no-deps .
 
-USER 1000
+USER 1000:1000
 VOLUME ["/models", "/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \

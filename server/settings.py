@@ -129,10 +129,11 @@ class Settings(BaseSettings):
         """PTSERVE_LOG_LEVEL=INFO means info."""
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("api_token", "inference_token", "device_map")
+    @field_validator("model", "api_token", "inference_token", "device_map")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
-        """PTSERVE_API_TOKEN= (empty) means no token, not a token that is empty."""
+        """PTSERVE_API_TOKEN= (empty) means no token, not a token that is empty; PTSERVE_MODEL=
+        (what docker-compose passes when .env leaves it out) means the default model."""
         return value or None
 
     @model_validator(mode="after")
