@@ -94,7 +94,8 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path):
-    fast_sync = ("--repl-diskless-sync-delay", "0")
+    # the replica keeps the RDB of its first sync in --dir: the test's folder, not the checkout
+    fast_sync = ("--repl-diskless-sync-delay", "0", "--dir", str(tmp_path))
     master, master_url = start_redis(None, *fast_sync)
     master_port = int(master_url.rsplit(":", 1)[1].split("/")[0])
     procs = [master]
