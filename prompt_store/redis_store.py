@@ -26,6 +26,7 @@ import redis
 
 from .artifact import read_header, summarize
 from .errors import StoreOutcomeUnknown, StoreUnavailable
+from .redis_connect import connect
 from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RedisStore(PromptStore):
         """`url` may set `socket_timeout` / `socket_connect_timeout` (seconds, default 5)."""
         self.url = url
         self.prefix = prefix
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._redis = connect(url, socket_timeout=5, socket_connect_timeout=5)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{check_task_id(task_id)}"

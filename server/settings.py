@@ -53,7 +53,8 @@ class Settings(BaseSettings):
         description="where GGUF models are kept once converted to safetensors (one folder per GGUF sha256)",
     )
     store: str = Field(
-        "./ptserve-data", description="prompt store: a directory (default) or a redis:// / rediss:// URL"
+        "./ptserve-data",
+        description="prompt store: a directory (default), a redis:// / rediss:// URL, or redis+sentinel://H:P,H:P/SERVICE[/DB]",
     )
     host: str = "127.0.0.1"
     port: int = 8000

@@ -259,8 +259,9 @@ def live_server(loaded, store: str, **settings):
     return LiveServer(create_app(Settings(model=loaded.info["name_or_path"], store=store, **settings), loaded))
 
 
-def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A real redis-server on a loopback port (a free one by default), with no persistence."""
+def start_redis(port: int | None = None, *options: str) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a loopback port (a free one by default), with no
+    persistence; `options` are more redis-server flags (e.g. "--replicaof", HOST, PORT)."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail(
@@ -268,16 +269,38 @@ def start_redis(port: int | None = None) -> tuple[subprocess.Popen, str]:
         )
     port = port or free_port()
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],
         stdout=subprocess.DEVNULL,
     )
+    _wait_for_port(port)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def start_sentinel(folder, master_port: int, service: str = "ptserve") -> tuple[subprocess.Popen, int]:
+    """One Redis Sentinel (the redis-server binary in sentinel mode) watching the
+    master on `master_port` alone (quorum 1), quick to fail over: it calls the
+    master down after 500 ms. Its config file, which it rewrites, goes in `folder`."""
+    port = free_port()
+    conf = os.path.join(folder, f"sentinel-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"port {port}\nbind 127.0.0.1\nsentinel monitor {service} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {service} 500\nsentinel failover-timeout {service} 2000\n"
+        )
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", conf, "--sentinel"], stdout=subprocess.DEVNULL
+    )
+    _wait_for_port(port)
+    return proc, port
+
+
+def _wait_for_port(port: int) -> None:
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
+            return
         except OSError:
             time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 # --- faults --------------------------------------------------------------------
