@@ -3,7 +3,9 @@
 Keys, under a prefix (default `ptserve`):
 - `{p}:task:{id}`    hash {version, digest, artifact, summary}: the latest version;
 - `{p}:version:{id}` counter of versions ever given (kept after a delete);
-- `{p}:tasks`        set of task ids that exist.
+- `{p}:tasks`        set of task ids that exist;
+- `{p}:changed`      a channel: each put that makes a version, and each
+                     delete, publishes the task id (see redis_invalidation).
 A put is one Lua script (bump counter + write hash + add to set), so concurrent
 puts from many servers get distinct versions and the hash always holds the
 highest one. The script is declared with a shebang, so Redis refuses it whole
@@ -27,11 +29,12 @@ import redis
 from .artifact import read_header, summarize
 from .errors import StoreOutcomeUnknown, StoreUnavailable
 from .redis_connect import connect
+from .redis_invalidation import IdentityWatcher
 from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of
 
 log = logging.getLogger(__name__)
 
-# KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest
+# KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest, channel
 _PUT = """#!lua
 if redis.call('HGET', KEYS[2], 'digest') == ARGV[4] then
   return tonumber(redis.call('HGET', KEYS[2], 'version'))
@@ -39,13 +42,15 @@ end
 local v = redis.call('INCR', KEYS[1])
 redis.call('HSET', KEYS[2], 'version', v, 'digest', ARGV[4], 'artifact', ARGV[1], 'summary', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
 return v
 """
 
-# KEYS: task hash, task set; ARGV: task id
+# KEYS: task hash, task set; ARGV: task id, channel
 _DELETE = """#!lua
 local n = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
 return n
 """
 
@@ -57,18 +62,31 @@ def _unavailable(e: Exception) -> StoreUnavailable:
 
 
 class RedisStore(PromptStore):
-    def __init__(self, url: str, prefix: str = "ptserve"):
-        """`url` may set `socket_timeout` / `socket_connect_timeout` (seconds, default 5)."""
+    def __init__(self, url: str, prefix: str = "ptserve", identity_max_lag: float = 0.5):
+        """`url` may set `socket_timeout` / `socket_connect_timeout` (seconds, default 5).
+        `identity_max_lag`: see redis_invalidation; 0 reads every identity from Redis."""
         self.url = url
         self.prefix = prefix
         self._redis = connect(url, socket_timeout=5, socket_connect_timeout=5)
+        self._watcher = (
+            IdentityWatcher(self._redis.connection_pool, f"{prefix}:changed", identity_max_lag)
+            if identity_max_lag > 0
+            else None
+        )
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{check_task_id(task_id)}"
 
-    def _run_write(self, script: str, keys: list[str], args: list) -> int:
+    def _run_write(self, task_id: str, script: str, keys: list[str], args: list) -> int:
         """Run a write script once on one connection, telling apart a failure
         before it was sent (nothing happened) from one after (unknown)."""
+        try:
+            return self._send_write(script, keys, args)
+        finally:  # done, failed or unknown: this process's next lookup reads Redis
+            if self._watcher is not None:
+                self._watcher.forget(task_id)
+
+    def _send_write(self, script: str, keys: list[str], args: list) -> int:
         pool = self._redis.connection_pool
         try:
             conn = pool.get_connection()
@@ -83,7 +101,7 @@ class RedisStore(PromptStore):
                 conn.disconnect()  # a half-written command is dropped with the connection
                 raise _unavailable(e) from None
             try:
-                return int(conn.read_response())
+                result = int(conn.read_response())
             except redis.ResponseError as e:  # refused whole (e.g. out of memory): nothing stored
                 raise _unavailable(e) from None
             except redis.RedisError as e:
@@ -93,14 +111,31 @@ class RedisStore(PromptStore):
                     f"the prompt store (Redis) did not answer in time ({type(e).__name__}): the outcome is "
                     "unknown, the change may still be applied; repeating the same request is safe"
                 ) from None
+            self._flushed_to_subscribers(conn)
+            return result
         finally:
             pool.release(conn)
+
+    @staticmethod
+    def _flushed_to_subscribers(conn) -> None:
+        """Wait until Redis has written the script's PUBLISH to every subscriber.
+        Redis answers the script before it writes the message (both leave in the
+        same event-loop pass, the caller's answer first), so a client told "done"
+        could otherwise reach another replica before its invalidation does. Redis
+        reads this PING only in a later pass, after that pass wrote everything."""
+        try:
+            conn.send_command("PING")
+            conn.read_response()
+        except redis.RedisError as e:  # the write is done; only its invalidation may be late
+            conn.disconnect()
+            log.warning("prompt store (Redis): no answer to the PING after a write: %s", e)
 
     def put(self, task_id: str, data: bytes) -> dict:
         header = read_header(data)
         summary = summarize(task_id, 0, header)
         keys = [f"{self.prefix}:version:{check_task_id(task_id)}", self._task_key(task_id), f"{self.prefix}:tasks"]
-        version = self._run_write(_PUT, keys, [data, json.dumps(summary), task_id, digest_of(data)])
+        channel = f"{self.prefix}:changed"
+        version = self._run_write(task_id, _PUT, keys, [data, json.dumps(summary), task_id, digest_of(data), channel])
         return {**summary, "version": version}
 
     def _hmget(self, task_id: str, *fields: str) -> list:
@@ -116,6 +151,19 @@ class RedisStore(PromptStore):
         return StoredPrompt(task_id, int(version), data, digest.decode() if digest else digest_of(data))
 
     def identity(self, task_id: str) -> PromptIdentity | None:
+        """From memory while the invalidation channel allows it
+        (redis_invalidation says when), else one HMGET."""
+        check_task_id(task_id)
+        if self._watcher is None:
+            return self._read_identity(task_id)
+        found, identity, ticket = self._watcher.lookup(task_id)
+        if found:
+            return identity
+        identity = self._read_identity(task_id)
+        self._watcher.remember(task_id, identity, ticket)
+        return identity
+
+    def _read_identity(self, task_id: str) -> PromptIdentity | None:
         version, digest = self._hmget(task_id, "version", "digest")
         if version is None:
             return None
@@ -141,7 +189,7 @@ class RedisStore(PromptStore):
 
     def delete(self, task_id: str) -> bool:
         keys = [self._task_key(task_id), f"{self.prefix}:tasks"]
-        return bool(self._run_write(_DELETE, keys, [task_id]))
+        return bool(self._run_write(task_id, _DELETE, keys, [task_id, f"{self.prefix}:changed"]))
 
     def ping(self) -> None:
         try:
@@ -150,4 +198,6 @@ class RedisStore(PromptStore):
             raise _unavailable(e) from None
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
         self._redis.close()

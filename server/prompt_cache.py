@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 class PromptCache:
     """Bounded LRU of TaskPrompts. Every lookup asks the store for the latest
-    identity, (version, digest) (one cheap read), and reloads when it changed."""
+    identity, (version, digest), and reloads when it changed. The disk store
+    answers from a directory listing; the Redis store from memory while its
+    invalidation channel is healthy, else with one HMGET
+    (prompt_store/redis_invalidation.py says exactly when)."""
 
     def __init__(self, store: PromptStore, loaded: LoadedModel, capacity: int, max_artifact_bytes: int):
         self.store = store
