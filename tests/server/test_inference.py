@@ -63,7 +63,7 @@ def test_rendered_input_over_the_token_limit_is_refused(loaded, engine_of):
 
 
 def test_input_plus_new_tokens_must_fit_the_slot(engine_of):
-    inference = engine_of(max_seq_len=64).inference
+    inference = engine_of(max_seq_len=64, default_max_new_tokens=8).inference
     assert inference.position_limit == 64  # the slot backend's slot length
     n = len(inference.prepare_generate("g", {"input": "hi"}, {"max_new_tokens": 1}).input_ids)
     assert inference.prepare_generate("g", {"input": "hi"}, {"max_new_tokens": 64 - n}).params.max_new_tokens == 64 - n

@@ -71,7 +71,7 @@ def test_too_many_labels_is_refused(gpt2, engine_of):
     ],
 )
 def test_bad_generation_defaults_are_refused(gpt2, engine_of, generation, reason):
-    tasks = engine_of(max_seq_len=64).tasks
+    tasks = engine_of(max_seq_len=64, default_max_new_tokens=8).tasks
     with pytest.raises(InvalidRequest) as caught:
         tasks.upload("g", generate_bytes(gpt2, generation=generation))
     assert str(caught.value) == f"bad 'generation' defaults in the artifact: {reason}"
@@ -79,7 +79,7 @@ def test_bad_generation_defaults_are_refused(gpt2, engine_of, generation, reason
 
 
 def test_generation_defaults_that_just_fit_are_stored(gpt2, engine_of):
-    tasks = engine_of(max_seq_len=64).tasks
+    tasks = engine_of(max_seq_len=64, default_max_new_tokens=8).tasks
     assert tasks.upload("g", generate_bytes(gpt2, generation={"max_new_tokens": 60}))["version"] == 1
 
 
