@@ -67,3 +67,16 @@ def split_dev(examples: list[Example], fraction: float, seed: int) -> tuple[list
     if n_dev >= len(shuffled):
         raise DataError(f"{len(examples)} examples are too few to hold out a dev set")
     return shuffled[:-n_dev], shuffled[-n_dev:]
+
+
+def split_for_training(examples: list[Example], fraction: float, seed: int, min_dev_examples: int,
+                       dev_decides: bool) -> tuple[list[Example], list[Example], bool]:  # fmt: skip
+    """The train and dev sets when no dev file is given: `fraction` held out by
+    split_dev. A split smaller than `min_dev_examples` cannot pick an epoch (the
+    trainer keeps the last one); unless it still decides something (`dev_decides`:
+    the manual prompt of --from-prompt must be beaten on it), it is trained on
+    too rather than thrown away. -> (train, dev, whether dev is also in train)."""
+    train, dev = split_dev(examples, fraction, seed)
+    if len(dev) >= min_dev_examples or dev_decides:
+        return train, dev, False
+    return train + dev, dev, True

@@ -52,7 +52,7 @@ def _train(args) -> None:
     from prompt_store.store import check_task_id
     from ptclient.client import PtserveClient
     from ptcore.model import load_model
-    from ptuning.data import load_examples, split_dev
+    from ptuning.data import load_examples, split_for_training
     from ptuning.train import PromptTrainer, TrainConfig
 
     if args.push and not args.task_id:
@@ -72,15 +72,23 @@ def _train(args) -> None:
     )
     trainer = PromptTrainer(loaded, config)  # the template: given, from --from-prompt, or the family's default
     examples = load_examples(args.data, trainer.template, config.task_type, labels)
+    dev_in_training = False
     if args.dev:
         train, dev = examples, load_examples(args.dev, trainer.template, config.task_type, labels)
     else:
-        train, dev = split_dev(examples, args.dev_fraction, args.seed)
+        dev_decides = config.from_prompt is not None and loaded.family != "encoder"  # beat the manual prompt on dev
+        train, dev, dev_in_training = split_for_training(examples, args.dev_fraction, args.seed,
+                                                         config.min_dev_examples, dev_decides)  # fmt: skip
     print(f"training a {args.encoder} prompt encoder on {len(train)} examples ({len(dev)} dev), "
           f"{loaded.family} model {loaded.info['name_or_path']}, template {trainer.template_source!r}",
           flush=True)  # fmt: skip
+    if dev_in_training:
+        print(f"the {len(dev)} held-out dev examples are fewer than --min-dev-examples {config.min_dev_examples}: "
+              "too few to pick an epoch, so they are trained on too; their figures below are not held out",
+              flush=True)  # fmt: skip
     result = trainer.fit(train, dev)
     metrics = result.artifact.meta["metrics"]
+    metrics["dev_in_training"] = dev_in_training
     if args.task_id:
         result.artifact.meta["task_id"] = args.task_id
     save_artifact(result.artifact, args.output)
