@@ -1,0 +1,231 @@
+"""Round-robin vs task-affine routing: three replicas behind nginx, one Redis.
+
+Starts redis-server, uploads --tasks generate tasks once, then for each mode
+starts three fresh `ptserve serve` replicas (the command compose runs, on
+loopback ports, each with PTSERVE_PROMPT_CACHE_SIZE and
+PTSERVE_PREFIX_CACHE_SIZE below the task count) behind an nginx process that
+runs deploy/nginx.conf as it ships, with two changes: its upstream list is the
+three loopback ports and it listens on a free port. The round-robin mode drops
+the one line `hash $ptserve_task consistent;`; nothing else differs.
+
+Both modes send the same request sequence: Zipf-distributed tasks (exponent
+--zipf, fixed --seed), sent by --clients concurrent clients; the first
+--warmup requests fill the caches and are not counted. Reported per mode:
+prompt- and prefix-cache hit rates (each replica's /v1/stats, summed over the
+replicas, differences over the measured requests), throughput, p50/p99 latency.
+
+    python bench/routing.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from report import report  # noqa: E402
+from serve_process import free_port, start_server  # noqa: E402
+
+from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
+from ptcore.model import load_model  # noqa: E402
+from ptcore.tiny_model import write_tiny_model  # noqa: E402
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+HASH_LINE = "        hash $ptserve_task consistent;\n"
+WORDS = "the quick brown fox jumps over the lazy dog while json parses logging paths".split()
+
+
+def nginx_conf(replicas: list[str], port: int, affine: bool) -> tuple[str, str]:
+    """deploy/nginx.conf listening on `port`, and its ptserve-upstreams.conf for `replicas`."""
+    conf = NGINX_CONF.read_text()
+    assert HASH_LINE in conf and "listen 8000;" in conf, "deploy/nginx.conf changed; update bench/routing.py"
+    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    if not affine:
+        conf = conf.replace(HASH_LINE, "")
+    upstreams = "".join(f"server {re.sub('^http://', '', url)};\n" for url in replicas)
+    return conf, upstreams
+
+
+def start_nginx(folder: Path, conf: str, upstreams: str) -> subprocess.Popen:
+    folder.mkdir(parents=True)
+    (folder / "nginx.conf").write_text(conf)
+    (folder / "ptserve-upstreams.conf").write_text(upstreams)
+    directives = f"daemon off; pid {folder}/nginx.pid; error_log {folder}/error.log;"
+    return subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(folder), "-c",
+                             str(folder / "nginx.conf"), "-g", directives])  # fmt: skip
+
+
+def wait_for(url: str, proc: subprocess.Popen) -> None:
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def zipf_sequence(n_tasks: int, n: int, s: float, seed: int) -> list[tuple[int, str]]:
+    """n requests: (task index, input text); task k (0-based) has weight 1/(k+1)^s."""
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** s for k in range(n_tasks)]
+    tasks = rng.choices(range(n_tasks), weights=weights, k=n)
+    return [(t, " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))) for t in tasks]
+
+
+async def send(url: str, sequence, clients: int, max_new: int) -> list[tuple[int, float]]:
+    """Send `sequence` in order with `clients` concurrent clients; -> (status, seconds) each."""
+    results, queue = [], iter(sequence)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def loop():
+            for task, text in queue:
+                start = time.monotonic()
+                body = {"input": text, "max_new_tokens": max_new}
+                try:
+                    status = (await client.post(f"/v1/tasks/t{task}/generate", json=body)).status_code
+                except httpx.HTTPError:
+                    status = 0
+                results.append((status, time.monotonic() - start))
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return results
+
+
+def cache_counts(replicas: list[str]) -> dict:
+    """(hits, misses) of both caches, summed over the replicas."""
+    total = {"prompt_cache": [0, 0], "prefix_cache": [0, 0]}
+    for url in replicas:
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        for cache, counts in total.items():
+            counts[0] += stats[cache]["hits"]
+            counts[1] += stats[cache]["misses"]
+    return total
+
+
+def run_mode(affine: bool, model: str, store: str, tmp: Path, sequence, args) -> dict:
+    procs, replicas = [], []
+    try:
+        for _ in range(args.replicas):
+            proc, url = start_server(model, store)
+            procs.append(proc)
+            replicas.append(url)
+        port = free_port()
+        conf, upstreams = nginx_conf(replicas, port, affine)
+        procs.append(start_nginx(tmp / ("affine" if affine else "round-robin"), conf, upstreams))
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url, procs[-1])
+        asyncio.run(send(url, sequence[: args.warmup], args.clients, args.max_new_tokens))
+        before = cache_counts(replicas)
+        start = time.monotonic()
+        results = asyncio.run(send(url, sequence[args.warmup :], args.clients, args.max_new_tokens))
+        wall = time.monotonic() - start
+        after = cache_counts(replicas)
+        per_replica = [httpx.get(f"{u}/v1/stats").json()["prompt_cache"]["size"] for u in replicas]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+    ok = [d for status, d in results if status == 200]
+    errors = len(results) - len(ok)
+    q = lambda p: statistics.quantiles(ok, n=100, method="inclusive")[p - 1]  # noqa: E731
+    rates = {}
+    for cache in ("prompt_cache", "prefix_cache"):
+        hits = after[cache][0] - before[cache][0]
+        misses = after[cache][1] - before[cache][1]
+        rates[cache] = (hits / (hits + misses) if hits + misses else float("nan"), hits, misses)
+    return {"mode": "affine (hash $ptserve_task consistent)" if affine else "round robin", "requests": len(results),
+            "errors": errors, "rps": len(results) / wall, "p50": 1000 * q(50), "p99": 1000 * q(99),
+            "rates": rates, "cached": per_replica}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=300)
+    ap.add_argument("--cache-size", type=int, default=64, help="PTSERVE_PROMPT_CACHE_SIZE and _PREFIX_ per replica")
+    ap.add_argument("--requests", type=int, default=3000, help="measured requests per mode")
+    ap.add_argument("--warmup", type=int, default=600)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+
+    os.environ["PTSERVE_PROMPT_CACHE_SIZE"] = os.environ["PTSERVE_PREFIX_CACHE_SIZE"] = str(args.cache_size)
+    sequence = zipf_sequence(args.tasks, args.warmup + args.requests, args.zipf, args.seed)
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        model = str(write_tiny_model(tmp / "tiny", "gpt2"))
+        redis_port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", name], stdout=subprocess.DEVNULL)  # fmt: skip
+        store = f"redis://127.0.0.1:{redis_port}/0"
+        try:
+            loaded = load_model(model, device="cpu", dtype="float32")
+            weight = loaded.model.get_input_embeddings().weight
+            gen = torch.Generator().manual_seed(args.seed)
+            proc, url = start_server(model, store)
+            try:
+                with httpx.Client(base_url=url, timeout=60) as client:
+                    for t in range(args.tasks):
+                        rows = torch.randn(8, weight.shape[1], generator=gen) * float(weight.std())
+                        artifact = make_artifact(rows, template="[P:6] Answer: {input}[P:2]", task_type="generate",
+                                                 base_model=loaded.info)  # fmt: skip
+                        client.put(f"/v1/tasks/t{t}", content=artifact_bytes(artifact)).raise_for_status()
+            finally:
+                proc.terminate()
+                proc.wait()
+            rows = [run_mode(affine, model, store, tmp, sequence, args) for affine in (False, True)]
+        finally:
+            redis.terminate()
+            redis.wait()
+
+    distinct = len({t for t, _ in sequence[args.warmup :]})
+    lines = [
+        f"# routing: round robin vs task-affine, {date.today()}, {platform.node()} "
+        f"({platform.machine()}, CPU, {os.cpu_count()} cores)",
+        f"model=tiny gpt2 (random weights, `ptcore/tiny_model.py`) replicas={args.replicas} store=redis "
+        f"tasks={args.tasks} (generate, template '[P:6] Answer: {{input}}[P:2]') "
+        f"prompt/prefix cache={args.cache_size} per replica; zipf s={args.zipf:g} seed={args.seed}: "
+        f"{args.requests} measured requests over {distinct} distinct tasks after {args.warmup} warm-up; "
+        f"clients={args.clients} max_new_tokens={args.max_new_tokens}; each mode on freshly started replicas",
+        "",
+        "| routing | prompt-cache hit rate | prefix-cache hit rate | req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        (pr, ph, pm), (xr, xh, xm) = r["rates"]["prompt_cache"], r["rates"]["prefix_cache"]
+        lines.append(f"| {r['mode']} | {pr:.1%} ({ph}/{ph + pm}) | {xr:.1%} ({xh}/{xh + xm}) | {r['rps']:.1f} "
+                     f"| {r['p50']:.0f} | {r['p99']:.0f} | {r['errors']} |")  # fmt: skip
+    lines += ["", "prompts cached per replica at the end: "
+              + "; ".join(f"{r['mode']}: {r['cached']}" for r in rows)]  # fmt: skip
+    report(lines, "routing", args.write)
+    sys.exit(1 if any(r["errors"] for r in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
