@@ -49,6 +49,10 @@ from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 HASH_LINE = "        hash $ptserve_task consistent;\n"
+TABLE_HEAD = [
+    "| routing | prompt-cache hit rate | prefix-cache hit rate | req/s | p50 ms | p99 ms | errors |",
+    "|---|---|---|---|---|---|---|",
+]
 WORDS = "the quick brown fox jumps over the lazy dog while json parses logging paths".split()
 
 
@@ -148,17 +152,22 @@ def run_mode(affine: bool, model: str, store: str, tmp: Path, sequence, args) ->
             proc.terminate()
         for proc in procs:
             proc.wait()
-    ok = [d for status, d in results if status == 200]
-    errors = len(results) - len(ok)
-    q = lambda p: statistics.quantiles(ok, n=100, method="inclusive")[p - 1]  # noqa: E731
-    rates = {}
+    counts = {cache: (after[cache][0] - before[cache][0], after[cache][1] - before[cache][1]) for cache in after}
+    return {"affine": affine, "latencies": [d for status, d in results if status == 200],
+            "errors": sum(status != 200 for status, _ in results), "requests": len(results), "wall": wall,
+            "counts": counts, "cached": per_replica}  # fmt: skip
+
+
+def row(label: str, runs: list[dict]) -> str:
+    """One table row over `runs`: hit rates from summed counts, throughput from summed wall time."""
+    ok = sorted(d for r in runs for d in r["latencies"])
+    q = lambda p: 1000 * statistics.quantiles(ok, n=100, method="inclusive")[p - 1]  # noqa: E731
+    rates = []
     for cache in ("prompt_cache", "prefix_cache"):
-        hits = after[cache][0] - before[cache][0]
-        misses = after[cache][1] - before[cache][1]
-        rates[cache] = (hits / (hits + misses) if hits + misses else float("nan"), hits, misses)
-    return {"mode": "affine (hash $ptserve_task consistent)" if affine else "round robin", "requests": len(results),
-            "errors": errors, "rps": len(results) / wall, "p50": 1000 * q(50), "p99": 1000 * q(99),
-            "rates": rates, "cached": per_replica}  # fmt: skip
+        hits, misses = (sum(r["counts"][cache][i] for r in runs) for i in (0, 1))
+        rates.append(f"{hits / (hits + misses):.1%} ({hits}/{hits + misses})")
+    rps = sum(r["requests"] for r in runs) / sum(r["wall"] for r in runs)
+    return f"| {label} | {rates[0]} | {rates[1]} | {rps:.1f} | {q(50):.0f} | {q(99):.0f} | {sum(r['errors'] for r in runs)} |"
 
 
 def main() -> None:
@@ -172,6 +181,7 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="each round runs both modes; the order alternates (ABBA)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -199,7 +209,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait()
-            rows = [run_mode(affine, model, store, tmp, sequence, args) for affine in (False, True)]
+            order = [mode for r in range(args.rounds) for mode in ((False, True) if r % 2 == 0 else (True, False))]
+            runs = [run_mode(affine, model, store, tmp / str(i), sequence, args) for i, affine in enumerate(order)]
         finally:
             redis.terminate()
             redis.wait()
@@ -212,19 +223,19 @@ def main() -> None:
         f"tasks={args.tasks} (generate, template '[P:6] Answer: {{input}}[P:2]') "
         f"prompt/prefix cache={args.cache_size} per replica; zipf s={args.zipf:g} seed={args.seed}: "
         f"{args.requests} measured requests over {distinct} distinct tasks after {args.warmup} warm-up; "
-        f"clients={args.clients} max_new_tokens={args.max_new_tokens}; each mode on freshly started replicas",
+        f"clients={args.clients} max_new_tokens={args.max_new_tokens}; each run on freshly started replicas; "
+        f"{args.rounds} rounds, order alternating (ABBA...)",
         "",
-        "| routing | prompt-cache hit rate | prefix-cache hit rate | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
-    for r in rows:
-        (pr, ph, pm), (xr, xh, xm) = r["rates"]["prompt_cache"], r["rates"]["prefix_cache"]
-        lines.append(f"| {r['mode']} | {pr:.1%} ({ph}/{ph + pm}) | {xr:.1%} ({xh}/{xh + xm}) | {r['rps']:.1f} "
-                     f"| {r['p50']:.0f} | {r['p99']:.0f} | {r['errors']} |")  # fmt: skip
-    lines += ["", "prompts cached per replica at the end: "
-              + "; ".join(f"{r['mode']}: {r['cached']}" for r in rows)]  # fmt: skip
+    name = {False: "round robin", True: "affine (`hash $ptserve_task consistent`)"}
+    lines += [row(f"{name[affine]}, all {args.rounds} runs", [r for r in runs if r["affine"] == affine])
+              for affine in (False, True)]  # fmt: skip
+    lines += ["", "each run, in the order they ran:", "", *TABLE_HEAD]
+    lines += [row(f"{i + 1}. {name[r['affine']]}", [r]) for i, r in enumerate(runs)]
+    lines += ["", "prompts cached per replica at the end of each run: " + "; ".join(str(r["cached"]) for r in runs)]
     report(lines, "routing", args.write)
-    sys.exit(1 if any(r["errors"] for r in rows) else 0)
+    sys.exit(1 if any(r["errors"] for r in runs) else 0)
 
 
 if __name__ == "__main__":
