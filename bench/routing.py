@@ -181,11 +181,14 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per replica (OMP_NUM_THREADS): the replicas share this machine's cores")
     ap.add_argument("--rounds", type=int, default=2, help="each round runs both modes; the order alternates (ABBA)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
     os.environ["PTSERVE_PROMPT_CACHE_SIZE"] = os.environ["PTSERVE_PREFIX_CACHE_SIZE"] = str(args.cache_size)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # more threads than cores: OpenMP's spinning stalls them all
     sequence = zipf_sequence(args.tasks, args.warmup + args.requests, args.zipf, args.seed)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -223,7 +226,7 @@ def main() -> None:
         f"tasks={args.tasks} (generate, template '[P:6] Answer: {{input}}[P:2]') "
         f"prompt/prefix cache={args.cache_size} per replica; zipf s={args.zipf:g} seed={args.seed}: "
         f"{args.requests} measured requests over {distinct} distinct tasks after {args.warmup} warm-up; "
-        f"clients={args.clients} max_new_tokens={args.max_new_tokens}; each run on freshly started replicas; "
+        f"clients={args.clients} max_new_tokens={args.max_new_tokens} threads/replica={args.threads}; each run on freshly started replicas; "
         f"{args.rounds} rounds, order alternating (ABBA...)",
         "",
         *TABLE_HEAD,
