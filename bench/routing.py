@@ -167,7 +167,8 @@ def row(label: str, runs: list[dict]) -> str:
         hits, misses = (sum(r["counts"][cache][i] for r in runs) for i in (0, 1))
         rates.append(f"{hits / (hits + misses):.1%} ({hits}/{hits + misses})")
     rps = sum(r["requests"] for r in runs) / sum(r["wall"] for r in runs)
-    return f"| {label} | {rates[0]} | {rates[1]} | {rps:.1f} | {q(50):.0f} | {q(99):.0f} | {sum(r['errors'] for r in runs)} |"
+    errors = sum(r["errors"] for r in runs)
+    return f"| {label} | {rates[0]} | {rates[1]} | {rps:.1f} | {q(50):.0f} | {q(99):.0f} | {errors} |"
 
 
 def main() -> None:
@@ -181,8 +182,12 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per replica (OMP_NUM_THREADS): the replicas share this machine's cores")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per replica (OMP_NUM_THREADS): the replicas share this machine's cores",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="each round runs both modes; the order alternates (ABBA)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -226,8 +231,8 @@ def main() -> None:
         f"tasks={args.tasks} (generate, template '[P:6] Answer: {{input}}[P:2]') "
         f"prompt/prefix cache={args.cache_size} per replica; zipf s={args.zipf:g} seed={args.seed}: "
         f"{args.requests} measured requests over {distinct} distinct tasks after {args.warmup} warm-up; "
-        f"clients={args.clients} max_new_tokens={args.max_new_tokens} threads/replica={args.threads}; each run on freshly started replicas; "
-        f"{args.rounds} rounds, order alternating (ABBA...)",
+        f"clients={args.clients} max_new_tokens={args.max_new_tokens} threads/replica={args.threads}; "
+        f"each run on freshly started replicas; {args.rounds} rounds, order alternating (ABBA...)",
         "",
         *TABLE_HEAD,
     ]
