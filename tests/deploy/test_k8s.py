@@ -189,3 +189,73 @@ def test_hpa_and_pdb(overlay):
     pdb = one(objects, "PodDisruptionBudget", "ptserve")
     assert pdb["spec"]["minAvailable"] == 1
     assert selects(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def router(objects) -> tuple[dict, dict, dict]:
+    """The router Deployment's pod spec, its one container, and its ConfigMap's files."""
+    pod = one(objects, "Deployment", "ptserve-router")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (config,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/ptserve-router"]
+    files = one(objects, "ConfigMap", volumes[config["name"]]["configMap"]["name"])["data"]
+    return pod, container, files
+
+
+def test_the_router_runs_nginx_with_re_resolvable_servers(overlay):
+    _, objects = overlay
+    pod, container, files = router(objects)
+    name, tag = container["image"].split(":")
+    version = tuple(int(n) for n in tag.removesuffix("-alpine").split("."))
+    assert name == "nginx" and version >= (1, 27, 3)  # `resolve` and `service=` on an upstream server
+    assert container["command"] == ["sh", "/etc/ptserve-router/start.sh"]
+    assert set(files) == {"nginx.conf", "start.sh"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "http"}
+    assert pod["securityContext"]["runAsUser"] == 101 and pod["securityContext"]["runAsNonRoot"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/ptserve-router", "/tmp", "/var/cache/nginx"}
+    assert "pid /tmp/nginx.pid;" in files["nginx.conf"]
+    assert "/tmp/nginx.conf" in files["start.sh"] and "exec nginx -c /tmp/nginx.conf" in files["start.sh"]
+
+
+def test_the_router_hashes_the_task_over_every_server_pod(overlay):
+    """The upstream lists the pods by the headless Service's SRV records (one
+    name per pod), and the task map and hash are deploy/nginx.conf's."""
+    _, objects = overlay
+    _, _, files = router(objects)
+    conf = files["nginx.conf"]
+    upstream = re.search(r"upstream ptserve \{(.*?)\n    \}", conf, re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in upstream.splitlines()]
+    assert [line for line in lines if line] == [
+        "zone ptserve 256k;",
+        "hash $ptserve_task consistent;",
+        "server ptserve-headless.@SERVICE_DOMAIN@ service=http resolve;",
+    ]
+    assert "resolver @RESOLVER@ valid=10s ipv6=off;" in conf
+    for placeholder in ("@RESOLVER@", "@SERVICE_DOMAIN@"):
+        assert f"s/{placeholder}/" in files["start.sh"]
+    compose = (ROOT / "deploy" / "nginx.conf").read_text()
+    task_map = re.search(r"    map \$uri \$ptserve_task \{.*?\n    \}\n", compose, re.S).group(0)
+    assert task_map in conf and "proxy_pass http://ptserve;" in conf
+    headless = one(objects, "Service", "ptserve-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    labels = one(objects, "Deployment", "ptserve")["spec"]["template"]["metadata"]["labels"]
+    assert selects(headless["spec"]["selector"], labels)
+
+
+def test_the_router_service_reaches_only_the_routers(overlay):
+    _, objects = overlay
+    routers = one(objects, "Deployment", "ptserve-router")
+    labels = routers["spec"]["template"]["metadata"]["labels"]
+    assert selects(routers["spec"]["selector"]["matchLabels"], labels)
+    service = one(objects, "Service", "ptserve-router")
+    assert selects(service["spec"]["selector"], labels)
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    servers = one(objects, "Deployment", "ptserve")["spec"]["template"]["metadata"]["labels"]
+    for other in ("ptserve", "ptserve-headless"):  # the servers' Services do not pick up routers
+        assert not selects(one(objects, "Service", other)["spec"]["selector"], labels)
+        assert selects(one(objects, "Service", other)["spec"]["selector"], servers)
+    pdb = one(objects, "PodDisruptionBudget", "ptserve")
+    assert not selects(pdb["spec"]["selector"]["matchLabels"], labels)

@@ -93,3 +93,15 @@ def test_openai_errors_are_4xx(live):
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(**kwargs)
         assert err.value.status_code == status, kwargs
+
+
+def test_the_routing_header_must_name_the_model(live):
+    """X-Ptserve-Task is what nginx hashes on (deploy/nginx.conf); the server checks it."""
+    body = {"model": "story", "prompt": "hello", "max_tokens": 4}
+    plain = httpx.post(f"{live.url}/v1/completions", json=body, timeout=60)
+    same = httpx.post(f"{live.url}/v1/completions", json=body, headers={"X-Ptserve-Task": "story"}, timeout=60)
+    assert plain.status_code == same.status_code == 200
+    assert same.json()["choices"] == plain.json()["choices"]
+    other = httpx.post(f"{live.url}/v1/completions", json=body, headers={"X-Ptserve-Task": "other"}, timeout=60)
+    assert other.status_code == 400
+    assert other.json() == {"detail": "header X-Ptserve-Task is 'other' but model is 'story'; they must be equal"}

@@ -1,12 +1,19 @@
-"""OpenAI-compatible completions: `model` is the task id, `prompt` its {input}."""
+"""OpenAI-compatible completions: `model` is the task id, `prompt` its {input}.
+
+A router that sends each task to one replica cannot read `model` from the body;
+clients name the task again in the X-Ptserve-Task header, which nginx hashes on
+(deploy/nginx.conf). The header is optional; when present it must equal `model`.
+"""
 
 import time
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from prompt_store.errors import BadRequest
 from server.api.deps import EngineDep, TasksDep
 from server.api.schemas import CompletionRequest
 from server.api.streaming import stream_generation
@@ -29,8 +36,15 @@ async def list_models(tasks: TasksDep):
     }
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep):
+RoutedTask = Annotated[
+    str | None, Header(alias="X-Ptserve-Task", description="the task the router hashed on; must equal `model`")
+]
+
+
+@router.post("/completions", responses={400: {"description": "X-Ptserve-Task differs from model"}})
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, routed_task: RoutedTask = None):
+    if routed_task is not None and routed_task != body.model:
+        raise BadRequest(f"header X-Ptserve-Task is {routed_task!r} but model is {body.model!r}; they must be equal")
     fields, overrides = {"input": body.text()}, body.sampling_overrides()
     work = await request.app.state.lanes.prepare(engine.inference.prepare_generate, body.model, fields, overrides)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
