@@ -27,9 +27,10 @@ def prompt_table(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(blocks), offsets
 
 
-def on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A list of ids, positions or row indices as one long tensor on `device` (one copy)."""
-    return torch.tensor(values, dtype=torch.long, device=device)
+def on_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A list of ids, positions, row indices (or per-row parameters, with a float
+    dtype) as one tensor on `device`: one host-to-device copy."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def shift_virtual_ids(seq: list[int], offset: int, vocab_size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptcore.inputs import embed, pack, prompt_table
+from ptcore.inputs import embed, on_device, pack, prompt_table
 from ptcore.model import LoadedModel
 
 
@@ -73,7 +73,7 @@ class LabelScorer:
         for r, verbalizer in enumerate(verbalizers):
             k = len(verbalizer)
             # verbalizer token j sits at T-k+j and is predicted at T-k+j-1, kept index K-k+j
-            targets = torch.tensor(verbalizer, device=logp.device)
+            targets = on_device(list(verbalizer), logp.device)
             picked.append(logp[r, torch.arange(K - k, K, device=logp.device), targets].sum())
         out, start = [], 0
         for q in queries:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from prompt_store.artifact import HEAD_POOLINGS, PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
-from ptcore.inputs import embed, pack
+from ptcore.inputs import embed, on_device, pack
 from ptcore.model import LoadedModel
 from ptcore.scoring import LabelQuery, LabelScorer
 from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
@@ -241,7 +241,7 @@ class PromptTrainer:
             pooling = self.config.head_pooling
             queries = [LabelQuery(it.ids, rows, self.label_ids, self._head(), pooling) for it in batch]
             scores = torch.stack(self.scorer(queries))  # [B, L]
-            gold = torch.tensor([it.target for it in batch], device=scores.device)
+            gold = on_device([it.target for it in batch], scores.device)
             return nn.functional.cross_entropy(scores, gold), scores.argmax(dim=1)
         seqs = [it.ids + it.target for it in batch]
         ids, mask, positions = pack(seqs, [0] * len(seqs), self.V, self.loaded.device)
@@ -252,7 +252,7 @@ class PromptTrainer:
         labels = torch.full_like(ids, -100)
         for b, it in enumerate(batch):
             k = len(it.target)
-            labels[b, T - k :] = torch.tensor(it.target, device=ids.device)
+            labels[b, T - k :] = on_device(list(it.target), ids.device)
         loss = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100)
         return loss, None
 

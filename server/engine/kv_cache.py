@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ptcore.inputs import on_device
+
 
 class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -54,7 +56,7 @@ class SlotKVCache:
         for i, kv in enumerate(kvs):
             by_length.setdefault(kv[0][0].shape[1], []).append(i)
         for n, group in by_length.items():
-            index = torch.tensor([slots[i] for i in group], device=self.keys[0].device)
+            index = on_device([slots[i] for i in group], self.keys[0].device)
             for layer in range(len(self.keys)):
                 self.keys[layer][index, :, :n] = torch.stack([kvs[i][layer][0] for i in group])
                 self.values[layer][index, :, :n] = torch.stack([kvs[i][layer][1] for i in group])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from prompt_store.errors import InvalidRequest
+from ptcore.inputs import on_device
 from server.engine.request import SamplingParams
 
 
@@ -62,7 +63,7 @@ def sample(
     if groups:
         tokens = greedy.clone()
         for layout, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
+            index = on_device(rows, logits.device)
             x = logits if len(rows) == len(params) else logits.index_select(0, index)  # all rows: no copy
             chosen = _sample_rows(x.float(), layout, [params[i] for i in rows], [generators[i] for i in rows])
             tokens.index_copy_(0, index, chosen)
@@ -75,9 +76,9 @@ def _sample_rows(
 ) -> torch.Tensor:
     """Draw one token per row of x: [G, V] float32, rows of one candidate layout. -> [G] token ids."""
     device = x.device
-    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [G, 1]
+    temperature = on_device([p.temperature for p in params], device, torch.float32).unsqueeze(1)  # [G, 1]
     # inf: no top-p cut for that row (so a row's cut never depends on a batch-mate's)
-    top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=device).unsqueeze(1)
+    top_p = on_device([p.top_p if p.top_p < 1 else float("inf") for p in params], device, torch.float32).unsqueeze(1)
     cut = any(p.top_p < 1 for p in params)
     ids = None  # candidate position -> token id; None: candidates are the vocabulary in order
     if layout > 0:
