@@ -210,6 +210,19 @@ def oracle_tokens(loaded, request) -> list[int]:
                         request.params.max_new_tokens, loaded.eos_token_ids)  # fmt: skip
 
 
+LABEL_SETS = [
+    {"positive": " good", "negative": " bad thing"},
+    {"yes": "yes", "no": "no", "maybe": " maybe so"},
+    {"a": " the return value of", "b": " b"},
+]
+
+
+def make_classify(loaded, i, labels, template, fields):
+    artifact = random_prompt(loaded, template, "classify", labels, seed=100 + i)
+    prompt = task_prompt(f"cls{i}", 1, artifact, loaded)
+    return Request.classify(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size))
+
+
 # --- real servers on loopback ports ------------------------------------------
 
 

@@ -10,11 +10,13 @@ from ptcore.task_prompt import task_prompt
 from server.engine.classify import Classifier
 from server.engine.request import Request, SamplingParams
 from tests.helpers import (
+    LABEL_SETS,
     TEMPLATES,
     alone_greedy,
     alone_label_logprobs,
     alone_label_scores,
     drive,
+    make_classify,
     make_scheduler,
     random_prompt,
     submit_from_threads,
@@ -76,19 +78,6 @@ def test_same_task_with_many_inputs_in_one_batch(loaded, engine):
     ]
     for w, r in zip(works, generate(loaded, engine, works)):
         assert r.token_ids == oracle(loaded, w)
-
-
-LABEL_SETS = [
-    {"positive": " good", "negative": " bad thing"},
-    {"yes": "yes", "no": "no", "maybe": " maybe so"},
-    {"a": " the return value of", "b": " b"},
-]
-
-
-def make_classify(loaded, i, labels, template, fields):
-    artifact = random_prompt(loaded, template, "classify", labels, seed=100 + i)
-    prompt = task_prompt(f"cls{i}", 1, artifact, loaded)
-    return Request.classify(prompt, render(prompt.template, loaded.tokenizer, fields, loaded.vocab_size))
 
 
 def test_batched_classification_equals_alone(loaded):
@@ -188,13 +177,3 @@ def test_a_row_whose_detokenization_fails_does_not_sink_its_batch(loaded, engine
     assert isinstance(results[1], RuntimeError) and str(results[1]) == "detokenization blew up"
     assert results[0].token_ids == oracle(loaded, good)
     assert log[:3] == [(0, "join", 0), (0, "join", 1), (0, "leave", 1)]  # the failed row leaves at once
-
-
-def test_classification_is_split_into_bounded_forward_passes(loaded):
-    works = [make_classify(loaded, i, LABEL_SETS[i % 3], *TEMPLATES[i % len(TEMPLATES)]) for i in range(5)]
-    whole = Classifier(loaded).run(works)
-    small = Classifier(loaded, max_rows=3)
-    assert [len(c) for c in small._chunks(works)] == [1, 1, 1, 1, 1]
-    for a, b in zip(whole, small.run(works)):
-        assert a.label == b.label
-        assert max(abs(x - y) for x, y in zip(a.logprobs.values(), b.logprobs.values())) < 1e-4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prompt_store.errors import Abandoned, ServiceUnavailable
-from server.engine.batch import GenerateBatch, order_after_removing
+from server.engine.batch import GenerateBatch
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stats import BatchStats
@@ -125,13 +125,6 @@ def test_requests_join_between_steps_and_leave_as_soon_as_they_finish():
     assert backend.calls == [("prefill", ["a", "b"]), ("keep", [0]), ("decode", 1), ("prefill", ["c"]),
                              ("decode", 2), ("keep", [])]  # fmt: skip
     assert scheduler.running() == 0
-
-
-def test_a_freed_row_is_taken_by_the_last_row():
-    assert order_after_removing(5, [1]) == [0, 4, 2, 3]
-    assert order_after_removing(5, [1, 4]) == [0, 3, 2]
-    assert order_after_removing(3, [0, 1, 2]) == []
-    assert order_after_removing(4, [3]) == [0, 1, 2]
 
 
 def test_max_new_tokens_ends_a_request_with_length():
