@@ -35,6 +35,7 @@ class HFBackend:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._live: list[int] = []  # batch row j is row _live[j] of the model state
+        self._selectable = True  # every cache layer can drop rows (set per batch at prefill)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, T]: 0 where a row is padded
         self._positions: torch.Tensor | None = None  # [rows, 1]: each row's last position

@@ -38,30 +38,36 @@ def wait_confirmed(store, task_id, timeout=5.0):
     raise AssertionError("the invalidation channel was never confirmed")
 
 
-def test_a_remembered_identity_costs_no_command_and_every_write_is_seen_at_once(own_redis):
+@pytest.fixture
+def writer_and_reader(own_redis):
+    """Two replicas' stores on one Redis, and a plain client to count commands."""
     writer, reader = RedisStore(own_redis), RedisStore(own_redis)
-    raw = redis.Redis.from_url(own_redis)
     try:
-        writer.put("t", filled_artifact(0.0))
-        wait_confirmed(reader, "t")
-        before = hmgets(raw)
-        for _ in range(200):
-            assert reader.identity("t").version == 1
-        assert hmgets(raw) == before  # 200 lookups, no command
-
-        # no sleep between the write returning and the lookup: the writer's
-        # PING after its script means the message is already on the reader's socket
-        for i in range(1, 21):
-            put = writer.put("t", filled_artifact(float(i)))
-            assert reader.identity("t").version == put["version"] == i + 1
-            wait_confirmed(reader, "t")
-        assert writer.delete("t")
-        assert reader.identity("t") is None
-        assert writer.put("t", filled_artifact(99.0))["version"] == 22
-        assert reader.identity("t").version == 22
+        yield writer, reader, redis.Redis.from_url(own_redis)
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_remembered_identity_costs_no_command_and_every_write_is_seen_at_once(writer_and_reader):
+    writer, reader, raw = writer_and_reader
+    writer.put("t", filled_artifact(0.0))
+    wait_confirmed(reader, "t")
+    before = hmgets(raw)
+    for _ in range(200):
+        assert reader.identity("t").version == 1
+    assert hmgets(raw) == before  # 200 lookups, no command
+
+    # no sleep between the write returning and the lookup: the writer's
+    # PING after its script means the message is already on the reader's socket
+    for i in range(1, 21):
+        put = writer.put("t", filled_artifact(float(i)))
+        assert reader.identity("t").version == put["version"] == i + 1
+        wait_confirmed(reader, "t")
+    assert writer.delete("t")
+    assert reader.identity("t") is None
+    assert writer.put("t", filled_artifact(99.0))["version"] == 22
+    assert reader.identity("t").version == 22
 
 
 def test_a_write_through_the_same_store_is_seen_by_its_next_lookup(own_redis):
@@ -76,29 +82,24 @@ def test_a_write_through_the_same_store_is_seen_by_its_next_lookup(own_redis):
         store.close()
 
 
-def test_after_the_subscriber_connection_is_killed_the_next_lookup_reads_redis(own_redis):
-    writer, reader = RedisStore(own_redis), RedisStore(own_redis)
-    raw = redis.Redis.from_url(own_redis)
-    try:
-        writer.put("t", filled_artifact(1.0))
-        wait_confirmed(reader, "t")
-        assert raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
-        writer.put("t", filled_artifact(2.0))  # published to nobody
-        before = hmgets(raw)
-        assert reader.identity("t").version == 2  # the lookup found the connection closed
-        assert hmgets(raw) == before + 1
+def test_after_the_subscriber_connection_is_killed_the_next_lookup_reads_redis(writer_and_reader):
+    writer, reader, raw = writer_and_reader
+    writer.put("t", filled_artifact(1.0))
+    wait_confirmed(reader, "t")
+    assert raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+    writer.put("t", filled_artifact(2.0))  # published to nobody
+    before = hmgets(raw)
+    assert reader.identity("t").version == 2  # the lookup found the connection closed
+    assert hmgets(raw) == before + 1
 
-        wait_confirmed(reader, "t")  # subscribed again: from memory again
-        assert reader._watcher.subscriptions == 2
-        before = hmgets(raw)
-        for _ in range(50):
-            assert reader.identity("t").version == 2
-        assert hmgets(raw) == before
-        writer.put("t", filled_artifact(3.0))
-        assert reader.identity("t").version == 3
-    finally:
-        writer.close()
-        reader.close()
+    wait_confirmed(reader, "t")  # subscribed again: from memory again
+    assert reader._watcher.subscriptions == 2
+    before = hmgets(raw)
+    for _ in range(50):
+        assert reader.identity("t").version == 2
+    assert hmgets(raw) == before
+    writer.put("t", filled_artifact(3.0))
+    assert reader.identity("t").version == 3
 
 
 def test_a_held_up_invalidation_is_stale_for_at_most_max_lag(own_redis):

@@ -17,10 +17,6 @@ def fresh(requests):
     return [Request.generate(r.prompt, r.input_ids, r.params) for r in requests]
 
 
-def test_the_decoders_cover_the_test_models(loaded):
-    assert slot_model_for(loaded.model) is not None
-
-
 def test_packing_llama_projections_changes_nothing_the_model_computes(tiny_model_dirs):
     """The decoder packs q/k/v and gate/up weights into one matrix each; the
     model's own forward and memory stay as they were, and packing twice copies nothing."""

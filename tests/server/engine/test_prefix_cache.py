@@ -25,12 +25,13 @@ def test_a_hit_gives_back_what_was_put_and_counts():
 
 def test_the_least_recently_used_entry_is_evicted_first():
     cache = PrefixCache(2)
-    cache.put(key("a"), kv(1.0))
+    a, c = kv(1.0), kv(3.0)
+    cache.put(key("a"), a)
     cache.put(key("b"), kv(2.0))
-    assert cache.get(key("a")) is not None  # a is now the most recent: b goes first
-    cache.put(key("c"), kv(3.0))
+    assert cache.get(key("a")) is a  # a is now the most recent: b goes first
+    cache.put(key("c"), c)
     assert cache.get(key("b")) is None
-    assert cache.get(key("a")) is not None and cache.get(key("c")) is not None
+    assert cache.get(key("a")) is a and cache.get(key("c")) is c
     cache.put(key("d"), kv(4.0))  # a was read before c: a goes
     assert cache.get(key("a")) is None
     assert cache.stats() == {"size": 2, "capacity": 2, "hits": 3, "misses": 2, "evictions": 2}
