@@ -1,8 +1,12 @@
-"""Operations per decode step: how many kernels one step of the continuous
-engine launches, by operator, for a model shape. On a GPU at small batch a
-step's time is mostly launches, so this count is what CUDA graphs replay and
-what torch.compile fusion shrinks. On CPU it counts the aten operators that
-compute (not views or allocations; each is about one kernel on a GPU); on CUDA it counts the CUDA kernels.
+"""Operations per decode step, per admission and per row removal: how many
+kernels each launches, by operator, for a model shape. On a GPU at small batch
+their time is mostly launches, so these counts are what CUDA graphs replay (the
+step) or what runs eagerly (admission: the prefill of --rows newcomers over two
+tasks, with their prompts' prefixes computed or already cached; removal: a
+finished row's slot taken by the last row), and what torch.compile fusion
+shrinks. On CPU it counts the aten operators that compute (not views or
+allocations; each is about one kernel on a GPU); on CUDA it counts the CUDA
+kernels.
 
     python bench/step_ops.py --shape llama-1b-thin        # 22 Llama layers, tiny widths: fast on CPU
     python bench/step_ops.py --shape llama-1b --device cuda --dtype bfloat16 [--compile]
@@ -75,26 +79,40 @@ def main() -> None:
     loaded = build(args.shape, args.device, getattr(torch, args.dtype))
     requests = make_requests(loaded, 2, args.rows, prompt_len=4, input_len=16, new=8)
     backend = SlotBackend(loaded, slot_model_for(loaded.model), max_running=args.rows, max_len=64, max_tokens=10**6,
-                          prefix_cache_size=0, cuda_graphs=False, compile=args.compile)  # fmt: skip
+                          prefix_cache_size=8, cuda_graphs=False, compile=args.compile)  # fmt: skip
     batch = GenerateBatch(backend, loaded)
-    batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
+
+    def admit(fresh_prefixes: bool):
+        batch.remove(list(batch.requests))
+        if fresh_prefixes:
+            batch.backend.prefixes.clear()
+        batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
+
+    admit(True)
     for _ in range(3):  # warm-up (and compilation)
         batch.decode()
-    if loaded.device.type == "cuda":
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            batch.decode()
-        counts = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        what = "CUDA kernels"
-    else:
-        with CountOps() as counter:
-            batch.decode()
-        counts, what = counter.counts, "computing aten operators"
     layers = loaded.model.config.num_hidden_layers
-    total = sum(counts.values())
-    print(f"{args.shape} {args.device} rows={args.rows} compile={args.compile}: {total} {what} per decode step "
-          f"({total / layers:.1f} per layer, {layers} layers)")  # fmt: skip
-    for name, n in counts.most_common(25):
-        print(f"{n:6d}  {name}")
+    phases = [("decode step", batch.decode), ("admission, prefixes computed", lambda: admit(True)),
+              ("admission, prefixes cached", lambda: admit(False)),
+              ("row removal (the last row moves)", lambda: batch.remove(batch.requests[:1]))]  # fmt: skip
+    for name, run in phases:
+        run()  # warm-up
+        counts, what = count(run, loaded.device)
+        total = sum(counts.values())
+        print(f"\n{args.shape} {args.device} rows={args.rows} compile={args.compile}: {total} {what} per {name} "
+              f"({total / layers:.1f} per layer, {layers} layers)")  # fmt: skip
+        for op, n in counts.most_common(25):
+            print(f"{n:6d}  {op}")
+
+
+def count(run, device: torch.device) -> tuple[Counter, str]:
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+        return Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), "CUDA kernels"
+    with CountOps() as counter:
+        run()
+    return counter.counts, "computing aten operators"
 
 
 if __name__ == "__main__":
