@@ -84,7 +84,7 @@ class DecodeStep:
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """tokens, positions: [B] (row b is slot b) -> logits [B, V]."""
-        attention = SlotAttention(self.cache, None, positions[:, None], length)
+        attention = SlotAttention(self.cache, 0, positions[:, None], length)
         hidden = self.model.hidden(self.embed_tokens(tokens[:, None]), attention)  # [B, 1, H]
         return self.lm_head(hidden[:, 0])
 

@@ -5,6 +5,12 @@ sequence, so rows of different lengths never need padding or a shared clock,
 and a row can join or leave between any two decode steps. Running rows are
 kept in slots 0..n-1 (`move` fills a freed slot with the last row), so a
 decode step reads the cache as a plain view, with no gather.
+
+All layers' keys live in one tensor [layers, slots, kv_heads, max_len,
+head_dim] (values in another): a layer reads and writes its own view, and the
+operations on whole slots (move, export, load) are one copy for all layers, not
+one per layer. Outside CUDA graphs each of those copies is a kernel launch, and
+they run between decode steps.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ import torch
 
 from ptcore.inputs import on_device
 
+# a cached prefix (server/engine/prefix_cache.py): keys, values [layers, kv_heads, length, head_dim]
+SlotKV = tuple[torch.Tensor, torch.Tensor]
+
 
 class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (slots, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+        self.all_keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.all_values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = list(self.all_keys.unbind(0))  # per layer: views [slots, kv_heads, max_len, head_dim]
+        self.values = list(self.all_values.unbind(0))
         self.slots = slots
         self.max_len = max_len
 
@@ -29,34 +40,28 @@ class SlotKVCache:
         self.keys[layer][b, :, positions] = k.transpose(1, 2)
         self.values[layer][b, :, positions] = v.transpose(1, 2)
 
-    def read(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [rows, kv_heads, length, head_dim] of slots 0..rows-1,
-        as views (the decode step)."""
-        return self.keys[layer][:rows, :, :length], self.values[layer][:rows, :, :length]
-
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, kv_heads, length, head_dim] of the [B] `slots` (prefill)."""
-        return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
+    def read(self, layer: int, first: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, kv_heads, length, head_dim] of slots first..first+rows-1, as views."""
+        end = first + rows
+        return self.keys[layer][first:end, :, :length], self.values[layer][first:end, :, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot src into slot dst."""
-        for kv in (*self.keys, *self.values):
-            kv[dst, :, :length] = kv[src, :, :length]
+        """Copy the first `length` positions of slot src into slot dst, in every layer."""
+        for kv in (self.all_keys, self.all_values):
+            kv[:, dst, :, :length] = kv[:, src, :, :length]
 
-    def export(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A copy of one slot's first `length` positions, per layer (for the prefix cache)."""
-        return [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+    def export(self, slot: int, length: int) -> SlotKV:
+        """A copy of one slot's first `length` positions in every layer (for the prefix cache)."""
+        return self.all_keys[:, slot, :, :length].clone(), self.all_values[:, slot, :, :length].clone()
 
-    def load(self, slots: list[int], kvs: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    def load(self, slots: list[int], kvs: list[SlotKV]) -> None:
         """Place exported prefixes at positions 0.. of their slots (kvs[i] into
-        slots[i]). Prefixes of one length go in together: two copies per layer
-        for the whole group, not per slot (a batch of 64 newcomers would
-        otherwise launch 64 x layers x 2 small copies)."""
+        slots[i]). Prefixes of one length go in together: one copy for the keys
+        and one for the values of the whole group, in every layer."""
         by_length: dict[int, list[int]] = {}
-        for i, kv in enumerate(kvs):
-            by_length.setdefault(kv[0][0].shape[1], []).append(i)
+        for i, (keys, _) in enumerate(kvs):
+            by_length.setdefault(keys.shape[2], []).append(i)
         for n, group in by_length.items():
-            index = on_device([slots[i] for i in group], self.keys[0].device)
-            for layer in range(len(self.keys)):
-                self.keys[layer][index, :, :n] = torch.stack([kvs[i][layer][0] for i in group])
-                self.values[layer][index, :, :n] = torch.stack([kvs[i][layer][1] for i in group])
+            index = on_device([slots[i] for i in group], self.all_keys.device)
+            for whole, part in ((self.all_keys, 0), (self.all_values, 1)):
+                whole[:, index, :, :n] = torch.stack([kvs[i][part] for i in group], dim=1)  # [layers, G, kv, n, hd]

@@ -11,20 +11,19 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-import torch
+from server.engine.kv_cache import SlotKV
 
-PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, length, head_dim]
 PromptKey = tuple[str, int, str]  # TaskPrompt.key: task_id, version, digest
 
 
 class PrefixCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._entries: OrderedDict[PromptKey, PrefixKV] = OrderedDict()
+        self._entries: OrderedDict[PromptKey, SlotKV] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: PromptKey) -> PrefixKV | None:
+    def get(self, key: PromptKey) -> SlotKV | None:
         with self._lock:
             kv = self._entries.get(key)
             if kv is None:
@@ -34,7 +33,7 @@ class PrefixCache:
             self.hits += 1
             return kv
 
-    def put(self, key: PromptKey, kv: PrefixKV) -> None:
+    def put(self, key: PromptKey, kv: SlotKV) -> None:
         if self.capacity < 1:
             return
         with self._lock:

@@ -3,7 +3,8 @@
 
 Row i of the batch lives in slot i of the cache. A request may join between
 any two decode steps: it starts from a copy of its task's prefix (computed once
-per task version) and prefills only the rest of its tokens. A row that leaves
+per task version, by the first request that needs it) and prefills only the
+rest of its tokens. A row that leaves
 frees its slot at once: the last row moves into it, so the running rows stay
 in slots 0..n-1 and a decode step reads the cache as a plain view.
 """
@@ -58,40 +59,37 @@ class SlotBackend:
         return used + request.need <= self.max_tokens or not (self.rows or admitted)
 
     def prefill(self, requests: list[Request]) -> torch.Tensor:
-        """Prefill `requests` as one batch in the next free slots; -> their last
-        positions' logits [n, V]. They become rows rows..rows+n-1.
+        """Prefill `requests` as one batch in the next free slots, in one forward
+        pass; -> their last positions' logits [n, V]. They become rows
+        rows..rows+n-1.
 
-        Prefixes not cached yet are prefilled first, one row per distinct task
-        version, into the slot of its first newcomer; then every newcomer starts
-        from its task's prefix and prefills only the rest. A request no longer
-        than the prefix prefills everything (its last token's logits are needed)."""
-        slots = list(range(self.rows, self.rows + len(requests)))
+        A newcomer whose task's prefix is cached starts from a copy of it and
+        prefills only the rest. One whose prefix is not cached prefills all its
+        tokens; the first of each task version then exports its prefix for
+        the next. (Computing missing prefixes in a pass of their own, then
+        loading them, costs a second pass: a layer's worth of kernel launches
+        more, to save a few rows of prefix tokens.) A request no longer than
+        its prefix prefills everything (its last token's logits are needed)."""
+        first = self.rows
         keys = [r.prompt.key for r in requests]
         usable = [self.reuse_prefixes and 0 < r.prompt.prefix_len < len(r.input_ids) for r in requests]
-        prefix_kv = {key: self.prefixes.get(key) for key in dict.fromkeys(k for k, use in zip(keys, usable) if use)}
-        missing: dict = {}  # task version -> index of the newcomer that computes its prefix
-        for i, (key, use) in enumerate(zip(keys, usable)):
-            if use and prefix_kv[key] is None and key not in missing:
-                missing[key] = i
-        if missing:
-            owners = list(missing.values())
-            self._forward([slots[i] for i in owners], [0] * len(owners),
-                          [requests[i].input_ids[: requests[i].prompt.prefix_len] for i in owners],
-                          [requests[i] for i in owners])  # fmt: skip
-            for key, i in missing.items():
-                prefix_kv[key] = self.cache.export(slots[i], requests[i].prompt.prefix_len)
-                self.prefixes.put(key, prefix_kv[key])
-
-        starts, seqs, loads = [], [], []
+        cached = {key: self.prefixes.get(key) for key in dict.fromkeys(k for k, use in zip(keys, usable) if use)}
+        exporters: dict = {}  # task version -> the newcomer whose slot will hold its prefix
+        starts, loads = [], []
         for i, (r, key, use) in enumerate(zip(requests, keys, usable)):
-            start = r.prompt.prefix_len if use else 0
-            if use and missing.get(key) != i:  # the owner's slot already holds it
+            if use and cached[key] is not None:
                 loads.append(i)
-            starts.append(start)
-            seqs.append(r.input_ids[start:])
+                starts.append(r.prompt.prefix_len)
+            else:
+                if use:
+                    exporters.setdefault(key, i)
+                starts.append(0)
         if loads:
-            self.cache.load([slots[i] for i in loads], [prefix_kv[keys[i]] for i in loads])
-        hidden = self._forward(slots, starts, seqs, requests)  # [n, T, H]
+            self.cache.load([first + i for i in loads], [cached[keys[i]] for i in loads])
+        seqs = [r.input_ids[start:] for r, start in zip(requests, starts)]
+        hidden = self._forward(first, starts, seqs, requests)  # [n, T, H]
+        for key, i in exporters.items():
+            self.prefixes.put(key, self.cache.export(first + i, requests[i].prompt.prefix_len))
         dev = self.loaded.device
         last = on_device([len(seq) - 1 for seq in seqs], dev)
         logits = self.lm_head(hidden[torch.arange(len(requests), device=dev), last])  # [n, V]
@@ -99,14 +97,14 @@ class SlotBackend:
         self.needs.extend(r.need for r in requests)
         return logits
 
-    def _forward(self, slots: list[int], starts: list[int], seqs: list[list[int]], requests: list[Request]):
+    def _forward(self, first: int, starts: list[int], seqs: list[list[int]], requests: list[Request]):
         """Run token lists `seqs` (row b starting at position starts[b] of slot
-        slots[b]) as one right-padded batch; -> hidden states [B, T, H]."""
+        first + b) as one right-padded batch; -> hidden states [B, T, H]."""
         dev, V = self.loaded.device, self.loaded.vocab_size
         table, offsets = prompt_table([r.prompt.rows for r in requests])
         ids, positions = pack_from(seqs, offsets, starts, V, dev, self.max_len - 1)
         length = min(max(starts) + ids.shape[1], self.max_len)
-        attention = SlotAttention(self.cache, on_device(slots, dev), positions, length)
+        attention = SlotAttention(self.cache, first, positions, length)
         return self.model.hidden(embed(self.embed_tokens, ids, table, V), attention)
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

@@ -6,7 +6,6 @@ import torch
 from prompt_store.template import render
 from ptcore.model import load_model
 from ptcore.task_prompt import task_prompt
-from server.engine.kv_cache import SlotKVCache
 from server.engine.models import slot_model_for
 from server.engine.request import Request, SamplingParams
 from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens, random_prompt, submit_from_threads
@@ -58,6 +57,32 @@ def test_prefix_reuse_on_and_off_give_identical_tokens(loaded):
         assert r.token_ids == oracle_tokens(loaded, w)
 
 
+def test_an_admission_is_one_forward_and_a_missed_prefix_is_exported_by_its_first_row(loaded):
+    """Newcomers whose prefix is not cached prefill everything in the same pass
+    as the rest; the first of each task leaves its prefix in the cache, equal to
+    the keys and values its slot holds, and the next admission loads it."""
+    s = make_scheduler(loaded, max_running=8)
+    backend = s.batch.backend
+    passes = []
+    hidden = backend.model.hidden
+    backend.model.hidden = lambda x, attention: passes.append(x.shape[:2]) or hidden(x, attention)
+    works = generate_requests(loaded, 8, tasks=2, max_new=lambda i: 3)  # t0, t1 alternate; both have a prefix
+    s.batch.prefill(works[:6])
+    assert len(passes) == 1 and passes[0][0] == 6
+    assert prefixes(s) == {"size": 2, "capacity": 8, "hits": 0, "misses": 2, "evictions": 0}
+    for slot, w in ((0, works[0]), (1, works[1])):  # the first newcomer of t0, of t1
+        keys, values = backend.prefixes.get(w.prompt.key)
+        n = w.prompt.prefix_len
+        assert keys.shape[2] == n and torch.equal(keys, backend.cache.all_keys[:, slot, :, :n])
+        assert torch.equal(values, backend.cache.all_values[:, slot, :, :n])
+    s.batch.prefill(works[6:])  # both prefixes cached now: each newcomer prefills past its prefix
+    assert len(passes) == 2 and passes[1] == (2, max(len(w.input_ids) - w.prompt.prefix_len for w in works[6:]))
+    while s.batch.running:
+        s.batch.decode()
+    for w in works:
+        assert w.result().token_ids == oracle_tokens(loaded, w)
+
+
 def test_eviction_with_a_prefix_cache_smaller_than_the_task_count(loaded):
     s = make_scheduler(loaded, prefix_cache_size=2)
     works = generate_requests(loaded, 15, tasks=5)
@@ -90,31 +115,6 @@ def test_token_budget_bounds_admission(loaded):
     assert peak == 2
     for w, r in zip(works, results):
         assert r.token_ids == oracle_tokens(loaded, w)
-
-
-def test_slot_cache_write_read_move():
-    cache = SlotKVCache(num_layers=1, slots=3, kv_heads=2, max_len=8, head_dim=4, dtype=torch.float32, device="cpu")
-    k = torch.randn(2, 2, 3, 4)
-    v = torch.randn(2, 2, 3, 4)
-    cache.write(0, torch.tensor([2, 0]), torch.tensor([[0, 1, 2], [4, 5, 6]]), k, v)
-    keys, values = cache.gather(0, torch.tensor([2]), 3)
-    assert torch.equal(keys[0], k[0]) and torch.equal(values[0], v[0])
-    assert torch.equal(cache.keys[0][0, :, 4:7], k[1])
-    cache.move(2, 1, 3)
-    assert torch.equal(cache.read(0, 2, 3)[0][1], k[0])
-
-
-def test_slot_cache_loads_prefixes_of_different_lengths_into_their_slots():
-    cache = SlotKVCache(num_layers=2, slots=4, kv_heads=2, max_len=8, head_dim=4, dtype=torch.float32, device="cpu")
-    short = [(torch.randn(2, 2, 4), torch.randn(2, 2, 4)) for _ in range(2)]  # per layer: [kv_heads, 2, head_dim]
-    long = [(torch.randn(2, 5, 4), torch.randn(2, 5, 4)) for _ in range(2)]
-    cache.load([3, 0, 1], [short, long, short])
-    for layer in range(2):
-        for slot, kv in ((3, short), (0, long), (1, short)):
-            n = kv[layer][0].shape[1]
-            assert torch.equal(cache.keys[layer][slot, :, :n], kv[layer][0])
-            assert torch.equal(cache.values[layer][slot, :, :n], kv[layer][1])
-        assert torch.equal(cache.keys[layer][2], torch.zeros(2, 8, 4))  # untouched
 
 
 def test_scheduler_serves_concurrent_submissions(loaded):

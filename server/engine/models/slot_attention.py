@@ -14,33 +14,41 @@ from server.engine.kv_cache import SlotKVCache
 class SlotAttention:
     """Where one forward pass's tokens live in the cache, shared by all its layers.
 
-    slots: None when row b is slot b (the decode step: the cache is read as a
-    view), else a [B] tensor of slot ids (prefill: those slots are gathered).
-    positions: [B, T]. length: each row reads positions 0..length-1, which must
-    cover every position in `positions`."""
+    Row b of the pass is slot first + b (the decode step: first = 0; a prefill:
+    the newcomers' slots, which follow the running rows), so every layer reads
+    the cache as a view. positions: [B, T]. length: each row reads positions
+    0..length-1, which must cover every position in `positions`."""
 
-    def __init__(self, cache: SlotKVCache, slots: torch.Tensor | None, positions: torch.Tensor, length: int):
+    def __init__(self, cache: SlotKVCache, first: int, positions: torch.Tensor, length: int):
         B = positions.shape[0]
         self.cache = cache
-        self.slots = slots
-        self.slot_ids = torch.arange(B, device=positions.device) if slots is None else slots
+        self.first = first
+        self.slot_ids = torch.arange(first, first + B, device=positions.device)
         self.positions = positions
         self.length = length
-        # a query sees its own row's keys at positions <= its own: [B, T, length]
-        self.mask = torch.arange(length, device=positions.device)[None, None, :] <= positions[:, :, None]
+        self._bias: torch.Tensor | None = None  # built by the first layer, used by all
 
     def __call__(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q: [B, heads, T, hd]; k, v: [B, kv_heads, T, hd] -> [B, T, heads * hd]."""
         self.cache.write(layer, self.slot_ids, self.positions, k, v)
         B, H, T, D = q.shape
-        if self.slots is None:
-            keys, values = self.cache.read(layer, B, self.length)
-        else:
-            keys, values = self.cache.gather(layer, self.slots, self.length)  # [B, kv_heads, length, hd]
+        keys, values = self.cache.read(layer, self.first, B, self.length)  # [B, kv_heads, length, hd]
         group = H // keys.shape[1]
         # grouped-query attention without copying keys: the `group` query heads
         # that share a key head become extra query rows of that head
         q = q.reshape(B, H // group, group * T, D)
-        mask = self.mask[:, None].expand(B, group, T, self.length).reshape(B, 1, group * T, self.length)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(group, q.dtype), scale=scale)
         return out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+
+    def _mask(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, group * T, length]: 0 where a query may see a key (its own row's
+        keys at positions <= its own), -inf elsewhere. What SDPA would make of a
+        boolean mask, made once per pass instead of once per layer."""
+        if self._bias is None:
+            B, T = self.positions.shape
+            visible = torch.arange(self.length, device=self.positions.device) <= self.positions[:, :, None]
+            visible = visible[:, None].expand(B, group, T, self.length).reshape(B, 1, group * T, self.length)
+            self._bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+                ~visible, float("-inf")
+            )
+        return self._bias

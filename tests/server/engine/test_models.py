@@ -70,7 +70,7 @@ def test_a_sequence_prefilled_alone_equals_hugging_face_bit_for_bit(causal):
     decoder, embed, head = parts(causal)
     for ids in sequences(causal, [9, 23]):
         T = len(ids)
-        attention = SlotAttention(new_cache(decoder), torch.tensor([2]), torch.arange(T)[None], T)
+        attention = SlotAttention(new_cache(decoder), 2, torch.arange(T)[None], T)
         hidden = decoder.hidden(embed(ids)[None], attention)[0]
         want_hidden, want_logits = reference(causal, ids)
         assert torch.equal(hidden, want_hidden)
@@ -78,15 +78,15 @@ def test_a_sequence_prefilled_alone_equals_hugging_face_bit_for_bit(causal):
 
 
 @torch.no_grad()
-def test_a_right_padded_batch_in_scattered_slots_equals_each_sequence_alone(causal):
-    """As the slot backend prefills: rows of different lengths, right-padded, in slots out of order."""
+def test_a_right_padded_batch_in_later_slots_equals_each_sequence_alone(causal):
+    """As the slot backend prefills: rows of different lengths, right-padded, in the slots after the running rows."""
     decoder, embed, head = parts(causal)
     seqs = sequences(causal, [12, 5, 9], seed=1)
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = s
-    attention = SlotAttention(new_cache(decoder), torch.tensor([3, 0, 2]), torch.arange(T).expand(len(seqs), T), T)
+    attention = SlotAttention(new_cache(decoder), 1, torch.arange(T).expand(len(seqs), T), T)
     hidden = decoder.hidden(embed(ids), attention)  # [B, T, H]
     for b, s in enumerate(seqs):
         want_hidden, want_logits = reference(causal, s)
@@ -103,14 +103,12 @@ def test_a_prefix_then_a_chunk_then_single_tokens_equal_the_whole_sequence(causa
     (ids,) = sequences(causal, [40], seed=2)
     want_hidden, want_logits = reference(causal, ids)
     cache = new_cache(decoder, slots=1)
-    prefix = decoder.hidden(embed(ids[:4])[None], SlotAttention(cache, torch.tensor([0]), torch.arange(4)[None], 4))
+    prefix = decoder.hidden(embed(ids[:4])[None], SlotAttention(cache, 0, torch.arange(4)[None], 4))
     assert torch.equal(prefix[0], reference(causal, ids[:4])[0])
-    chunk = decoder.hidden(
-        embed(ids[4:10])[None], SlotAttention(cache, torch.tensor([0]), torch.arange(4, 10)[None], 10)
-    )
+    chunk = decoder.hidden(embed(ids[4:10])[None], SlotAttention(cache, 0, torch.arange(4, 10)[None], 10))
     assert_close_to_scale(chunk[0], want_hidden[4:10])
     for p in range(10, len(ids)):
-        step = decoder.hidden(embed(ids[p : p + 1])[None], SlotAttention(cache, None, torch.tensor([[p]]), p + 1))
+        step = decoder.hidden(embed(ids[p : p + 1])[None], SlotAttention(cache, 0, torch.tensor([[p]]), p + 1))
         assert_close_to_scale(step[0, 0], want_hidden[p])
         assert_close_to_scale(head(step[0, 0]), want_logits[p])
 
@@ -123,10 +121,10 @@ def test_rows_at_different_positions_decode_together(causal):
     cache = new_cache(decoder, slots=2)
     for slot, s in enumerate(seqs):  # prefill all but the last token of each, alone
         n = len(s) - 1
-        decoder.hidden(embed(s[:n])[None], SlotAttention(cache, torch.tensor([slot]), torch.arange(n)[None], n))
+        decoder.hidden(embed(s[:n])[None], SlotAttention(cache, slot, torch.arange(n)[None], n))
     last = torch.stack([s[-1] for s in seqs])[:, None]  # [2, 1]
     positions = torch.tensor([[len(s) - 1] for s in seqs])
-    step = decoder.hidden(embed(last), SlotAttention(cache, None, positions, max(len(s) for s in seqs)))
+    step = decoder.hidden(embed(last), SlotAttention(cache, 0, positions, max(len(s) for s in seqs)))
     for b, s in enumerate(seqs):
         assert_close_to_scale(step[b, 0], reference(causal, s)[0][-1])
 
