@@ -55,7 +55,7 @@ class GenerateBatch:
         """Admit `newcomers`, choose their first tokens; -> those already finished."""
         for r in newcomers:
             r.generator = make_generator(r.params, self.device)
-            r.text = TextStream(self.tokenizer, r.params.stop)
+            r.text = TextStream(self.tokenizer, r.params.stop, live=r.on_text is not None)
         logits = self.backend.prefill(newcomers)
         first = len(self.requests)
         self.requests.extend(newcomers)

@@ -1,13 +1,14 @@
 """TextStream: after every token its text is exactly what one decode of all the
 tokens gives, with stop strings cut where the old full-text search cut them."""
 
+import copy
 import random
 
 import pytest
 from transformers import AutoTokenizer
 
 from ptcore.model_source import DEFAULT_MODEL
-from server.engine.text import TextStream
+from server.engine.text import TextStream, decoder_of
 
 TEXTS = [
     "Hello world",
@@ -59,6 +60,22 @@ def test_text_equals_decode_after_every_token(tokenizer):
             assert stream.text == expected, (ids[:n], stream.text, expected)
             assert expected.startswith(stream.safe_text())
         assert stream.token_ids == ids
+
+
+def test_a_stream_that_is_not_live_decodes_only_when_read(tokenizer):
+    """No stop strings and nobody streaming: pushes decode nothing, and reading
+    .text decodes all the tokens once, giving what a live stream gives."""
+    for ids in sequences(tokenizer):
+        counting = CountingTokenizer(tokenizer)
+        stream = TextStream(counting, live=False)
+        for token in ids[:-1]:
+            assert stream.push(token) is False
+        assert counting.sizes == []
+        assert stream.text == tokenizer.decode(ids[:-1], skip_special_tokens=True)
+        stream.push(ids[-1])
+        assert stream.text == stream.text == tokenizer.decode(ids, skip_special_tokens=True)
+        assert counting.sizes == [len(ids) - 1, len(ids)]  # one decode per read after a push
+    assert TextStream(tokenizer, ("stop",), live=False).live  # stop strings are searched as tokens arrive
 
 
 def test_multibyte_characters_arrive_in_pieces(tokenizer):
@@ -154,6 +171,25 @@ class CountingTokenizer:
     def decode(self, ids, **kw):
         self.sizes.append(len(ids))
         return self.tok.decode(ids, **kw)
+
+
+def test_a_plain_fast_tokenizer_is_decoded_by_its_backend(tokenizer):
+    """Our tokenizers take the backend's decode (so the tests above check that path
+    against tokenizer.decode); anything else keeps its own decode."""
+    assert decoder_of(tokenizer).func == tokenizer.backend_tokenizer.decode
+    counting = CountingTokenizer(tokenizer)
+    assert decoder_of(counting).func == counting.decode
+
+    class Rewriting(type(tokenizer)):  # a subclass with its own decoding
+        def _decode(self, token_ids, **kw):
+            return super()._decode(token_ids, **kw).upper()
+
+    rewriting = copy.copy(tokenizer)
+    rewriting.__class__ = Rewriting
+    stream = TextStream(rewriting)
+    for token in tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        stream.push(token)
+    assert stream.text == "HELLO WORLD"
 
 
 def test_each_token_decodes_a_short_window(tokenizer):
