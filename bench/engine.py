@@ -125,12 +125,14 @@ def agreement(xs: list[list[int]], ys: list[list[int]]) -> str:
     return f"{same}/{len(xs)} requests token-identical{where}"
 
 
-def summarize(name: str, wall: float, tokens: int, ttft: list[float], per_token: list[float], step_ms=None) -> dict:
+def summarize(name: str, wall: float, tokens: int, ttft: list[float], per_token: list[float], step_ms=None,
+              prefill_ms=None) -> dict:  # fmt: skip
     q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
     return {
         "mode": name, "tokens_per_s": tokens / wall, "wall_s": wall,
         "ttft_p50_ms": 1000 * q(ttft, 50), "ttft_p99_ms": 1000 * q(ttft, 99),
         "tpot_p50_ms": 1000 * q(per_token, 50), "tpot_p99_ms": 1000 * q(per_token, 99), "step_ms": step_ms,
+        "prefill_ms": prefill_ms,
     }  # fmt: skip
 
 
@@ -187,10 +189,13 @@ def run_engine(batch, requests, args, arrivals=None, concurrent=True) -> dict:
     n = args.new_tokens
     ttft = [w.first_token_at - w.submitted_at for w in works]
     tpot = [(done_at[id(w)] - w.first_token_at) / max(1, n - 1) for w in works]
-    decode = [b for b in stats.snapshot()["recent"] if b["kind"] == "decode"]
+    batches = stats.snapshot()["recent"]
+    decode = [b for b in batches if b["kind"] == "decode"]
     full = [b["seconds"] for b in decode if b["size"] == args.max_running] or [b["seconds"] for b in decode]
     step_ms = 1000 * statistics.median(full) if full else None  # steps with every slot running, where there are any
-    return summarize("", wall, n * len(works), ttft, tpot, step_ms)
+    prefill = [b["seconds"] for b in batches if b["kind"] == "prefill"]
+    prefill_ms = 1000 * statistics.median(prefill) if prefill else None  # the part of TTFT that is model work
+    return summarize("", wall, n * len(works), ttft, tpot, step_ms, prefill_ms)
 
 
 def tokens_in_order(batch, requests) -> list[list[int]]:
@@ -344,18 +349,20 @@ def main() -> None:
         f"max_running={args.max_running} repeats={args.repeats} serial={len(serial)} "
         f"cuda_graphs={engine.backend.decode_step.use_graphs} "
         f"torch={torch.__version__} transformers={transformers.__version__}",
-        "decode step ms: median over steps with all max_running slots busy (all steps where none were)",
+        "decode step ms: median over steps with all max_running slots busy (all steps where none were); "
+        "prefill ms: median over the run's prefill batches (admission, forward and first tokens)",
         "",
         "| mode | tokens/s (median) | all runs | wall s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms "
-        "| per-token p99 ms | decode step ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| per-token p99 ms | decode step ms | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = f"{r['step_ms']:.2f}" if r.get("step_ms") else "-"
+        prefill = f"{r['prefill_ms']:.1f}" if r.get("prefill_ms") else "-"
         lines.append(
             f"| {r['mode']} | {r['tokens_per_s']:.1f} | {' '.join(f'{x:.0f}' for x in r.get('all', []))} | "
             f"{r['wall_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
-            f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {step} |"
+            f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {step} | {prefill} |"
         )
     by = {r["mode"][:3]: r["tokens_per_s"] for r in rows}
     lines.append("")

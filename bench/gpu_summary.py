@@ -74,6 +74,11 @@ def summary(folder: Path) -> list[str]:
                  f"{verdict(None if ac is None else ac >= TARGET_VS_HF_GENERATE)}")  # fmt: skip
     lines.append(f"beyond: >= {BEYOND_TOKENS_PER_S:,} tokens/s:      best of (a), (g) = {fmt(best)}  "
                  f"{verdict(None if best is None else best >= BEYOND_TOKENS_PER_S)}")  # fmt: skip
+    row_a = next((r for r in results(folder / "b-engine-llama-1b.log") if r.get("mode", "").startswith("(a)")), None)
+    if row_a:  # where (a)'s wall time goes: what to work on next
+        ttft, prefill, step = row_a["ttft_p50_ms"], row_a.get("prefill_ms"), row_a.get("step_ms")
+        lines.append(f"(a) time to first token p50:     {fmt(ttft, ' ms')} (prefill batch {fmt(prefill, ' ms')}), "
+                     f"engine step {fmt(step, ' ms')}")  # fmt: skip
     sa, sc = small.get("(a)"), small.get("(c)")
     lines.append(f"SmolLM2-135M shape (a) vs (c):   {fmt(sa)} vs {fmt(sc)} tokens/s"
                  + (f", {sa / sc:.2f}x" if sa and sc else ""))  # fmt: skip
