@@ -53,7 +53,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from prompt_store.artifact import make_artifact  # noqa: E402
 from ptcore.inputs import embed, pack, prompt_table  # noqa: E402
-from ptcore.model import LoadedModel, describe_model  # noqa: E402
+from ptcore.model import LoadedModel, avoid_cudnn_attention, describe_model  # noqa: E402
 from ptcore.task_prompt import task_prompt  # noqa: E402
 from server.engine.batch import GenerateBatch  # noqa: E402
 from server.engine.classify import Classifier  # noqa: E402
@@ -94,6 +94,7 @@ def build(shape: str, device: str, dtype: torch.dtype) -> LoadedModel:
     with torch.device(device):  # initialised where it runs: a 1B model's random init on the CPU takes long
         model = SHAPES[shape]()
     model = model.to(dtype=dtype).eval().requires_grad_(False)
+    avoid_cudnn_attention(torch.device(device))  # as load_model does: the server runs this way
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = None  # every request generates exactly --new-tokens
     pos = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions

@@ -47,6 +47,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def avoid_cudnn_attention(device: torch.device) -> None:
+    """On CUDA, take cuDNN's kernel out of scaled_dot_product_attention's choices,
+    for the whole process.
+
+    PyTorch prefers it on Hopper GPUs for attention with a mask, which is how
+    every forward here runs (rows of different lengths; Hugging Face's sdpa
+    attention too). cuDNN builds an execution plan for each new shape, tens to
+    hundreds of milliseconds, and caches plans per thread: admissions (a new
+    batch size or length almost every time), steps that are not CUDA graphs
+    (the length grows by one each step) and every new scheduler thread would
+    pay it, and the cache grows without bound. The memory-efficient kernel
+    takes the same masks with no per-shape setup."""
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("cuDNN attention off: its per-shape plans would be rebuilt for nearly every prefill")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -209,6 +226,7 @@ def load_model(
     else:
         model = FAMILIES[family].from_pretrained(name_or_path, dtype=dt).to(dev)
     model.eval().requires_grad_(False)
+    avoid_cudnn_attention(dev)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
