@@ -9,6 +9,9 @@ latency, side by side in one run, for
   (e) one request at a time through ptserve's engine (--serial N: the first N);
   (f) on CUDA: (a) with the decode step run eagerly instead of from CUDA graphs;
   (g) with --compile: (a) with the decode step fused by torch.compile;
+  (h) on CUDA: (a) with cuDNN attention allowed, PyTorch's default (ptserve
+      turns it off when it loads a model: see ptcore/model.py); the captured
+      decode step is the same, only the eager work (prefill) differs;
   (p) requests arriving over time (Poisson, --rate per second) through the real
       scheduler, if --rate is given.
 
@@ -199,6 +202,15 @@ def run_engine(batch, requests, args, arrivals=None, concurrent=True) -> dict:
     return summarize("", wall, n * len(works), ttft, tpot, step_ms, prefill_ms)
 
 
+def with_cudnn_attention(run):
+    """run() with cuDNN attention allowed, as PyTorch has it unless told otherwise."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        return run()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def tokens_in_order(batch, requests) -> list[list[int]]:
     """Each request's tokens, the scheduler's loop run on this thread: admitted in
     order as slots free up, so two batches see the same batches."""
@@ -282,7 +294,8 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=None, help="engine slots (default: --concurrency)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--rate", type=float, default=None, help="also run Poisson arrivals at this many requests/s")
-    ap.add_argument("--modes", default="abcdefg", help="which of a..g to run (f: on CUDA with graphs; g: --compile)")
+    ap.add_argument("--modes", default="abcdefgh",
+                    help="which of a..h to run (f: on CUDA with graphs; g: --compile; h: on CUDA)")  # fmt: skip
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="no CUDA graphs for the engine")
     ap.add_argument("--compile", action="store_true", help="also (g): the engine with a torch.compile'd step")
     ap.add_argument("--serial", type=int, default=None, help="(e): only the first N requests (default: all)")
@@ -320,6 +333,9 @@ def main() -> None:
         exact = tokens_in_order(eager, mixed)
         notes += [f"CUDA graphs vs eager step at the same shapes: {agreement(replayed, same_shapes)}",
                   f"CUDA graphs vs eager step at exact shapes: {agreement(replayed, exact)}"]  # fmt: skip
+    if loaded.device.type == "cuda":
+        plan.append(("h", "(h) ptserve engine, mixed, cuDNN attention allowed", lambda: with_cudnn_attention(
+            lambda: run_engine(engine, mixed, args))))  # fmt: skip
     plan = [p for p in plan if p[0] in args.modes]
     rows = run_rounds(plan, args.repeats)
     if args.rate:
@@ -367,7 +383,8 @@ def main() -> None:
         )
     by = {r["mode"][:3]: r["tokens_per_s"] for r in rows}
     lines.append("")
-    for a, b in (("(a)", "(e)"), ("(a)", "(c)"), ("(a)", "(b)"), ("(a)", "(d)"), ("(a)", "(f)"), ("(g)", "(a)")):
+    pairs = [("(a)", x) for x in ("(e)", "(c)", "(b)", "(d)", "(f)", "(h)")] + [("(g)", "(a)")]
+    for a, b in pairs:
         if a in by and b in by:
             lines.append(f"{a}/{b} = {by[a] / by[b]:.2f}x")
     lines += [""] + notes if notes else []

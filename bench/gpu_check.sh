@@ -19,7 +19,7 @@
 #   a2  the decode-step tests again with PTSERVE_COMPILE=true;
 #   b   bench/engine.py, issue 4's workload: Llama 1.1B shape, bfloat16, 64
 #       requests over 8 tasks, 20 pseudo + 64 input tokens, 128 new tokens,
-#       modes (a)-(g) and (p);
+#       modes (a)-(h) and (p);
 #   c   bench/step_time.py: the decode step at 1, 8, 32 and 64 running rows,
 #       with graphs and with graphs + torch.compile, and kernels per step;
 #   d   bench/engine.py on the default model's shape (SmolLM2-135M, random
@@ -95,7 +95,7 @@ step a1-tests-graphs "${limits[0]}" $run "${pytest_args[@]}" "${tests_graphs[@]}
 PTSERVE_COMPILE=true step a2-tests-compile "${limits[1]}" $run "${pytest_args[@]}" "${tests_compile[@]}"
 step b-engine-llama-1b "${limits[2]}" $run bench/engine.py --shape "$big" --dtype bfloat16 --tasks 8 \
     --prompt-len 20 --input-len 64 --new-tokens "$new" --concurrency "$concurrency" --serial "$serial" \
-    --modes abcdefg --compile --rate 100
+    --modes abcdefgh --compile --rate 100
 # shellcheck disable=SC2086 # $rows is a list of numbers
 step c-step-time "${limits[3]}" $run bench/step_time.py --shape "$big" --dtype bfloat16 --rows $rows \
     --prompt-len 20 --input-len 64 --new-tokens "$new" --repeats "$repeats"

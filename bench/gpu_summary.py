@@ -79,6 +79,9 @@ def summary(folder: Path) -> list[str]:
         ttft, prefill, step = row_a["ttft_p50_ms"], row_a.get("prefill_ms"), row_a.get("step_ms")
         lines.append(f"(a) time to first token p50:     {fmt(ttft, ' ms')} (prefill batch {fmt(prefill, ' ms')}), "
                      f"engine step {fmt(step, ' ms')}")  # fmt: skip
+    h = engine.get("(h)")
+    if a and h:  # cuDNN attention off (ptserve's choice) against PyTorch's default, side by side
+        lines.append(f"cuDNN attention off vs allowed:  (a)/(h) = {a / h:.2f}")
     sa, sc = small.get("(a)"), small.get("(c)")
     lines.append(f"SmolLM2-135M shape (a) vs (c):   {fmt(sa)} vs {fmt(sc)} tokens/s"
                  + (f", {sa / sc:.2f}x" if sa and sc else ""))  # fmt: skip
