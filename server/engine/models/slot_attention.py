@@ -10,6 +10,8 @@ from torch.nn import functional as F
 
 from server.engine.kv_cache import SlotKVCache
 
+MASK_ALIGN = 16
+
 
 class SlotAttention:
     """Where one forward pass's tokens live in the cache, shared by all its layers.
@@ -43,12 +45,16 @@ class SlotAttention:
     def _mask(self, group: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, group * T, length]: 0 where a query may see a key (its own row's
         keys at positions <= its own), -inf elsewhere. What SDPA would make of a
-        boolean mask, made once per pass instead of once per layer."""
+        boolean mask, made once per pass instead of once per layer.
+
+        Its rows are laid out MASK_ALIGN elements apart: CUDA's memory-efficient
+        kernel copies a mask whose strides are not multiples of 16 into one
+        that is, in every call (every layer), unless it already is."""
         if self._bias is None:
             B, T = self.positions.shape
-            visible = torch.arange(self.length, device=self.positions.device) <= self.positions[:, :, None]
-            visible = visible[:, None].expand(B, group, T, self.length).reshape(B, 1, group * T, self.length)
-            self._bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
-                ~visible, float("-inf")
-            )
+            width = -(-self.length // MASK_ALIGN) * MASK_ALIGN
+            visible = torch.arange(width, device=self.positions.device) <= self.positions[:, :, None]
+            visible = visible[:, None].expand(B, group, T, width).reshape(B, 1, group * T, width)
+            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+            self._bias = bias[..., : self.length]
         return self._bias
