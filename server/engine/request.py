@@ -120,9 +120,11 @@ class Request:
 
     def new_text(self) -> str:
         """Streaming: the text no later token can change that on_text has not had yet."""
-        ready = self.text.safe_text()
-        piece = ready[self.streamed :]
-        self.streamed = max(self.streamed, len(ready))
+        end = self.text.safe_end()
+        if end <= self.streamed:
+            return ""
+        piece = self.text.text_between(self.streamed, end)
+        self.streamed = end
         return piece
 
     def result(self) -> GenerateResult | Exception:

@@ -16,6 +16,7 @@ tokenizers, but says nothing about tokens whose character is not complete yet (s
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from functools import partial
 
@@ -64,6 +65,7 @@ class TextStream:
         # stream never settles anything, so each push decodes all its tokens, as before.
         self._incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._settled: list[str] = []  # pieces of text that later tokens cannot change
+        self._ends: list[int] = []  # where each settled piece ends in .text
         self._settled_len = 0
         self._tail = ""  # the last `hold` settled characters: where a stop string may begin
         self._pending = ""  # text after the settled part; may still change
@@ -94,7 +96,7 @@ class TextStream:
         window = self._decode(self.token_ids[self._prefix :])
         if not window.startswith(self._prefix_text):  # the decoder rewrote settled text: decode everything
             self._incremental = False
-            self._settled, self._settled_len, self._tail, self._prefix, self._read = [], 0, "", 0, 0
+            self._settled, self._ends, self._settled_len, self._tail, self._prefix, self._read = [], [], 0, "", 0, 0
             self._prefix_text, window = "", self._decode(self.token_ids)
             before, tail = 0, ""
         new = window[len(self._prefix_text) :]
@@ -102,6 +104,7 @@ class TextStream:
         if self._incremental and new and not new.endswith("\ufffd"):
             self._settled.append(new)
             self._settled_len += len(new)
+            self._ends.append(self._settled_len)
             self._tail = (self._tail + new)[-self.hold :] if self.hold else ""
             self._pending = ""
             self._prefix, self._read, self._prefix_text = self._read, len(self.token_ids), None
@@ -120,12 +123,25 @@ class TextStream:
 
     def safe_text(self) -> str:
         """The prefix of .text that later tokens can neither change nor cut off:
-        what streaming may send. Holds back the end of a character still arriving
+        what streaming may send."""
+        return self.text[: self.safe_end()]
+
+    def safe_end(self) -> int:
+        """Where safe_text ends: .text less the end of a character still arriving
         ("\ufffd") and the last characters that could begin a stop string."""
-        text = self.text
         if self.stopped:
-            return text
-        end = len(text)
-        while end and text[end - 1] == "\ufffd":
-            end -= 1
-        return text[: max(0, end - self.hold)]
+            return len(self.text)
+        if not self.live:
+            return max(0, len(self.text.rstrip("\ufffd")) - self.hold)
+        # a settled piece never ends in "\ufffd": only the pending text can
+        return max(0, self._settled_len + len(self._pending.rstrip("\ufffd")) - self.hold)
+
+    def text_between(self, start: int, end: int) -> str:
+        """.text[start:end], without joining the settled text before `start`: a
+        streaming row reads its new text after every token, and joining all of
+        it each time would cost as much as its answer is long."""
+        if self._text is not None or self.stopped or not self.live:
+            return self.text[start:end]
+        i = bisect_right(self._ends, start)  # the first settled piece that ends after start
+        begin = self._ends[i - 1] if i else 0
+        return ("".join(self._settled[i:]) + self._pending)[start - begin : end - begin]

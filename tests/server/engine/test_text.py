@@ -161,6 +161,25 @@ def test_safe_text_holds_back_a_possible_stop(tokenizer):
         stream.push(rest[0])
 
 
+def test_text_between_is_a_slice_of_the_text_at_every_step(tokenizer):
+    """What streaming reads: .text[start:end] for any start <= end, read from the
+    settled pieces without joining them all, before and after a stop string."""
+    for ids in sequences(tokenizer):
+        stream = TextStream(tokenizer, ("zz",))
+        for token in ids:
+            stopped = stream.push(token)
+            text = stream.text
+            if not stopped:
+                stream._text = None  # as after a push: nothing cached to slice
+            assert stream.safe_end() == len(stream.safe_text())
+            for start in range(0, len(text) + 1, 3):
+                for end in (start, stream.safe_end(), len(text)):
+                    if end >= start:
+                        assert stream.text_between(start, end) == text[start:end]
+            if stopped:
+                break
+
+
 class CountingTokenizer:
     """A tokenizer that records how many tokens each decode call gets."""
 
