@@ -374,9 +374,12 @@ class PromptTrainer:
         return TrainResult(artifact=artifact, history=history)
 
     def _say(self, message: str) -> None:
-        log.warning(message)
+        """A note the user should see once: on the terminal with progress output
+        (`ptserve train`, whose log also reaches the terminal), else in the log."""
         if self.config.progress:
             print(message, flush=True)
+        else:
+            log.warning(message)
 
     def _show(self, metrics: dict, best: bool) -> None:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))

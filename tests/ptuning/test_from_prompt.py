@@ -93,6 +93,18 @@ def test_epoch_0_is_token_exact_the_manual_prompt(models, encoder):
         assert soft.token_ids == hard.token_ids and len(soft.token_ids) > 0
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_note_reaches_the_user_once(models, progress, capsys, caplog):
+    """With progress output it is printed and not logged (the CLI's log also goes
+    to the terminal); without, it is logged."""
+    trainer = PromptTrainer(models["causal"], TrainConfig(labels=LABELS, progress=progress))
+    with caplog.at_level("WARNING", logger="ptuning.train"):
+        trainer._say("a note")
+    printed = capsys.readouterr().out.splitlines()
+    logged = [r.getMessage() for r in caplog.records]
+    assert (printed, logged) == ((["a note"], []) if progress else ([], ["a note"]))
+
+
 @pytest.mark.parametrize("min_dev_examples", [50, 100])  # dev picks the best epoch / the last epoch is kept
 def test_the_manual_prompt_is_reported_and_kept_unless_beaten(models, min_dev_examples):
     loaded = models["causal"]
