@@ -128,9 +128,14 @@ class Request:
         return piece
 
     def result(self) -> GenerateResult | Exception:
+        """Its answer, or the exception that answers it instead."""
         if self.error is not None:
             return self.error
-        return GenerateResult(list(self.text.token_ids), self.text.text, self.finish_reason or "length")
+        try:
+            text = self.text.text  # a row that is not streamed and has no stop strings decodes only now
+        except Exception as e:
+            return e
+        return GenerateResult(list(self.text.token_ids), text, self.finish_reason or "length")
 
 
 @dataclass

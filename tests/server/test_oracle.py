@@ -177,3 +177,25 @@ def test_a_row_whose_detokenization_fails_does_not_sink_its_batch(loaded, engine
     assert isinstance(results[1], RuntimeError) and str(results[1]) == "detokenization blew up"
     assert results[0].token_ids == oracle(loaded, good)
     assert log[:3] == [(0, "join", 0), (0, "join", 1), (0, "leave", 1)]  # the failed row leaves at once
+
+
+def test_a_row_whose_text_fails_to_decode_at_the_end_is_answered_with_the_error(loaded, engine, monkeypatch):
+    """A row that is not streamed and has no stop strings decodes its text once,
+    when it is answered: if that raises, it gets the error, and its batch-mates
+    their answers."""
+    from server.engine.text import TextStream
+
+    real_text = TextStream.text
+
+    def text(self):
+        if not self.live:
+            raise RuntimeError("decoding blew up")
+        return real_text.fget(self)
+
+    monkeypatch.setattr(TextStream, "text", property(text))
+    streamed = make_generate(loaded, 0, *TEMPLATES[0])
+    streamed.on_text = lambda piece: None  # a live stream: its text is kept as tokens arrive
+    plain = [make_generate(loaded, i, *TEMPLATES[i]) for i in (1, 2)]
+    results, _ = drive(make_scheduler(loaded, engine, max_running=8), [streamed, *plain])
+    assert results[0].token_ids == oracle(loaded, streamed)
+    assert [(type(r), str(r)) for r in results[1:]] == [(RuntimeError, "decoding blew up")] * 2
