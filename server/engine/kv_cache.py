@@ -56,12 +56,15 @@ class SlotKVCache:
 
     def load(self, slots: list[int], kvs: list[SlotKV]) -> None:
         """Place exported prefixes at positions 0.. of their slots (kvs[i] into
-        slots[i]). Prefixes of one length go in together: one copy for the keys
-        and one for the values of the whole group, in every layer."""
-        by_length: dict[int, list[int]] = {}
-        for i, (keys, _) in enumerate(kvs):
-            by_length.setdefault(keys.shape[2], []).append(i)
-        for n, group in by_length.items():
+        slots[i]). The slots that take one prefix (newcomers of one task) get it
+        together: one copy for its keys and one for its values, into all those
+        slots and every layer, with no stacked temporary."""
+        by_prefix: dict[int, list[int]] = {}
+        for i, kv in enumerate(kvs):
+            by_prefix.setdefault(id(kv), []).append(i)
+        for group in by_prefix.values():
+            keys, values = kvs[group[0]]
+            n = keys.shape[2]
             index = on_device([slots[i] for i in group], self.all_keys.device)
-            for whole, part in ((self.all_keys, 0), (self.all_values, 1)):
-                whole[:, index, :, :n] = torch.stack([kvs[i][part] for i in group], dim=1)  # [layers, G, kv, n, hd]
+            self.all_keys[:, index, :, :n] = keys.unsqueeze(1)  # [layers, 1, kv, n, hd], broadcast over the slots
+            self.all_values[:, index, :, :n] = values.unsqueeze(1)

@@ -72,7 +72,8 @@ class SlotBackend:
         its prefix prefills everything (its last token's logits are needed)."""
         first = self.rows
         keys = [r.prompt.key for r in requests]
-        usable = [self.reuse_prefixes and 0 < r.prompt.prefix_len < len(r.input_ids) for r in requests]
+        reuse = self.reuse_prefixes and self.prefixes.capacity > 0
+        usable = [reuse and 0 < r.prompt.prefix_len < len(r.input_ids) for r in requests]
         cached = {key: self.prefixes.get(key) for key in dict.fromkeys(k for k, use in zip(keys, usable) if use)}
         exporters: dict = {}  # task version -> the newcomer whose slot will hold its prefix
         starts, loads = [], []
@@ -103,7 +104,7 @@ class SlotBackend:
         dev, V = self.loaded.device, self.loaded.vocab_size
         table, offsets = prompt_table([r.prompt.rows for r in requests])
         ids, positions = pack_from(seqs, offsets, starts, V, dev, self.max_len - 1)
-        length = min(max(starts) + ids.shape[1], self.max_len)
+        length = min(max(start + len(seq) for start, seq in zip(starts, seqs)), self.max_len)  # the furthest row's end
         attention = SlotAttention(self.cache, first, positions, length)
         return self.model.hidden(embed(self.embed_tokens, ids, table, V), attention)
 

@@ -52,7 +52,8 @@ def test_prefix_reuse_on_and_off_give_identical_tokens(loaded):
     c, _ = drive(without, fresh(works))
     assert [r.token_ids for r in a] == [r.token_ids for r in c]
     # 12 requests of 5 tasks; 10 of them of the 4 tasks whose template has a prefix: 4 misses, 6 hits
-    assert prefixes(with_reuse)["hits"] == 6 and prefixes(without)["size"] == 0
+    assert prefixes(with_reuse)["hits"] == 6
+    assert prefixes(without) == {"size": 0, "capacity": 0, "hits": 0, "misses": 0, "evictions": 0}  # never asked
     for w, r in zip(works, a):
         assert r.token_ids == oracle_tokens(loaded, w)
 
@@ -63,9 +64,11 @@ def test_an_admission_is_one_forward_and_a_missed_prefix_is_exported_by_its_firs
     the keys and values its slot holds, and the next admission loads it."""
     s = make_scheduler(loaded, max_running=8)
     backend = s.batch.backend
-    passes = []
+    passes, lengths = [], []
     hidden = backend.model.hidden
-    backend.model.hidden = lambda x, attention: passes.append(x.shape[:2]) or hidden(x, attention)
+    backend.model.hidden = lambda x, attention: (
+        passes.append(x.shape[:2]) or lengths.append(attention.length) or hidden(x, attention)
+    )
     works = generate_requests(loaded, 8, tasks=2, max_new=lambda i: 3)  # t0, t1 alternate; both have a prefix
     s.batch.prefill(works[:6])
     assert len(passes) == 1 and passes[0][0] == 6
@@ -77,9 +80,16 @@ def test_an_admission_is_one_forward_and_a_missed_prefix_is_exported_by_its_firs
         assert torch.equal(values, backend.cache.all_values[:, slot, :, :n])
     s.batch.prefill(works[6:])  # both prefixes cached now: each newcomer prefills past its prefix
     assert len(passes) == 2 and passes[1] == (2, max(len(w.input_ids) - w.prompt.prefix_len for w in works[6:]))
+    # one cached (t0), one not (a new task): each row reads the keys up to the furthest end, no more
+    mixed = [generate_requests(loaded, 3, tasks=3)[2], works[0]]
+    mixed[1] = Request.generate(mixed[1].prompt, mixed[1].input_ids, mixed[1].params)
     while s.batch.running:
         s.batch.decode()
-    for w in works:
+    s.batch.prefill(mixed)
+    assert lengths[-1] == max(len(w.input_ids) for w in mixed) < mixed[1].prompt.prefix_len + len(mixed[0].input_ids)
+    while s.batch.running:
+        s.batch.decode()
+    for w in works + mixed:
         assert w.result().token_ids == oracle_tokens(loaded, w)
 
 

@@ -19,7 +19,8 @@ class SlotAttention:
     Row b of the pass is slot first + b (the decode step: first = 0; a prefill:
     the newcomers' slots, which follow the running rows), so every layer reads
     the cache as a view. positions: [B, T]. length: each row reads positions
-    0..length-1, which must cover every position in `positions`."""
+    0..length-1, which must cover the position of every real token (a padding
+    token past that reads those keys only; what it computes is never used)."""
 
     def __init__(self, cache: SlotKVCache, first: int, positions: torch.Tensor, length: int):
         B = positions.shape[0]
@@ -48,8 +49,8 @@ class SlotAttention:
         boolean mask, made once per pass instead of once per layer.
 
         Its rows are laid out MASK_ALIGN elements apart: CUDA's memory-efficient
-        kernel copies a mask whose strides are not multiples of 16 into one
-        that is, in every call (every layer), unless it already is."""
+        kernel copies a mask whose strides are not multiples of 8 into one that
+        is, in every call (every layer), unless it already is."""
         if self._bias is None:
             B, T = self.positions.shape
             width = -(-self.length // MASK_ALIGN) * MASK_ALIGN
