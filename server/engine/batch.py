@@ -11,6 +11,7 @@ A backend (server/engine/slot_backend.py, server/engine/hf_backend.py) offers:
   prefill(requests) -> logits [n, V]    the newcomers become the last n rows
   decode(tokens) -> logits [rows, V]    one token per row
   keep(order)                           order[j]: the old row that becomes row j
+  scrub(rows)                           these rows computed NaN/Inf: no later row may read their state
 """
 
 from __future__ import annotations
@@ -74,18 +75,22 @@ class GenerateBatch:
             tokens, finite = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         except Exception:  # find the row(s) it fails for: sampled alone, the others still get their tokens
             tokens, finite = self._sample_alone(logits, rows)
+        poisoned = []
         for j, r in enumerate(rows):
             if isinstance(finite[j], Exception):
                 r.fail(finite[j])
                 continue
             if not finite[j]:  # never answer tokens chosen from NaN or Inf
                 r.fail(non_finite_output())
+                poisoned.append(first + j)
                 continue
             try:
                 r.add_token(tokens[j], self.eos_ids)
             except Exception as e:  # one bad row (its detokenization) must not sink its batch-mates
                 r.fail(e)
             self.next_tokens[first + j] = tokens[j]
+        if poisoned:
+            self.backend.scrub(poisoned)
         finished = [r for r in rows if r.done]
         self.remove(finished)
         return finished

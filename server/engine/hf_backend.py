@@ -76,6 +76,9 @@ class HFBackend:
         logits = out.logits[:, -1]
         return logits if len(self._live) == state_rows else logits[on_device(self._live, logits.device)]
 
+    def scrub(self, rows: list[int]) -> None:
+        """Nothing to do: each row attends only to its own row of the cache, which leaves with it."""
+
     def keep(self, order: list[int]) -> None:
         """Rows left: order[j] is the old row that becomes row j."""
         live = [self._live[i] for i in order]

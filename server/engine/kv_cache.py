@@ -50,6 +50,11 @@ class SlotKVCache:
         for kv in (self.all_keys, self.all_values):
             kv[:, dst, :, :length] = kv[:, src, :, :length]
 
+    def clear(self, slot: int) -> None:
+        """Zeros in every position of one slot, in every layer."""
+        self.all_keys[:, slot].zero_()
+        self.all_values[:, slot].zero_()
+
     def export(self, slot: int, length: int) -> SlotKV:
         """A copy of one slot's first `length` positions in every layer (for the prefix cache)."""
         return self.all_keys[:, slot, :, :length].clone(), self.all_values[:, slot, :, :length].clone()

@@ -114,6 +114,13 @@ class SlotBackend:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
+    def scrub(self, rows: list[int]) -> None:
+        """Zero the slots of rows whose output was NaN or Inf. Their keys and values
+        may be too, and later rows in these slots read past their own end (masked,
+        but NaN survives a mask): a bad request must not fail the next one."""
+        for row in rows:
+            self.cache.clear(row)
+
     def keep(self, order: list[int]) -> None:
         """Rows left: order[j] is the old row that becomes row j. A survivor
         below len(order) keeps its place; others move into freed slots."""

@@ -18,7 +18,7 @@ from ptcore.task_prompt import TaskPrompt, task_prompt
 from server.api.app import create_app
 from server.engine.request import Request, SamplingParams
 from server.settings import Settings
-from tests.helpers import LiveServer, make_scheduler, random_prompt
+from tests.helpers import LiveServer, make_scheduler, oracle_tokens, random_prompt
 
 LABELS = {"pos": " good", "neg": " bad"}
 
@@ -129,6 +129,29 @@ def test_non_finite_logits_fail_the_request_not_answer_it(loaded, engine):
         assert len(results[1].token_ids) == 4  # its batch-mate is unharmed
     results = runner.run_to_completion([Request.classify(non_finite_prompt(loaded, "classify"), ids)])
     assert isinstance(results[0], InvalidRequest) and "NaN or Inf" in str(results[0])
+
+
+def test_a_slot_that_held_non_finite_values_is_safe_for_the_next_request(loaded):
+    """The failed row's keys and values must not reach the next row in its slot:
+    masked positions beyond a row's own end are still read (here: a longer
+    batch-mate sets how far), and NaN survives the mask."""
+    runner = make_scheduler(loaded, "continuous", max_running=2)
+
+    prompt = task_prompt("ok", 1, random_prompt(loaded, "[P:2]{input}"), loaded)
+
+    def ids(text):
+        return render(prompt.template, loaded.tokenizer, {"input": text}, loaded.vocab_size)
+
+    text = "the quick brown fox jumps over the lazy dog "
+    bad = Request.generate(non_finite_prompt(loaded, "generate"), ids(text * 5), SamplingParams(4))
+    assert isinstance(runner.run_to_completion([bad])[0], InvalidRequest)
+    # slot 0, where the failed row was; its prefill pads it as far as `longer`, and
+    # then `longer`'s decode steps read further, into what the failed row left
+    short = Request.generate(prompt, ids("hi"), SamplingParams(4))
+    longer = Request.generate(prompt, ids(text), SamplingParams(40))
+    assert len(bad.input_ids) > len(longer.input_ids) + 8
+    results = runner.run_to_completion([short, longer])
+    assert [r.token_ids for r in results] == [oracle_tokens(loaded, short), oracle_tokens(loaded, longer)]
 
 
 def nested(depth: int) -> str:

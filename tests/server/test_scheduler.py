@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prompt_store.errors import Abandoned, ServiceUnavailable
+from prompt_store.errors import Abandoned, InvalidRequest, ServiceUnavailable
 from server.engine.batch import GenerateBatch
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
@@ -92,6 +92,9 @@ class ScriptedBackend:
     def keep(self, order) -> None:
         self.calls.append(("keep", list(order)))
         self.left = [self.left[i] for i in order]
+
+    def scrub(self, rows) -> None:
+        self.calls.append(("scrub", list(rows)))
 
 
 class Labels:
@@ -281,3 +284,20 @@ def test_a_row_whose_sampling_fails_fails_alone(monkeypatch):
     assert isinstance(results[0], RuntimeError) and str(results[0]) == "sampling blew up"
     assert results[1].token_ids == [WORD] * 3
     assert log[:3] == [(0, "join", 0), (0, "leave", 0), (0, "join", 1)]
+
+
+def test_a_row_with_non_finite_logits_has_its_state_scrubbed_before_it_leaves():
+    scheduler, backend = make()
+    real = backend._logits
+
+    def logits(rows):
+        out = real(rows)
+        if len(backend.calls) == 2:  # the first decode step: row 1 comes out NaN
+            out[1] = float("nan")
+        return out
+
+    backend._logits = logits
+    results, _ = drive(scheduler, [generate("a", 3), generate("b", 3), generate("c", 3)])
+    assert isinstance(results[1], InvalidRequest) and "NaN or Inf" in str(results[1])
+    assert [r.token_ids for r in (results[0], results[2])] == [[WORD] * 2] * 2
+    assert backend.calls[1:4] == [("decode", 3), ("scrub", [1]), ("keep", [0, 2])]

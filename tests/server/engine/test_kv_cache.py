@@ -96,3 +96,16 @@ def test_an_exported_prefix_keeps_its_values_when_its_slot_is_overwritten():
     saved = c.export(0, 3)
     c.write(0, torch.tensor([0]), torch.arange(3)[None], torch.zeros_like(k), torch.zeros_like(k))
     assert torch.equal(saved[0][0], k[0]) and torch.equal(saved[1][0], k[0])
+
+
+def test_clear_zeros_one_slot_in_every_layer_and_nothing_else():
+    c = cache()
+    for layer in range(LAYERS):
+        k = numbered(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM, start=1000.0 * layer)
+        c.write(layer, torch.arange(SLOTS), torch.arange(MAX_LEN).expand(SLOTS, MAX_LEN), k, -k)
+    before = [t.clone() for t in (*c.keys, *c.values)]
+    c.clear(2)
+    for t, old in zip((*c.keys, *c.values), before):
+        want = old.clone()
+        want[2] = 0
+        assert torch.equal(t, want)
