@@ -21,3 +21,12 @@ def test_cudnn_attention_is_turned_off_for_a_cuda_model_only(cudnn_attention_fla
     avoid_cudnn_attention(torch.device("cuda", 0))  # a device object needs no GPU: nothing runs on it
     assert torch.backends.cuda.cudnn_sdp_enabled() is False
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+def test_loading_a_model_applies_it_on_the_models_device(tiny_model_dirs, monkeypatch):
+    import ptcore.model
+
+    seen = []
+    monkeypatch.setattr(ptcore.model, "avoid_cudnn_attention", seen.append)
+    ptcore.model.load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+    assert seen == [torch.device("cpu")]

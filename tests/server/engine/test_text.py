@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ptcore.model_source import DEFAULT_MODEL
+from server.engine.request import Request, SamplingParams
 from server.engine.text import TextStream, decoder_of
 
 TEXTS = [
@@ -178,6 +179,49 @@ def test_text_between_is_a_slice_of_the_text_at_every_step(tokenizer):
                         assert stream.text_between(start, end) == text[start:end]
             if stopped:
                 break
+
+
+def test_new_text_hands_out_each_safe_character_once(tokenizer):
+    """What streaming sends, piece by piece, is safe_text at every step."""
+    for ids in sequences(tokenizer):
+        request = Request.generate(None, [], SamplingParams(max_new_tokens=len(ids)))
+        request.text = TextStream(tokenizer, ("zz",))
+        sent = ""
+        for token in ids:
+            stopped = request.text.push(token)
+            sent += request.new_text()
+            assert sent == request.text.safe_text()
+            if stopped:
+                break
+        assert request.new_text() == ""
+
+
+class Rewriter:
+    """A decoder that rewrites text it gave before: once token 25 appears, all the
+    text is upper case (as a clean-up step might change earlier spaces)."""
+
+    clean_up_tokenization_spaces = False
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(chr(ord("a") + i % 25) for i in ids)
+        return text.upper() if 25 in ids else text
+
+
+def test_streaming_reads_the_same_text_after_the_decoder_rewrote_what_it_had_settled():
+    """The stream falls back to decoding everything; slices and what streaming
+    hands out still follow .text (text handed out before the rewrite stays sent)."""
+    rng = random.Random(3)
+    for _ in range(20):
+        ids = [rng.randrange(25) for _ in range(12)] + [25] + [rng.randrange(26) for _ in range(12)]
+        stream = TextStream(Rewriter(), ("qq",))
+        for token in ids:
+            if stream.push(token):
+                break
+            text = stream.text
+            stream._text = None
+            for start in range(len(text) + 1):
+                assert stream.text_between(start, len(text)) == text[start:]
+            assert stream.safe_end() == len(stream.safe_text())
 
 
 class CountingTokenizer:
