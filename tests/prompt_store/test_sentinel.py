@@ -190,6 +190,33 @@ def test_a_server_on_sentinel_answers_503_during_a_failover_and_everything_after
         assert r.status_code == 201 and r.json()["version"] == 2
 
 
+def test_a_write_right_after_the_master_is_demoted_goes_to_the_new_master(cluster):
+    """A planned failover (SENTINEL FAILOVER) keeps the old master running, as a
+    replica. The store's pooled connection to it must not take the next write
+    there (refused with READONLY): Redis closes its clients' connections when
+    it is demoted, and the pool reconnects through the sentinel, to the new
+    master. The first write after the failover succeeds."""
+    store = open_store(cluster.url(socket_timeout=2.0))
+    assert store.put("a", filled_artifact(1.0))["version"] == 1  # the pool now holds a connection to the master
+    cluster.replicated()
+    _wait(lambda: failover_started(cluster))  # refused (NOGOODSLAVE) until the sentinel has judged the replica
+    _wait(lambda: cluster.master_port_known() == cluster.replica_port)
+    _wait(lambda: redis.Redis(port=cluster.master_port).info("replication")["role"] == "slave")
+    assert store.put("a", filled_artifact(2.0))["version"] == 2
+    assert redis.Redis(port=cluster.replica_port).info("replication")["role"] == "master"
+    assert store.get("a").data == filled_artifact(2.0)
+    store.close()
+
+
+def failover_started(cluster) -> bool:
+    try:
+        return redis.Redis(port=cluster.sentinel_port).execute_command("SENTINEL", "FAILOVER", "ptserve")
+    except redis.ResponseError as e:
+        if "NOGOODSLAVE" not in str(e):
+            raise
+        return False
+
+
 def test_a_master_short_of_replicas_refuses_an_upload_whole():
     """`min-replicas-to-write` (the README's knob against losing writes that were
     not replicated yet) makes Redis refuse the put script before it runs: 503,
