@@ -79,8 +79,9 @@ class DecodeStep:
                 with torch.cuda.device(device):  # capture streams live on the current device
                     self.capture()
             except Exception as e:
-                raise RuntimeError(f"capturing the decode step in CUDA graphs failed ({e}); "
-                                   "PTSERVE_CUDA_GRAPHS=false runs it without graphs") from e  # fmt: skip
+                how, fix = ("torch.compile and CUDA graphs", "PTSERVE_COMPILE=false") if compile else (
+                    "CUDA graphs", "PTSERVE_CUDA_GRAPHS=false")  # fmt: skip
+                raise RuntimeError(f"preparing the decode step ({how}) failed ({e}); {fix} runs it without") from e
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """tokens, positions: [B] (row b is slot b) -> logits [B, V]."""
