@@ -89,3 +89,17 @@ def test_serve_and_train_default_to_the_default_model(monkeypatch):
     s = serve_settings(build_parser().parse_args(["serve"]))
     assert s.model is None and s.model_cache == "/somewhere/models"  # None: resolve_model's default model
     assert build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "t.safetensors"]).model is None
+
+
+def test_train_flags_default_to_the_trainers_own_defaults():
+    """The parser repeats TrainConfig's defaults (it cannot import the trainer: torch
+    would load for every command, the client's included); they must agree."""
+    from dataclasses import fields
+
+    from ptuning.train import TrainConfig
+
+    args = vars(build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "out.safetensors"]))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    shared = sorted(set(defaults) & set(args))
+    assert {k: args[k] for k in shared} == {k: defaults[k] for k in shared}
+    assert len(shared) == 14  # every trainer setting but train_prompt and progress has a flag
