@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.request import SAMPLING_KEYS
+
+# JSON's own types, no coercion: true is not the number 1, 3.0 is not a count,
+# "yes" is not a boolean (pydantic's default would take all three)
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True)]  # an integer is still a number: 1 -> 1.0
+Bool = Annotated[bool, Field(strict=True)]
 
 
 class InferenceInputs(BaseModel):
@@ -27,13 +35,13 @@ class GenerateRequest(InferenceInputs):
     """Unset fields fall back to the task artifact's `generation` defaults, then
     the server's. Ranges are checked in server/engine/request.py (SamplingParams)."""
 
-    max_new_tokens: int | None = Field(None, description=">= 1, up to the server's limit")
-    temperature: float | None = Field(None, description="0 = greedy (the default), else 0.001-100")
-    top_p: float | None = Field(None, description="nucleus sampling mass in (0, 1]; 1 = off")
-    top_k: int | None = Field(None, description="keep the k most likely tokens; 0 = off")
+    max_new_tokens: Int | None = Field(None, description=">= 1, up to the server's limit")
+    temperature: Float | None = Field(None, description="0 = greedy (the default), else 0.001-100")
+    top_p: Float | None = Field(None, description="nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: Int | None = Field(None, description="keep the k most likely tokens; 0 = off")
     stop: str | list[str] | None = Field(None, description="stop strings; not included in the text")
-    seed: int | None = Field(None, description="0 <= seed < 2**63; same seed, same draws")
-    stream: bool = Field(False, description="server-sent events: text deltas, then the whole answer")
+    seed: Int | None = Field(None, description="0 <= seed < 2**63; same seed, same draws")
+    stream: Bool = Field(False, description="server-sent events: text deltas, then the whole answer")
 
     def sampling_overrides(self) -> dict:
         return self.model_dump(include=set(SAMPLING_KEYS))
@@ -78,15 +86,15 @@ class CompletionRequest(BaseModel):
 
     model: str
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, description="OpenAI's default is 16")
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: Int | None = Field(16, description="OpenAI's default is 16")
+    temperature: Float | None = None
+    top_p: Float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    n: int = 1
-    echo: bool = False
-    logprobs: int | None = None
+    seed: Int | None = None
+    stream: Bool = False
+    n: Int = 1
+    echo: Bool = False
+    logprobs: Int | None = None
 
     @model_validator(mode="after")
     def _supported(self):

@@ -193,6 +193,15 @@ def test_health_ready_and_request_errors(client, gpt2):
         ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "stop": [""]}, 422, "stop"),
         ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "top_p": 0}, 422, "top_p"),
         ("/v1/tasks/g/generate", {"inputs": {"premise": "a", "hypothesis": "b"}, "top_k": -1}, 422, "top_k"),
+        # JSON types as they are: true is not 1, 3.0 is not a count, "true" is not a boolean
+        ("/v1/tasks/g/generate", {"input": "x", "max_new_tokens": True}, 422, "max_new_tokens"),
+        ("/v1/tasks/g/generate", {"input": "x", "max_new_tokens": 3.0}, 422, "max_new_tokens"),
+        ("/v1/tasks/g/generate", {"input": "x", "temperature": True}, 422, "temperature"),
+        ("/v1/tasks/g/generate", {"input": "x", "top_p": True}, 422, "top_p"),
+        ("/v1/tasks/g/generate", {"input": "x", "top_k": False}, 422, "top_k"),
+        ("/v1/tasks/g/generate", {"input": "x", "seed": True}, 422, "seed"),
+        ("/v1/tasks/g/generate", {"input": "x", "stream": "true"}, 422, "stream"),
+        ("/v1/completions", {"model": "g", "prompt": "x", "max_tokens": True}, 422, "max_tokens"),
     ]
     for url, body, status, message in cases:
         r = client.post(url, json=body)
