@@ -112,8 +112,9 @@ class TextStream:
             self._pending = new
         if not self.stop:
             return False
-        # a stop string that ends in the new text starts at most `hold` characters before it
-        changed = tail + new
+        # a stop string that ends in the new text starts at most `hold` characters before it;
+        # a character still arriving ("\ufffd" at the end) is not text yet: searched once it is
+        changed = (tail + new).rstrip("\ufffd")
         hits = [i for i in (changed.find(s) for s in self.stop) if i >= 0]
         if not hits:
             return False

@@ -148,6 +148,15 @@ def test_stop_found_as_early_as_the_old_search(tokenizer):
             assert (stream.text, pushed) == old_stop(tokenizer, text, stop), stop
 
 
+def test_a_character_still_arriving_does_not_match_a_stop_string(tokenizer):
+    """Until its last byte, an emoji decodes to "\ufffd": a stop string of that
+    character must not fire on it, nor cut the text there."""
+    ids = tokenizer("ok 👍🏽 ok", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, ("\ufffd",))
+    assert [stream.push(token) for token in ids] == [False] * len(ids)
+    assert stream.text == tokenizer.decode(ids, skip_special_tokens=True) == "ok 👍🏽 ok"
+
+
 def test_safe_text_holds_back_a_possible_stop(tokenizer):
     stream = TextStream(tokenizer, ("<END>",))
     for token in tokenizer("Hello there <EN", add_special_tokens=False)["input_ids"]:
