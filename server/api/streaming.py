@@ -28,9 +28,11 @@ async def stream_generation(
     work: Request,
     delta_event: Callable[[str], object],
     final_events: Callable[[str, GenerateResult], list],
+    error_event: Callable[[str], object] = lambda detail: {"error": detail},
 ) -> AsyncIterator[bytes]:
     """Submit `work` and yield SSE bytes: delta_event(text) per new piece of text,
-    then final_events(rest, result). Abandons the work if the client leaves."""
+    then final_events(rest, result), or error_event(detail) once the 200 is sent
+    and the work fails or times out. Abandons the work if the client leaves."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     work.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
@@ -55,13 +57,13 @@ async def stream_generation(
                 stop = None if future.done() else await wait.reason_to_stop()
                 if stop is not None:
                     wait.abandon()
-                    yield sse({"error": str(stop)})  # read by nobody if the client left
+                    yield sse(error_event(str(stop)))  # read by nobody if the client left
                     return
             try:
                 result = future.result()
             except Exception as e:  # the 200 is already sent: the error goes in the stream
                 detail = str(e) if isinstance(e, PtserveError) else f"internal error ({type(e).__name__}): {e}"
-                yield sse({"error": detail})
+                yield sse(error_event(detail))
                 return
             rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
             for event in final_events(rest, result):

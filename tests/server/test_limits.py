@@ -87,6 +87,24 @@ def test_a_request_past_its_deadline_is_504_and_frees_its_slot(gpt2, tmp_path, s
         wait_until_idle(c)
 
 
+def test_a_stream_past_its_deadline_ends_with_an_error_event_in_each_routes_shape(gpt2, tmp_path, slow_steps):
+    """The 200 is already sent: the error goes in the stream. The OpenAI route
+    uses OpenAI's shape, so its client raises with the server's message."""
+    from openai import APIError, OpenAI
+
+    with serve(gpt2, tmp_path, request_timeout_s=0.5) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        c.put("/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+        body = {"input": "x", "max_new_tokens": 200, "stream": True}
+        with c.stream("POST", "/v1/tasks/t/generate", json=body) as r:
+            last = [line for line in r.iter_lines() if line.startswith("data: ")][-1]
+        assert last == 'data: {"error": "the request did not finish within 0.5 s"}'
+        client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(APIError, match=r"^the request did not finish within 0\.5 s$"):
+            for _ in client.completions.create(model="t", prompt="x", max_tokens=200, stream=True):
+                pass
+        wait_until_idle(c)
+
+
 def test_a_client_that_disconnects_has_its_work_cancelled(gpt2, tmp_path, slow_steps):
     with serve(gpt2, tmp_path) as live, httpx.Client(base_url=live.url, timeout=60) as c:
         c.put("/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))

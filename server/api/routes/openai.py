@@ -67,7 +67,10 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             tokens.inc(len(result.token_ids))
             return [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]
 
-        events = await stream_generation(request, engine, work, chunk, final)
+        def error(detail: str) -> dict:  # OpenAI's shape: its clients raise with this message
+            return {"error": {"message": detail, "type": "server_error", "param": None, "code": None}}
+
+        events = await stream_generation(request, engine, work, chunk, final, error)
         return StreamingResponse(events, media_type="text/event-stream")
     result = await wait_for_result(request, engine, work)
     tokens.inc(len(result.token_ids))
