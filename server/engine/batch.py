@@ -66,7 +66,12 @@ class GenerateBatch:
     @torch.inference_mode()
     def decode(self) -> list[Request]:
         """One decode step for every row; -> the requests that finished."""
-        return self._advance(self.backend.decode(self.next_tokens), 0)
+        try:
+            logits = self.backend.decode(self.next_tokens)
+        except Exception:  # every row's state is in doubt (the scheduler fails them all): leave nothing behind
+            self.backend.scrub(list(range(self.running)))
+            raise
+        return self._advance(logits, 0)
 
     def _advance(self, logits: torch.Tensor, first: int) -> list[Request]:
         """Sample rows first.. (logits [n, V] in that order); remove those that finished."""
@@ -75,22 +80,23 @@ class GenerateBatch:
             tokens, finite = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         except Exception:  # find the row(s) it fails for: sampled alone, the others still get their tokens
             tokens, finite = self._sample_alone(logits, rows)
-        poisoned = []
+        failed = []  # rows whose state may hold NaN or Inf: scrubbed before their slots are reused
         for j, r in enumerate(rows):
             if isinstance(finite[j], Exception):
                 r.fail(finite[j])
+                failed.append(first + j)
                 continue
             if not finite[j]:  # never answer tokens chosen from NaN or Inf
                 r.fail(non_finite_output())
-                poisoned.append(first + j)
+                failed.append(first + j)
                 continue
             try:
                 r.add_token(tokens[j], self.eos_ids)
             except Exception as e:  # one bad row (its detokenization) must not sink its batch-mates
                 r.fail(e)
             self.next_tokens[first + j] = tokens[j]
-        if poisoned:
-            self.backend.scrub(poisoned)
+        if failed:
+            self.backend.scrub(failed)
         finished = [r for r in rows if r.done]
         self.remove(finished)
         return finished

@@ -110,10 +110,11 @@ class Request:
             self.first_token_at = time.monotonic()
         if token in eos_ids:
             self.finish_reason = "stop"
+            self.text.finish()
         elif self.text.push(token):
             self.finish_reason = "stop"
         elif len(self.text.token_ids) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
+            self.finish_reason = "stop" if self.text.finish() else "length"
 
     def fail(self, error: Exception) -> None:
         self.error = error

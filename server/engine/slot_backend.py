@@ -85,15 +85,20 @@ class SlotBackend:
                 if use:
                     exporters.setdefault(key, i)
                 starts.append(0)
-        if loads:
-            self.cache.load([first + i for i in loads], [cached[keys[i]] for i in loads])
         seqs = [r.input_ids[start:] for r, start in zip(requests, starts)]
-        hidden = self._forward(first, starts, seqs, requests)  # [n, T, H]
-        for key, i in exporters.items():
-            self.prefixes.put(key, self.cache.export(first + i, requests[i].prompt.prefix_len))
-        dev = self.loaded.device
-        last = on_device([len(seq) - 1 for seq in seqs], dev)
-        logits = self.lm_head(hidden[torch.arange(len(requests), device=dev), last])  # [n, V]
+        try:
+            if loads:
+                self.cache.load([first + i for i in loads], [cached[keys[i]] for i in loads])
+            hidden = self._forward(first, starts, seqs, requests)  # [n, T, H]
+            for key, i in exporters.items():
+                self.prefixes.put(key, self.cache.export(first + i, requests[i].prompt.prefix_len))
+            dev = self.loaded.device
+            last = on_device([len(seq) - 1 for seq in seqs], dev)
+            logits = self.lm_head(hidden[torch.arange(len(requests), device=dev), last])  # [n, V]
+        except Exception:  # the slots stay free, and may hold part of a pass that overflowed: zero them
+            for slot in range(first, first + len(requests)):
+                self.cache.clear(slot)
+            raise
         self.lengths.extend(len(r.input_ids) for r in requests)
         self.needs.extend(r.need for r in requests)
         return logits

@@ -113,12 +113,25 @@ class TextStream:
         if not self.stop:
             return False
         # a stop string that ends in the new text starts at most `hold` characters before it;
-        # a character still arriving ("\ufffd" at the end) is not text yet: searched once it is
-        changed = (tail + new).rstrip("\ufffd")
+        # a character still arriving ("\ufffd" at the end) is not text yet: searched once it
+        # is, or by finish() if the row ends first
+        return self._cut((tail + new).rstrip("\ufffd"), before - len(tail))
+
+    def finish(self) -> bool:
+        """The row ended (EOS or its token limit): search the unsettled text whole,
+        an unfinished character at its end included, as push leaves that for a
+        later token. -> True when a stop string appears (.text is then cut)."""
+        if self.stopped or not self.stop or not self._pending:
+            return False
+        return self._cut(self._tail + self._pending, self._settled_len - len(self._tail))
+
+    def _cut(self, changed: str, start: int) -> bool:
+        """Cut .text just before the earliest stop string in `changed`, the text
+        from position `start` on. -> whether there was one."""
         hits = [i for i in (changed.find(s) for s in self.stop) if i >= 0]
         if not hits:
             return False
-        self._text = self.text[: before - len(tail) + min(hits)]
+        self._text = self.text[: start + min(hits)]
         self.stopped = True
         return True
 

@@ -18,7 +18,7 @@ from ptcore.task_prompt import TaskPrompt, task_prompt
 from server.api.app import create_app
 from server.engine.request import Request, SamplingParams
 from server.settings import Settings
-from tests.helpers import LiveServer, make_scheduler, oracle_tokens, random_prompt
+from tests.helpers import LiveServer, drive, make_scheduler, oracle_tokens, random_prompt
 
 LABELS = {"pos": " good", "neg": " bad"}
 
@@ -152,6 +152,14 @@ def test_a_slot_that_held_non_finite_values_is_safe_for_the_next_request(loaded)
     assert len(bad.input_ids) > len(longer.input_ids) + 8
     results = runner.run_to_completion([short, longer])
     assert [r.token_ids for r in results] == [oracle_tokens(loaded, short), oracle_tokens(loaded, longer)]
+
+    # the same in slot 1, beside a running row: the slot scrubbed is the failed row's, not row 0's
+    runner = make_scheduler(loaded, "continuous", max_running=3)
+    first = Request.generate(prompt, ids(text * 3), SamplingParams(30))
+    again = [Request.generate(r.prompt, r.input_ids, r.params) for r in (bad, short, longer)]
+    results, _ = drive(runner, [first, *again], arrivals=[0, 1, 3, 3])
+    assert isinstance(results[1], InvalidRequest)
+    assert [r.token_ids for r in (results[0], *results[2:])] == [oracle_tokens(loaded, w) for w in (first, *again[1:])]
 
 
 def nested(depth: int) -> str:

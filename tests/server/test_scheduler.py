@@ -215,6 +215,7 @@ def test_a_failing_decode_step_fails_every_running_row_and_the_loop_goes_on():
     results, _ = drive(scheduler, [a, b])
     assert [str(r) for r in results] == ["decode broke", "decode broke"]
     assert scheduler.running() == 0 and backend.rows == 0
+    assert backend.calls[1:4] == [("decode", 2), ("scrub", [0, 1]), ("keep", [])]  # nothing left in their slots
     (after,), _ = drive(scheduler, [generate("c", 2)])
     assert after.token_ids == [WORD]
 

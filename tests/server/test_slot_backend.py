@@ -1,6 +1,7 @@
 """The slot backend: rows join and leave mid-generation, prefixes are reused,
 and every answer equals the request computed alone (the oracle)."""
 
+import pytest
 import torch
 
 from prompt_store.template import render
@@ -91,6 +92,33 @@ def test_an_admission_is_one_forward_and_a_missed_prefix_is_exported_by_its_firs
         s.batch.decode()
     for w in works + mixed:
         assert w.result().token_ids == oracle_tokens(loaded, w)
+
+
+def test_a_failed_prefill_leaves_its_slots_zeroed_and_free(loaded):
+    """A pass that raised part-way (out of memory, say) may have written its
+    slots, with values that overflowed: they are zeroed, and stay free."""
+    s = make_scheduler(loaded, max_running=4)
+    running = generate_requests(loaded, 1, tasks=1, max_new=lambda i: 30)
+    s.batch.prefill(running)
+    backend, cache = s.batch.backend, s.batch.backend.cache
+    real = backend._forward
+
+    def overflow_then_fail(first, *args):
+        real(first, *args)
+        cache.all_keys[:, first:].fill_(float("nan"))
+        raise RuntimeError("out of memory")
+
+    backend._forward = overflow_then_fail
+    newcomers = generate_requests(loaded, 2, tasks=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        s.batch.prefill(newcomers)
+    assert backend.rows == 1 and s.batch.running == 1
+    assert torch.count_nonzero(cache.all_keys[:, 1:3]) == 0 and torch.count_nonzero(cache.all_values[:, 1:3]) == 0
+    assert not cache.all_keys[:, 0].isnan().any()  # the running row's slot is its own
+    backend._forward = real
+    while s.batch.running:
+        s.batch.decode()
+    assert running[0].result().token_ids == oracle_tokens(loaded, running[0])
 
 
 def test_eviction_with_a_prefix_cache_smaller_than_the_task_count(loaded):

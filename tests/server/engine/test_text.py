@@ -157,6 +157,19 @@ def test_a_character_still_arriving_does_not_match_a_stop_string(tokenizer):
     assert stream.text == tokenizer.decode(ids, skip_special_tokens=True) == "ok 👍🏽 ok"
 
 
+def test_a_row_that_ends_mid_character_is_searched_whole_at_its_end(tokenizer):
+    """push leaves an unfinished character for a later token; when there is none
+    (EOS, token limit), finish() searches it, and cuts where one decode of all
+    the tokens would have."""
+    ids = tokenizer("ok 👍", add_special_tokens=False)["input_ids"][:-1]  # the emoji's last byte never comes
+    for stop, want in ((("\ufffd",), "ok "), (("k \ufffd",), "o"), (("zz",), None)):
+        stream = TextStream(tokenizer, stop)
+        assert [stream.push(token) for token in ids] == [False] * len(ids)
+        assert stream.finish() is (want is not None)
+        assert stream.text == (want if want is not None else tokenizer.decode(ids, skip_special_tokens=True))
+        assert stream.text == tokenizer.decode(ids, skip_special_tokens=True).split(stop[0])[0]
+
+
 def test_safe_text_holds_back_a_possible_stop(tokenizer):
     stream = TextStream(tokenizer, ("<END>",))
     for token in tokenizer("Hello there <EN", add_special_tokens=False)["input_ids"]:
