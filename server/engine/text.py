@@ -22,6 +22,8 @@ from functools import partial
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+HELD_CANDIDATES = 64  # see TextStream._held
+
 
 def decoder_of(tokenizer) -> Callable[[list[int]], str]:
     """ids -> tokenizer.decode(ids, skip_special_tokens=True).
@@ -57,7 +59,7 @@ class TextStream:
         self._decode = decoder_of(tokenizer)
         self.live = live or bool(stop)
         self.stop = stop
-        self.hold = max(map(len, stop), default=1) - 1  # characters that could be the start of a stop string
+        self.hold = max(map(len, stop), default=1) - 1  # the most characters that could begin a stop string
         self.token_ids: list[int] = []
         self.stopped = False
         # A decoder that rewrites text across tokens (transformers' clean_up_tokenization_spaces
@@ -142,13 +144,36 @@ class TextStream:
 
     def safe_end(self) -> int:
         """Where safe_text ends: .text less the end of a character still arriving
-        ("\ufffd") and the last characters that could begin a stop string."""
+        ("\ufffd") and the end that could be the start of a stop string."""
         if self.stopped:
             return len(self.text)
         if not self.live:
-            return max(0, len(self.text.rstrip("\ufffd")) - self.hold)
-        # a settled piece never ends in "\ufffd": only the pending text can
-        return max(0, self._settled_len + len(self._pending.rstrip("\ufffd")) - self.hold)
+            text = self.text.rstrip("\ufffd")
+            return len(text) - self._held(text[max(0, len(text) - self.hold) :])
+        pending = self._pending.rstrip("\ufffd")  # a settled piece never ends in "\ufffd": only the pending text can
+        tail = self._tail + pending
+        tail = tail[max(0, len(tail) - self.hold) :]
+        return self._settled_len + len(pending) - self._held(tail)
+
+    def _held(self, tail: str) -> int:
+        """How many characters at the end of `tail` (the text's last `hold`) could
+        begin a stop string: the longest suffix that is a proper prefix of one.
+        Each stop string tries at most HELD_CANDIDATES places its first character
+        occurs; past that it holds back all it could begin (always safe)."""
+        held = 0
+        for stop in self.stop:
+            reach = min(len(stop) - 1, len(tail))
+            i = tail.find(stop[0], len(tail) - reach)
+            for _ in range(HELD_CANDIDATES):
+                if i < 0 or len(tail) - i <= held:
+                    break
+                if stop.startswith(tail[i:]):  # the earliest match is the longest suffix
+                    held = len(tail) - i
+                    break
+                i = tail.find(stop[0], i + 1)
+            else:
+                held = max(held, reach)
+        return held
 
     def text_between(self, start: int, end: int) -> str:
         """.text[start:end], without joining the settled text before `start`: a

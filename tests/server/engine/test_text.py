@@ -133,7 +133,12 @@ def test_stop_strings(tokenizer, text, stop, expected):
     assert stream.text == expected
     assert (stream.text, pushed) == old_stop(tokenizer, text, stop)
     assert stream.stopped == (expected != text)
-    assert stream.safe_text() == (expected if stream.stopped else expected[: len(expected) - max(map(len, stop)) + 1])
+    assert stream.safe_text() == (expected if stream.stopped else expected[: len(expected) - could_begin(text, stop)])
+
+
+def could_begin(text: str, stop: tuple[str, ...]) -> int:
+    """By brute force: the longest end of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def test_stop_found_as_early_as_the_old_search(tokenizer):
@@ -175,7 +180,7 @@ def test_safe_text_holds_back_a_possible_stop(tokenizer):
     for token in tokenizer("Hello there <EN", add_special_tokens=False)["input_ids"]:
         assert stream.push(token) is False
     assert stream.text == "Hello there <EN"
-    assert stream.safe_text() == "Hello there"  # the last 4 characters could still begin <END>
+    assert stream.safe_text() == "Hello there "  # "<EN" could still begin <END>; the space could not
     rest = tokenizer("D> more", add_special_tokens=False)["input_ids"]
     while not stream.push(rest.pop(0)):
         pass
@@ -216,6 +221,51 @@ def test_new_text_hands_out_each_safe_character_once(tokenizer):
             if stopped:
                 break
         assert request.new_text() == ""
+
+
+def test_only_an_end_that_could_begin_a_stop_string_is_held_back(tokenizer):
+    def safe(text, stop):
+        stream = TextStream(tokenizer, stop)
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            stream.push(token)
+        return stream.safe_text()
+
+    assert safe("Hello world", ("Human:",)) == "Hello world"  # nothing is held for a stop string far away
+    assert safe("Hello Hu", ("Human:",)) == "Hello "
+    assert safe("Hello Hu", ("Human:", "lo Hum")) == "Hel"  # the longest of the possible starts
+    assert safe("ab ab ab", ("ab ab ab ab!",)) == ""  # the whole text could still be its start
+    assert safe("ab ab ab", ("b ab ab!", "zz")) == "a"
+
+
+def test_whatever_streaming_sends_stays_in_the_answer(tokenizer):
+    """safe_text at every step is a prefix of the final text, for stop strings
+    taken from the text itself (they hit) or never in it."""
+    rng = random.Random(5)
+    for ids in sequences(tokenizer):
+        full = tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "")
+        for _ in range(4):
+            a = rng.randrange(max(1, len(full)))
+            stop = (full[a : a + rng.randrange(1, 12)] or "q", "never there")
+            stream, sent = TextStream(tokenizer, stop), []
+            for token in ids:
+                stopped = stream.push(token)
+                sent.append(stream.safe_text())
+                if stopped:
+                    break
+            stream.finish()
+            assert all(stream.text.startswith(piece) for piece in sent), (stop, sent[-3:], stream.text)
+
+
+def test_held_back_is_the_longest_possible_start_and_all_of_it_when_too_costly_to_tell():
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randrange(40)))
+        stop = tuple("".join(rng.choice("ab ") for _ in range(rng.randrange(1, 9))) for _ in range(rng.randrange(1, 4)))
+        stream = TextStream(Rewriter(), stop)
+        assert stream._held(text[max(0, len(text) - stream.hold) :]) == could_begin(text, stop), (text, stop)
+    # more places to try than HELD_CANDIDATES, none of them a start: everything it could begin is held
+    stream = TextStream(Rewriter(), ("ab" * 100 + "x",))
+    assert could_begin("ac" * 100, stream.stop) == 0 and stream._held("ac" * 100) == 200
 
 
 class Rewriter:
