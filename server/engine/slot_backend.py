@@ -96,8 +96,7 @@ class SlotBackend:
             last = on_device([len(seq) - 1 for seq in seqs], dev)
             logits = self.lm_head(hidden[torch.arange(len(requests), device=dev), last])  # [n, V]
         except Exception:  # the slots stay free, and may hold part of a pass that overflowed: zero them
-            for slot in range(first, first + len(requests)):
-                self.cache.clear(slot)
+            self.scrub(list(range(first, first + len(requests))))
             raise
         self.lengths.extend(len(r.input_ids) for r in requests)
         self.needs.extend(r.need for r in requests)
@@ -120,9 +119,9 @@ class SlotBackend:
         return logits
 
     def scrub(self, rows: list[int]) -> None:
-        """Zero the slots of rows whose output was NaN or Inf. Their keys and values
-        may be too, and later rows in these slots read past their own end (masked,
-        but NaN survives a mask): a bad request must not fail the next one."""
+        """Zero the slots of rows that failed (slot i is row i). Their keys and
+        values may be NaN or Inf, and later rows in these slots read past their own
+        end (masked, but NaN survives a mask): a bad request must not fail the next one."""
         for row in rows:
             self.cache.clear(row)
 

@@ -68,13 +68,16 @@ class TextStream:
         self._incremental = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._settled: list[str] = []  # pieces of text that later tokens cannot change
         self._ends: list[int] = []  # where each settled piece ends in .text
-        self._settled_len = 0
         self._tail = ""  # the last `hold` settled characters: where a stop string may begin
         self._pending = ""  # text after the settled part; may still change
         self._prefix = 0  # token_ids[_prefix:_read] decode to the last settled piece
         self._read = 0
         self._prefix_text: str | None = ""  # their decode, None until needed
         self._text: str | None = ""  # .text, cached
+
+    @property
+    def _settled_len(self) -> int:
+        return self._ends[-1] if self._ends else 0
 
     @property
     def text(self) -> str:
@@ -98,15 +101,14 @@ class TextStream:
         window = self._decode(self.token_ids[self._prefix :])
         if not window.startswith(self._prefix_text):  # the decoder rewrote settled text: decode everything
             self._incremental = False
-            self._settled, self._ends, self._settled_len, self._tail, self._prefix, self._read = [], [], 0, "", 0, 0
+            self._settled, self._ends, self._tail, self._prefix, self._read = [], [], "", 0, 0
             self._prefix_text, window = "", self._decode(self.token_ids)
             before, tail = 0, ""
         new = window[len(self._prefix_text) :]
         self._text = None
         if self._incremental and new and not new.endswith("\ufffd"):
             self._settled.append(new)
-            self._settled_len += len(new)
-            self._ends.append(self._settled_len)
+            self._ends.append(self._settled_len + len(new))
             self._tail = (self._tail + new)[-self.hold :] if self.hold else ""
             self._pending = ""
             self._prefix, self._read, self._prefix_text = self._read, len(self.token_ids), None
