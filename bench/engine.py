@@ -202,6 +202,15 @@ def run_engine(batch, requests, args, arrivals=None, concurrent=True) -> dict:
     return summarize("", wall, n * len(works), ttft, tpot, step_ms, prefill_ms)
 
 
+def admit(batch: GenerateBatch, requests, fresh_prefixes: bool) -> None:
+    """Empty `batch`, then prefill `requests` into it as one admission; with
+    fresh_prefixes, from an empty prefix cache (every prefix computed)."""
+    batch.remove(list(batch.requests))
+    if fresh_prefixes:
+        batch.backend.prefixes.clear()
+    batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
+
+
 def with_cudnn_attention(run):
     """run() with cuDNN attention allowed, as PyTorch has it unless told otherwise."""
     torch.backends.cuda.enable_cudnn_sdp(True)

@@ -19,9 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import SHAPES, build, make_batcher, make_requests, sync  # noqa: E402
-
-from server.engine.request import Request  # noqa: E402
+from engine import SHAPES, admit, build, make_batcher, make_requests, sync  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +40,8 @@ def main() -> None:
     batch = make_batcher(loaded, args, graphs=True)
     requests = make_requests(loaded, args.tasks, args.rows, args.prompt_len, args.input_len, args.new_tokens)
 
-    def admit(fresh_prefixes: bool):
-        batch.remove(list(batch.requests))
-        if fresh_prefixes:
-            batch.backend.prefixes.clear()
-        batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
+    def admit_now(fresh_prefixes: bool):
+        admit(batch, requests, fresh_prefixes)
         sync(loaded)
 
     def steps(n: int = 5):
@@ -54,8 +49,8 @@ def main() -> None:
             batch.decode()
         sync(loaded)
 
-    timed = [("admit, prefixes computed", lambda: admit(True)), ("admit, prefixes cached", lambda: admit(False)),
-             ("5 decode steps", steps)]  # fmt: skip
+    timed = [("admit, prefixes computed", lambda: admit_now(True)),
+             ("admit, prefixes cached", lambda: admit_now(False)), ("5 decode steps", steps)]  # fmt: skip
     for name, fn in timed:
         fn()  # warm-up
         start = time.perf_counter()
@@ -64,7 +59,7 @@ def main() -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
     device_key = "cuda_time_total" if loaded.device.type == "cuda" else "cpu_time_total"
-    for name, fn in (("admit, prefixes computed", lambda: admit(True)), ("5 decode steps", steps)):
+    for name, fn in (("admit, prefixes computed", lambda: admit_now(True)), ("5 decode steps", steps)):
         with profile(activities=activities) as prof:
             fn()
         table = prof.key_averages()

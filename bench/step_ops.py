@@ -26,12 +26,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import SHAPES, build, make_requests  # noqa: E402
+from engine import SHAPES, admit, build, make_requests  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from server.engine.batch import GenerateBatch  # noqa: E402
 from server.engine.models import slot_model_for  # noqa: E402
-from server.engine.request import Request  # noqa: E402
 from server.engine.slot_backend import SlotBackend  # noqa: E402
 
 SHAPES = {
@@ -82,18 +81,12 @@ def main() -> None:
                           prefix_cache_size=8, cuda_graphs=False, compile=args.compile)  # fmt: skip
     batch = GenerateBatch(backend, loaded)
 
-    def admit(fresh_prefixes: bool):
-        batch.remove(list(batch.requests))
-        if fresh_prefixes:
-            batch.backend.prefixes.clear()
-        batch.prefill([Request.generate(p, ids, params) for p, ids, params in requests])
-
-    admit(True)
+    admit(batch, requests, fresh_prefixes=True)
     for _ in range(3):  # warm-up (and compilation)
         batch.decode()
     layers = loaded.model.config.num_hidden_layers
-    phases = [("decode step", batch.decode), ("admission, prefixes computed", lambda: admit(True)),
-              ("admission, prefixes cached", lambda: admit(False)),
+    phases = [("decode step", batch.decode), ("admission, prefixes computed", lambda: admit(batch, requests, True)),
+              ("admission, prefixes cached", lambda: admit(batch, requests, False)),
               ("row removal (the last row moves)", lambda: batch.remove(batch.requests[:1]))]  # fmt: skip
     for name, run in phases:
         run()  # warm-up

@@ -68,8 +68,9 @@ def test_capacity_zero_stores_nothing():
 
 def test_clear_empties_the_cache_and_keeps_the_counters():
     cache = PrefixCache(2)
-    cache.put(key("a"), kv(1.0))
-    assert cache.get(key("a")) is not None
+    stored = kv(1.0)
+    cache.put(key("a"), stored)
+    assert cache.get(key("a")) is stored
     cache.clear()
     assert cache.get(key("a")) is None
     assert cache.stats() == {"size": 0, "capacity": 2, "hits": 1, "misses": 1, "evictions": 0}
