@@ -13,7 +13,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from ptcore.model_source import DEFAULT_MODEL_CACHE, resolve_model
+from ptcore.model_source import DEFAULT_MODEL_CACHE, resolve_model, source_of
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,16 @@ def describe_model(model, name_or_path: str) -> dict:
             "made against a float32 or bfloat16 load may be refused as trained on other weights",
             name_or_path,
         )
-    return {
-        "name_or_path": name_or_path,
+    source = source_of(name_or_path)
+    info = {
+        "name_or_path": name_or_path if source is None else source["name"],
         "hidden_size": int(weight.shape[1]),
         "vocab_size": int(weight.shape[0]),
         "fingerprint": embedding_fingerprint(weight if stored is None else stored),
     }
+    if source is not None:
+        info["source_sha256"] = source["source_sha256"]
+    return info
 
 
 def largest_row_norm(weight: torch.Tensor) -> float:

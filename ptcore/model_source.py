@@ -192,14 +192,33 @@ def cached_gguf(gguf: Path, cache: ModelCache) -> Path:
     return cache.convert(gguf, sha256, name=gguf.stem, source=str(gguf.resolve()))
 
 
-def resolve_model(name_or_path: str | None, cache_root: str | Path = DEFAULT_MODEL_CACHE) -> str:
+def resolve_model(
+    name_or_path: str | None, cache_root: str | Path = DEFAULT_MODEL_CACHE, source_sha256: str | None = None
+) -> str:
     """What `from_pretrained` should load for `--model name_or_path`: the id or
-    directory as given, or the cached checkpoint of a GGUF file or of the default model."""
+    directory as given, or the cached checkpoint of a GGUF file or of the default
+    model. An artifact's `base_model` names a converted model by its name and
+    `source_sha256` (see `source_of`): that finds its cached checkpoint, and the
+    default model's name alone finds the default model."""
     cache = ModelCache(cache_root)
-    if name_or_path is None:
+    if source_sha256 is not None and cache.get(source_sha256) is not None:
+        return str(cache.get(source_sha256))
+    if name_or_path is None or (name_or_path == DEFAULT_MODEL.name and not Path(name_or_path).exists()):
         return str(default_model(cache))
     gguf = gguf_in(Path(name_or_path).expanduser())
     return name_or_path if gguf is None else str(cached_gguf(gguf, cache))
+
+
+def source_of(path: str) -> dict | None:
+    """For a checkpoint converted into the model cache: {"name", "source_sha256"},
+    the name users know it by (the default model's name, or the GGUF file's stem)
+    and the GGUF's sha256. None for any other model. What artifacts and the API
+    show instead of the cache folder, a path on one machine."""
+    record_file = Path(path) / SOURCE_FILE
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    return {"name": record["name"], "source_sha256": record["source_sha256"]}
 
 
 def default_model(cache: ModelCache, spec: PackagedGguf = DEFAULT_MODEL) -> Path:

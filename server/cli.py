@@ -143,7 +143,9 @@ def _export_peft(args) -> None:
     from ptcore.model_source import resolve_model
 
     artifact = load_artifact(args.artifact)
-    model = resolve_model(args.model or artifact.base_model["name_or_path"], _model_cache(args))
+    base = artifact.base_model
+    model = resolve_model(args.model or base["name_or_path"], _model_cache(args),
+                          source_sha256=None if args.model else base.get("source_sha256"))  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model)  # BOS rule only
     out = export_peft(artifact, args.output, default_bos_token(tokenizer))
     print(f"wrote PEFT PROMPT_TUNING adapter to {out}")

@@ -26,8 +26,18 @@ def test_it_is_the_pinned_model(smollm2, default_model_dir):
     config = smollm2.model.config
     assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
     assert (config.num_attention_heads, config.num_key_value_heads, smollm2.vocab_size) == (9, 3, 49152)
-    assert smollm2.info["name_or_path"] == default_model_dir
     assert default_model_dir.endswith(DEFAULT_MODEL.sha256)
+    # artifacts and the API name it as users know it, never by the cache folder (a path on this machine)
+    assert smollm2.info["name_or_path"] == "SmolLM2-135M-Instruct"
+    assert smollm2.info["source_sha256"] == DEFAULT_MODEL.sha256
+
+
+def test_an_artifact_names_the_default_model_so_any_machine_finds_it(smollm2, model_cache, default_model_dir):
+    """`ptserve export-peft` and PEFT imports load the model an artifact names:
+    its name and source sha256 find the converted checkpoint; the name alone, the default model."""
+    info = smollm2.info
+    assert resolve_model(info["name_or_path"], model_cache.root, info["source_sha256"]) == default_model_dir
+    assert resolve_model(info["name_or_path"], model_cache.root) == default_model_dir
 
 
 def test_greedy_knows_capitals(smollm2):
