@@ -1,6 +1,6 @@
 """Templates: text with pseudo-token holes `[P:n]` and field holes `{name}`.
 
-The rendering rule (DESIGN.md) is implemented once here and used by both the
+The rendering rule is implemented once here and used by both the
 server and the trainer:
 1. whitespace directly next to a `[P:n]` hole is dropped;
 2. every other literal segment, and every field value, is tokenized on its own,

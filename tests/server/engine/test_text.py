@@ -7,7 +7,6 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from ptcore.model_source import DEFAULT_MODEL
 from server.engine.request import Request, SamplingParams
 from server.engine.text import TextStream, decoder_of
 
@@ -24,14 +23,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "smollm2"])
-def tokenizer(request, tiny_model_dirs, model_cache):
-    if request.param == "smollm2":
-        path = model_cache.get(DEFAULT_MODEL.sha256)
-        if path is None:
-            pytest.skip(
-                f"the default model (SmolLM2) is not converted in {model_cache.root}: `ptserve serve` once fetches it"
-            )
-        return AutoTokenizer.from_pretrained(str(path))
+def tokenizer(request, tiny_model_dirs):
+    if request.param == "smollm2":  # fetched and converted on first use, as `ptserve serve` does
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("default_model_dir"))
     return AutoTokenizer.from_pretrained(str(tiny_model_dirs[request.param]))
 
 
