@@ -7,6 +7,13 @@ from datetime import date
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
+
+
+def without_machine_paths(text: str) -> str:
+    """Paths in the checkout written relative to it, and the home folder as ~:
+    what is committed shows no folder of the machine that made it."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".").replace(str(Path.home()), "~")
 
 
 def report(lines: list[str], name: str, write: bool) -> None:
@@ -15,5 +22,5 @@ def report(lines: list[str], name: str, write: bool) -> None:
     if write:
         out = RESULTS / f"{date.today()}-{platform.node()}-{name}.md"
         out.parent.mkdir(exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
+        out.write_text(without_machine_paths("\n".join(lines) + "\n"))
         print(f"wrote {out}")

@@ -24,7 +24,7 @@ def gpt2_dir(tiny_model_dirs):
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def loaded(request, tiny_model_dirs):
     """Each tiny model, loaded through the same path as a real checkpoint, in
-    float32 on the CPU, or on PTSERVE_TEST_DEVICE (the GPU check in the README)."""
+    float32 on the CPU, or on PTSERVE_TEST_DEVICE (bench/gpu_check.sh)."""
     device = os.environ.get("PTSERVE_TEST_DEVICE", "cpu")
     return load_model(str(tiny_model_dirs[request.param]), device=device, dtype="float32")
 

@@ -1,5 +1,5 @@
 """deploy/k8s: both overlays render with kubectl kustomize, and the rendered
-objects say what the README promises (probes, a locked-down pod, the GPU only
+objects say what docs/deployment.md promises (probes, a locked-down pod, the GPU only
 in the gpu overlay, Redis as the store, the HPA and the PDB)."""
 
 import re

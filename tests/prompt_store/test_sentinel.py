@@ -218,7 +218,7 @@ def failover_started(cluster) -> bool:
 
 
 def test_a_master_short_of_replicas_refuses_an_upload_whole():
-    """`min-replicas-to-write` (the README's knob against losing writes that were
+    """`min-replicas-to-write` (docs/deployment.md's knob against losing writes that were
     not replicated yet) makes Redis refuse the put script before it runs: 503,
     nothing stored, no version used."""
     proc, url = start_redis(None, "--min-replicas-to-write", "1")
