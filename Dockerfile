@@ -31,21 +31,23 @@ RUN if [ "$TORCH_INDEX" = "cpu" ]; then \
     fi
 
 WORKDIR /app
-# Dependencies next, from pyproject.toml alone (empty packages stand in for the
-# code), so that editing the code does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN mkdir prompt_store server ptuning \
-    && touch prompt_store/__init__.py server/__init__.py ptuning/__init__.py \
-    && pip install . \
-    && rm -rf prompt_store server ptuning
-COPY prompt_store ./prompt_store
-COPY server ./server
-COPY ptuning ./ptuning
-RUN pip install --no-deps .
+# Dependencies next, from pyproject.toml alone, so that editing the code does
+# not reinstall them.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        >/tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+# Then the whole source tree, less what .dockerignore leaves out, so a new
+# package is copied by construction. The import check runs isolated (-I): it
+# imports the installed copy, not ./, as the entrypoint will.
+COPY . .
+RUN pip install --no-deps . \
+    && python -I -c "import server.api.app, server.cli, ptuning.train, ptclient.client"
 
 USER 1000:1000
 VOLUME ["/models", "/data"]
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2)"]
 ENTRYPOINT ["ptserve", "serve"]

