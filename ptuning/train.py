@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prompt_store.artifact import HEAD_POOLINGS, PromptArtifact, make_artifact
+from prompt_store.artifact import PromptArtifact, make_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
 from ptcore.inputs import embed, on_device, pack
@@ -36,56 +36,11 @@ from ptcore.model import LoadedModel
 from ptcore.scoring import LabelQuery, LabelScorer
 from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
 
+from .config import TrainConfig  # defined torch-free for the command line; importable from here as before
 from .data import DataError, Example
-from .encoder import EncoderKind, PromptEncoder
+from .encoder import PromptEncoder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    task_type: str = "classify"  # "classify" | "generate"
-    template: str | None = None  # None: the model family's default (default_template)
-    from_prompt: str | None = None  # a manual template whose words become the starting pseudo tokens
-    labels: dict[str, str] | None = None  # classify: label -> verbalizer, in order
-    encoder: str = "lstm"  # lstm (the paper's) | mlp | none (plain prompt tuning)
-    epochs: int = 20
-    lr: float = 1e-2  # AdamW; the encoder is small, so a far larger rate than for fine-tuning
-    head_lr: float = 3e-3  # encoder models' linear head: slower than the prompt, so it does not memorise small sets
-    weight_decay: float = 0.01  # AdamW decay of the encoder's and head's weights
-    head_pooling: str = "mean"  # encoder models: the head reads the mean state (mean) or the [MASK] state (mask)
-    batch_size: int = 16
-    seed: int = 0
-    patience: int = 10  # epochs without a better dev metric before stopping (5 stopped small sets at epoch 6)
-    min_dev_examples: int = 50  # a smaller dev set is too noisy to pick the epoch: all epochs run, the last is kept
-    train_prompt: bool = True  # False: the prompt stays at its start (a head-only baseline for encoders)
-    progress: bool = True  # a progress bar with the running loss
-
-    def __post_init__(self):
-        EncoderKind(self.encoder)  # raises on an unknown encoder, naming it
-        if self.template is not None and self.from_prompt is not None:
-            raise InvalidRequest("give a template or from_prompt, not both")
-        if self.head_pooling not in HEAD_POOLINGS:
-            raise InvalidRequest(f"head_pooling must be one of {list(HEAD_POOLINGS)}, got {self.head_pooling!r}")
-        if self.task_type not in ("classify", "generate"):
-            raise InvalidRequest(f"task_type must be classify or generate, got {self.task_type!r}")
-        if self.task_type == "classify":
-            if not isinstance(self.labels, dict) or not self.labels:
-                raise InvalidRequest("a classify task needs labels: a JSON object label -> verbalizer text")
-            bad = {k: v for k, v in self.labels.items() if not isinstance(v, str) or not v}
-            if bad:
-                raise InvalidRequest(f"every verbalizer must be a non-empty string; got {bad}")
-        elif self.labels:
-            raise InvalidRequest("labels are only for --task-type classify")
-        if self.min_dev_examples < 1:
-            raise InvalidRequest(f"min_dev_examples must be >= 1, got {self.min_dev_examples}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.head_lr <= 0:
-            raise InvalidRequest(
-                f"epochs and batch_size must be >= 1 and lr, head_lr > 0; got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}, lr={self.lr}, head_lr={self.head_lr}"
-            )
-        if self.weight_decay < 0:
-            raise InvalidRequest(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 def default_template(loaded: LoadedModel) -> str:

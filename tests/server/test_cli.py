@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -34,7 +36,7 @@ def test_tiny_model_and_make_artifact(tmp_path):
         "--embeddings", str(tmp_path / "rows.safetensors"), "-o", str(tmp_path / "a.safetensors"),
     )  # fmt: skip
     a = load_artifact(tmp_path / "a.safetensors")
-    assert torch.equal(a.embeddings, rows)
+    assert torch.equal(a.embeddings, rows)  # exact: the same numbers, through a file
     assert a.labels == {"yes": " yes", "no": " no"}
     assert a.base_model["fingerprint"] == loaded.info["fingerprint"]
 
@@ -50,7 +52,6 @@ def test_flags_override_environment(monkeypatch):
 
 def test_client_commands_against_a_running_server(tmp_path):
     import json
-    import os
 
     from prompt_store.artifact import save_artifact
     from prompt_store.template import render
@@ -91,15 +92,49 @@ def test_serve_and_train_default_to_the_default_model(monkeypatch):
     assert build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "t.safetensors"]).model is None
 
 
-def test_train_flags_default_to_the_trainers_own_defaults():
-    """The parser repeats TrainConfig's defaults (it cannot import the trainer: torch
-    would load for every command, the client's included); they must agree."""
+def test_help_shows_the_defaults_of_settings_and_train_config():
+    """serve's flags are Settings fields and train's are TrainConfig fields: each
+    flag's help and default come from its field, nowhere else."""
     from dataclasses import fields
 
-    from ptuning.train import TrainConfig
+    from ptuning.config import TrainConfig
+    from server.settings import Settings
 
-    args = vars(build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "out.safetensors"]))
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    shared = sorted(set(defaults) & set(args))
-    assert {k: args[k] for k in shared} == {k: defaults[k] for k in shared}
-    assert len(shared) == 14  # every trainer setting but train_prompt and progress has a flag
+    def help_of(command) -> dict[str, str]:
+        """--flag -> its entry in `ptserve COMMAND --help`, on one line."""
+        out = subprocess.run([sys.executable, "-m", "server.cli", command, "--help"], capture_output=True, text=True,
+                             check=True, env={**os.environ, "COLUMNS": "1000"}).stdout  # fmt: skip
+        entries = re.split(r"\n(?=  -)", out.split("options:")[1])
+        return {entry.split()[0]: " ".join(entry.split()) for entry in entries[1:]}
+
+    serve = help_of("serve")
+    for name in ("port", "max_wait_ms", "header_timeout_s"):
+        field = Settings.model_fields[name]
+        assert f"default: {field.default} (PTSERVE_{name.upper()})" in serve["--" + name.replace("_", "-")]
+    assert Settings.model_fields["store"].description in serve["--store"]
+
+    train = help_of("train")
+    config = {f.name: f for f in fields(TrainConfig)}
+    for name in ("epochs", "lr", "min_dev_examples", "encoder"):
+        line = train["--" + name.replace("_", "-")]
+        assert config[name].metadata["help"] in line and f"(default: {config[name].default})" in line
+    args = build_parser().parse_args(["train", "--data", "d.jsonl", "-o", "out.safetensors"])
+    assert (args.epochs, args.lr, args.head_pooling) == (TrainConfig.epochs, TrainConfig.lr, TrainConfig.head_pooling)
+
+
+def test_the_command_line_imports_no_torch_but_for_the_commands_that_need_it():
+    """`import server.cli` loads no torch, and neither does parsing (or running, up to
+    the request) a client command or serve's flags: `ptserve tasks` starts fast."""
+    check = """
+import sys
+import server.cli
+assert "torch" not in sys.modules
+server.cli.build_parser("serve").parse_args(["serve", "--port", "1"])
+for argv in (["tasks", "--help"], ["tasks", "--url", "http://127.0.0.1:1"]):
+    try:
+        server.cli.main(argv)
+    except SystemExit:
+        pass
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    subprocess.run([sys.executable, "-c", check], check=True)

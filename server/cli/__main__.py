@@ -1,0 +1,5 @@
+"""`python -m server.cli`: the same as `ptserve`."""
+
+from server.cli import main
+
+main()
