@@ -31,6 +31,7 @@ def test_round_trip(tmp_path, dtype):
     a = artifact(dtype=dtype, description="d", generation={"max_new_tokens": 5})
     save_artifact(a, tmp_path / "a.safetensors")
     b = load_artifact(tmp_path / "a.safetensors")
+    # exact: the same numbers written and read back, nothing computed
     assert torch.equal(a.embeddings, b.embeddings) and b.embeddings.dtype == dtype
     assert b.meta["description"] == "d" and b.task_type == "generate" and b.template.num_virtual_tokens == 6
 

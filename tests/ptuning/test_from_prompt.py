@@ -20,7 +20,7 @@ from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig, default_template, prompt_from_text
 from server.engine.classify import Classifier
 from server.engine.request import Request, SamplingParams
-from tests.helpers import make_scheduler
+from tests.helpers import assert_same_accuracy, label_near_tie, make_scheduler
 
 MANUAL = "The official language of {input} is"
 
@@ -65,6 +65,7 @@ def test_words_become_pseudo_tokens_at_their_own_embeddings(models):
 @pytest.mark.parametrize("kind", ["lstm", "mlp", "none"])
 def test_every_encoder_starts_at_its_init(kind):
     init = torch.randn(5, 32)
+    # exact: the encoders add a residual whose last layer starts at zero weights and bias
     assert torch.equal(PromptEncoder(kind, init)(), init)
 
 
@@ -86,6 +87,9 @@ def test_epoch_0_is_token_exact_the_manual_prompt(models, encoder):
         plain = render(manual.template, loaded.tokenizer, {"input": text}, loaded.vocab_size)
         assert len(ids) == len(plain) and max(plain) < loaded.vocab_size <= max(ids)
         soft, hard = runner.run_to_completion([Request.classify(prompt, ids), Request.classify(manual, plain)])
+        # exact: rows of one forward pass with bit-identical inputs (the rows are the
+        # token embeddings themselves), the same length and so the same padding;
+        # every op computes each row the same way, whichever rows are beside it
         assert soft.logprobs == hard.logprobs
         params = SamplingParams(max_new_tokens=8)
         soft, hard = runner.run_to_completion([Request.generate(prompt, ids, params),
@@ -118,7 +122,7 @@ def test_the_manual_prompt_is_reported_and_kept_unless_beaten(models, min_dev_ex
     assert result.history[0]["epoch"] == 0 and m["start_dev_accuracy"] == result.history[0]["dev_accuracy"]
     assert all(h["dev_accuracy"] < m["start_dev_accuracy"] for h in result.history[1:])
     assert m["best_epoch"] == 0 and m["from_prompt"] == MANUAL and m["dev_accuracy"] == m["start_dev_accuracy"]
-    assert torch.equal(result.artifact.embeddings, start_rows)
+    assert torch.equal(result.artifact.embeddings, start_rows)  # exact: the starting rows, kept
     # trained on the true labels, a better epoch replaces it
     trainer = PromptTrainer(loaded, dataclasses.replace(config, epochs=6, patience=6))
     m = trainer.fit(examples(200, 0), examples(100, 1)).artifact.meta["metrics"]
@@ -164,9 +168,11 @@ def test_anchor_words_between_pseudo_tokens_train_and_serve(models, family, temp
         ids = render(prompt.template, loaded.tokenizer, e.fields, loaded.vocab_size)
         assert any(ids[i : i + len(anchor)] == anchor for i in range(len(ids)))
         works.append(Request.classify(prompt, ids))
-    served = [r.label for r in Classifier(loaded).run(works)]
-    accuracy = sum(s == e.target for s, e in zip(served, dev)) / len(dev)
-    assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
+    results = Classifier(loaded).run(works)
+    accuracy = sum(r.label == e.target for r, e in zip(results, dev)) / len(dev)
+    # labels picked in other batch shapes: equal up to near ties (rule 3 in tests/helpers.py)
+    ties = sum(label_near_tie(r.logprobs.values()) for r in results)
+    assert_same_accuracy(artifact.meta["metrics"]["dev_accuracy"], accuracy, ties, len(dev))
 
 
 def test_cli_from_prompt_on_an_encoder_without_template(models, tmp_path):

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import ptuning.train
 from prompt_store.artifact import load_artifact
 from prompt_store.errors import InvalidRequest
 from prompt_store.template import parse_template, render
@@ -19,7 +20,7 @@ from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
 from ptuning.train import PromptTrainer, TrainConfig
 from server.api.app import create_app
 from server.settings import Settings
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, assert_same_accuracy, float_mismatch, label_near_tie, visible_padding
 
 # per family: tiny arch, template, labels (masked LMs need single-token verbalizers)
 FAMILIES = {
@@ -48,18 +49,20 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def served_accuracy(loaded, artifact, dev) -> float:
+def served_accuracy(loaded, artifact, dev) -> tuple[float, int]:
     """The artifact's dev accuracy recomputed as the server scores it: each example
-    alone through ptcore.scoring, the label with the highest score."""
+    alone through ptcore.scoring, the label with the highest score; and how many
+    examples' labels nearly tie (label_near_tie in tests/helpers.py)."""
     prompt = task_prompt("t", 1, artifact, loaded)
     scorer = LabelScorer(loaded)
-    correct = 0
+    correct = ties = 0
     with torch.no_grad():
         for ex in dev:
             ids = render(prompt.template, loaded.tokenizer, ex.fields, loaded.vocab_size)
             (scores,) = scorer([LabelQuery(ids, prompt.rows, prompt.label_ids, prompt.head, prompt.head_pooling)])
             correct += prompt.labels[int(scores.argmax())] == ex.target
-    return correct / len(dev)
+            ties += label_near_tie(scores.tolist())
+    return correct / len(dev), ties
 
 
 @pytest.mark.parametrize("family, encoder", [("causal", "lstm"), ("causal", "mlp"), ("causal", "none"),
@@ -79,7 +82,8 @@ def test_only_the_encoder_learns_and_the_lm_is_byte_identical(model_dirs, family
     assert a.embeddings.shape == (6, loaded.info["hidden_size"])
     assert (a.head is not None) == (family == "encoder")
     assert a.meta["metrics"]["encoder"] == encoder
-    assert a.meta["metrics"]["dev_accuracy"] == served_accuracy(loaded, a, examples(16, 1))
+    # the trainer picked its labels in padded batches: equal up to near ties (rule 3 in tests/helpers.py)
+    assert_same_accuracy(a.meta["metrics"]["dev_accuracy"], *served_accuracy(loaded, a, examples(16, 1)), 16)
     assert [h["epoch"] for h in result.history] == [0, 1, 2]  # epoch 0: the starting prompt
 
 
@@ -94,6 +98,8 @@ def test_same_seed_same_artifact(model_dirs, family):
         return PromptTrainer(loaded, config).fit(examples(48, 0), examples(16, 1)).artifact
 
     a, b, c = run(0), run(0), run(1)
+    # exact: the same run twice, the same ops on the same shapes and inputs in the
+    # same order, with torch's deterministic algorithms on (PromptTrainer.fit)
     assert torch.equal(a.embeddings, b.embeddings)
     if family == "encoder":
         assert all(torch.equal(x, y) for x, y in zip(a.head, b.head))
@@ -173,11 +179,19 @@ def test_trainer_accuracy_equals_the_served_accuracy_after_push(model_dirs, fami
         client = PtserveClient(live.url)
         served = [client.classify("kw", input=r["input"])["label"] for r in rows]
     accuracy = sum(s == r["label"] for s, r in zip(served, rows)) / len(rows)
-    assert accuracy == artifact.meta["metrics"]["dev_accuracy"]
+    # labels picked in other batch shapes: equal up to near ties (rule 3 in tests/helpers.py),
+    # counted on the same examples scored alone (the response has probabilities only)
+    scored = examples(40, 1)
+    assert [e.fields["input"] for e in scored] == [r["input"] for r in rows]
+    _, ties = served_accuracy(loaded, artifact, scored)
+    assert_same_accuracy(artifact.meta["metrics"]["dev_accuracy"], accuracy, ties, len(rows))
 
 
-def test_generate_loss_with_padding_equals_each_example_alone(model_dirs):
-    """The target-token alignment in a left-padded batch: batch loss == token-weighted mean of alone losses."""
+def padded_batch_loss_mismatch(model_dirs, monkeypatch=None) -> str | None:
+    """None when the generate loss of a left-padded batch is the token-weighted
+    mean of each example's loss alone, to FLOAT_RTOL of its scale (rule 1 in
+    tests/helpers.py: the batch runs other shapes); with `monkeypatch`, the
+    batch is packed with a padding position left visible."""
     loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
     trainer = PromptTrainer(loaded, TrainConfig(task_type="generate", encoder="mlp", progress=False))
     pairs = [("a", " json parse"), ("the quick brown fox jumps", " path"), ("of to and", " file open write stat")]
@@ -185,10 +199,22 @@ def test_generate_loss_with_padding_equals_each_example_alone(model_dirs):
     items = trainer._items(data)
     rows = trainer._rows().detach()
     with torch.no_grad():
-        batch_loss, _ = trainer._losses(rows, items)
         alone = [(float(trainer._losses(rows, [it])[0]), len(it.target)) for it in items]
+        if monkeypatch is not None:
+            monkeypatch.setattr(ptuning.train, "pack", visible_padding(ptuning.train.pack))
+        batch_loss, _ = trainer._losses(rows, items)
     expected = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
-    assert abs(float(batch_loss) - expected) < 1e-5
+    return float_mismatch(float(batch_loss), expected)
+
+
+def test_generate_loss_with_padding_equals_each_example_alone(model_dirs):
+    """The target-token alignment in a left-padded batch: batch loss == token-weighted mean of alone losses."""
+    mismatch = padded_batch_loss_mismatch(model_dirs)
+    assert mismatch is None, mismatch
+
+
+def test_the_loss_tolerance_fails_a_batch_with_a_visible_padding_position(model_dirs, monkeypatch):
+    assert padded_batch_loss_mismatch(model_dirs, monkeypatch) is not None
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,7 @@ def test_import_peft_cli_writes_or_pushes(loaded, tmp_path):
         assert "version 1" in out
         pushed = live_prompt(live, "cli")
     local = load_artifact(tmp_path / "a.safetensors")
+    # exact: the same rows, one through a file and one through the server's store
     assert torch.equal(local.embeddings, pushed.rows) and local.meta["template"] == pushed.template.source
 
 
@@ -126,7 +127,7 @@ def test_export_loads_in_peft_and_gives_the_same_logits(loaded, tmp_path):
     export_peft(artifact, tmp_path / "out", bos)
     base = AutoModelForCausalLM.from_pretrained(loaded.info["name_or_path"])
     peft_model = PeftModel.from_pretrained(base, tmp_path / "out").eval()
-    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight.detach(), rows)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight.detach(), rows)  # a copy, via a file
     _, first = served_first_logits(loaded, task_prompt("x", 1, artifact, loaded), INPUT)
     assert torch.allclose(first, peft_last_logits(peft_model, loaded.tokenizer, INPUT), atol=1e-5)
 

@@ -25,6 +25,8 @@ def test_packing_llama_projections_changes_nothing_the_model_computes(tiny_model
     before = loaded.model(ids).logits
     params = sum(p.numel() for p in loaded.model.parameters())
     first, second = slot_model_for(loaded.model), slot_model_for(loaded.model)
+    # exact: the same forward on the same shapes and weight values (packing only
+    # moves the weights into one storage), so the same kernels on the same numbers
     assert torch.equal(loaded.model(ids).logits, before)
     assert sum(p.numel() for p in loaded.model.parameters()) == params
     attn = loaded.model.model.layers[0].self_attn
@@ -77,6 +79,7 @@ def test_an_admission_is_one_forward_and_a_missed_prefix_is_exported_by_its_firs
     for slot, w in ((0, works[0]), (1, works[1])):  # the first newcomer of t0, of t1
         keys, values = backend.prefixes.get(w.prompt.key)
         n = w.prompt.prefix_len
+        # exact: the cached prefix is a copy of what the prefill wrote in the slot
         assert keys.shape[2] == n and torch.equal(keys, backend.cache.all_keys[:, slot, :, :n])
         assert torch.equal(values, backend.cache.all_values[:, slot, :, :n])
     s.batch.prefill(works[6:])  # both prefixes cached now: each newcomer prefills past its prefix

@@ -1,5 +1,6 @@
 """SlotKVCache: every way in and out of the slots gives back exactly what went in,
-and touches nothing else."""
+and touches nothing else. Compared bit for bit: reads and writes are copies
+of the same numbers, computed by nothing (rule 2 in tests/helpers.py)."""
 
 import math
 
