@@ -56,8 +56,8 @@ class Settings(BaseSettings):
         "./ptserve-data",
         description="prompt store: a directory (default), a redis:// / rediss:// URL, or redis+sentinel://H:P,H:P/SERVICE[/DB]",
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, description="the TCP port to listen on")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     model_family: ModelFamily = Field(ModelFamily.AUTO, description="what the model is: 'auto' reads the checkpoint")
     device_map: str | None = Field(
@@ -69,13 +69,14 @@ class Settings(BaseSettings):
 
     # Batching: a batch starts when max_batch_size requests wait or the oldest has
     # waited max_wait_ms. Larger waits batch more under light load but add latency.
-    max_batch_size: int = Field(32, ge=1)
-    max_wait_ms: float = Field(5.0, ge=0)
+    max_batch_size: int = Field(32, ge=1, description="requests in one classify batch or one prefill batch, at most")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the first request waits for company when idle")
 
     # The engine: "continuous" batching over a slot KV cache (Llama-style and GPT-2
     # models) or "static" batches through the plain Hugging Face forward (any
     # causal LM). "auto" picks continuous where the architecture allows it.
-    engine: EngineKind = EngineKind.AUTO
+    engine: EngineKind = Field(EngineKind.AUTO, description="continuous (slot KV cache) or static batches; auto "
+                               "picks continuous where the architecture allows")  # fmt: skip
     max_running: int = Field(32, ge=1, description="rows generating at once (continuous: KV-cache slots; static: "
                              "the largest batch)")  # fmt: skip
     max_seq_len: int = Field(1024, ge=8, description="continuous: input + new tokens per row (slot length)")
@@ -110,8 +111,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="a request body that stops arriving for this long: "
                                   "408 and the connection is closed")  # fmt: skip
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
-    max_connections: int = Field(1000, ge=1, description="open connections; beyond it a new one gets 503 and is "
-                                 "closed (lowered to fit the open-file limit)")  # fmt: skip
+    max_connections: int = Field(1000, ge=1, description="open connections; a new one beyond it closes the one "
+                                 "longest in its headers (503), else an idle one, else gets 503 itself and is closed "
+                                 "(lowered to fit the open-file limit)")  # fmt: skip
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers; beyond it: 400")
     log_level: LogLevel = LogLevel.INFO
     preload: str | None = Field(None, description="a folder of NAME.safetensors artifacts uploaded as task NAME at "

@@ -7,6 +7,14 @@ ever, and a thousand of them use up the process's file descriptors, after
 which nothing answers. `GuardedH11Protocol` adds the three; `server_config`
 sets them, and uvicorn's own keep-alive timeout and header size limit, from
 the settings.
+
+At the bound, a newcomer is not simply refused: that would let slow clients
+lock out fast ones for as long as they keep trickling. Instead the server
+closes another open connection to make room (`_make_room`): the one that has
+spent longest on its request line and headers, else an idle kept-alive one. A
+well-formed request then gets in however many slow ones there are, and its
+kept-alive connection outlives theirs; only when every open connection is busy
+(a request body being read, a request being served) is the newcomer refused.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from functools import partial
 
 import h11
@@ -41,8 +50,13 @@ class GuardedH11Protocol(H11Protocol):
       connection closed;
     - a body timeout: a request whose body stops arriving for body_timeout_s
       (between two pieces of it, as nginx's client_body_timeout) likewise;
-    - a connection bound: a connection beyond max_connections open ones is
-      answered 503 and closed at once, so that its descriptor is free again."""
+    - a connection bound: when a new connection would make more than
+      max_connections open ones, another is closed to make room for it
+      (`_make_room`): the one whose request line and headers began longest
+      ago (answered 503), else an idle kept-alive one (closed silently, as the
+      keep-alive timeout would). If every other connection is reading a
+      request body or serving a request, the newcomer is answered 503 and
+      closed at once instead. Either way a descriptor is free again."""
 
     def __init__(self, *args, header_timeout_s: float, body_timeout_s: float, max_connections: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -50,20 +64,21 @@ class GuardedH11Protocol(H11Protocol):
         self.body_timeout_s = body_timeout_s
         self.max_connections = max_connections
         self.read_timer: asyncio.TimerHandle | None = None  # the header or the body timer, whichever runs
+        self.headers_since: float | None = None  # when the current request line + headers began; None outside them
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            self.logger.warning("refused a connection: %d are open (limit %d)", len(self.connections),
-                                self.max_connections)  # fmt: skip
+        if len(self.connections) > self.max_connections and not self._make_room():
+            self.logger.warning("refused a connection: %d are open (limit %d), none idle or sending headers",
+                                len(self.connections), self.max_connections)  # fmt: skip
             transport.write(_answer("503 Service Unavailable", "too many open connections; try again later\n"))
             transport.close()
             return
-        self._start_read_timer(self.header_timeout_s, f"request headers took longer than {self.header_timeout_s} s")
+        self._start_header_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.read_timer is None and self.conn.their_state is h11.IDLE:  # a next request on a kept-alive connection
-            self._start_read_timer(self.header_timeout_s, f"request headers took longer than {self.header_timeout_s} s")
+            self._start_header_timer()
         super().data_received(data)
         if self.conn.their_state is h11.SEND_BODY:  # headers in, body coming: an idle timer, restarted per piece
             self._stop_read_timer()
@@ -75,16 +90,58 @@ class GuardedH11Protocol(H11Protocol):
         self._stop_read_timer()
         super().connection_lost(exc)
 
+    def _make_room(self) -> bool:
+        """Close another open connection, so that this new one may stay: the
+        one whose request line and headers began longest ago (a slow client, or
+        a slowloris), else an idle kept-alive one (its client has sent whole
+        requests, and loses none: any client must expect the server to close
+        an idle connection). False when there is none: every other connection
+        is reading a request body or serving a request."""
+        victim, victim_rank = None, None
+        for other in self.connections:
+            if other is self or not isinstance(other, GuardedH11Protocol) or other.transport.is_closing():
+                continue
+            if other.headers_since is not None:
+                rank = (0, other.headers_since)
+            elif other.timeout_keep_alive_task is not None:  # idle between requests (uvicorn's keep-alive timer runs)
+                rank = (1, 0.0)
+            else:
+                continue
+            if victim_rank is None or rank < victim_rank:
+                victim, victim_rank = other, rank
+        if victim is None:
+            return False
+        if victim.headers_since is not None:
+            waited = time.monotonic() - victim.headers_since
+            self.logger.warning("closed the connection longest in its headers (%.1f s) for a new one: %d are open "
+                                "(limit %d)", waited, len(self.connections), self.max_connections)  # fmt: skip
+            why = "too many open connections: closed to make room, as the slowest to send its request headers"
+            victim.transport.write(_answer("503 Service Unavailable", why + "; try again later\n"))
+        else:
+            self.logger.info("closed an idle kept-alive connection for a new one: %d are open (limit %d)",
+                             len(self.connections), self.max_connections)  # fmt: skip
+        if victim.transport.get_write_buffer_size():  # it does not read what it is sent: drop it now
+            victim.transport.abort()
+        else:
+            victim.transport.close()
+        return True
+
+    def _start_header_timer(self) -> None:
+        self._start_read_timer(self.header_timeout_s, f"request headers took longer than {self.header_timeout_s} s")
+        self.headers_since = time.monotonic()
+
     def _start_read_timer(self, seconds: float, why: str) -> None:
         self.read_timer = self.loop.call_later(seconds, self._read_timeout, why)
 
     def _stop_read_timer(self) -> None:
+        self.headers_since = None
         if self.read_timer is not None:
             self.read_timer.cancel()
             self.read_timer = None
 
     def _read_timeout(self, why: str) -> None:
         self.read_timer = None
+        self.headers_since = None
         if not self.transport.is_closing():
             self.transport.write(_answer("408 Request Timeout", why + "\n"))
             self.transport.close()

@@ -3,14 +3,13 @@ an unknown outcome says so, and repeating the same upload is then safe."""
 
 import os
 import signal
-import time
 
 import pytest
 import redis
 
 from prompt_store.errors import StoreOutcomeUnknown, StoreUnavailable
 from prompt_store.redis_store import RedisStore
-from tests.helpers import fill_of, filled_artifact, start_redis
+from tests.helpers import fill_of, filled_artifact, start_redis, wait_until
 
 
 @pytest.fixture
@@ -25,18 +24,33 @@ def own_redis():
         proc.wait()
 
 
+def others(raw: redis.Redis) -> set[str]:
+    """Ids of the connections Redis holds open besides `raw`'s own."""
+    own = str(raw.client_id())
+    return {c["id"] for c in raw.client_list() if c["id"] != own}
+
+
+def wait_until_dropped(raw: redis.Redis, ids: set[str]) -> None:
+    """Wait until Redis has dropped every connection in `ids` (ones the client
+    closed). Redis reads a connection's bytes in order, its end last, so then
+    it has run, or dropped with it, every command they had sent."""
+    wait_until(lambda: not ids & others(raw), f"Redis to drop the store's closed connections {sorted(ids)}")
+
+
 def test_an_upload_to_a_stopped_redis_answers_unavailable_and_stores_nothing(own_redis):
     proc, url = own_redis
     store = RedisStore(url + "?socket_timeout=0.5")
+    raw = redis.Redis.from_url(url)
     store.put("other", filled_artifact(1.0))  # the connection is open and pooled
+    used = others(raw)  # that one: the next put uses it, and closes it when it times out
+    assert len(used) == 1, used
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         with pytest.raises(StoreUnavailable, match="unreachable"):
             store.put("t", filled_artifact(1.0))
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-    time.sleep(0.3)  # anything Redis had received, it has run by now
-    raw = redis.Redis.from_url(url)
+    wait_until_dropped(raw, used)  # anything Redis had received, it has run by now
     assert store.get("t") is None and raw.get("ptserve:version:t") is None
     assert store.put("t", filled_artifact(1.0))["version"] == 1
 
@@ -46,11 +60,15 @@ def test_an_upload_redis_does_not_answer_is_unknown_and_a_retry_makes_one_versio
     store = RedisStore(url + "?socket_timeout=0.5")
     raw = redis.Redis.from_url(url)
     store.put("other", filled_artifact(1.0))
-    raw.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # reads answer; the put's script waits
-    paused_until = time.monotonic() + 2.0
-    with pytest.raises(StoreOutcomeUnknown, match="unknown"):
-        store.put("t", filled_artifact(1.0))
-    time.sleep(max(0.0, paused_until - time.monotonic()) + 0.3)
+    used = others(raw)  # the store's pooled connection: the next put uses it, and closes it when it times out
+    assert len(used) == 1, used
+    raw.execute_command("CLIENT", "PAUSE", 600_000, "WRITE")  # reads answer; the put's script waits
+    try:
+        with pytest.raises(StoreOutcomeUnknown, match="unknown"):
+            store.put("t", filled_artifact(1.0))
+    finally:
+        raw.execute_command("CLIENT", "UNPAUSE")
+    wait_until_dropped(raw, used)  # the first script has run, or was dropped with its connection
     # whether the first one ran or not, the same bytes again leave exactly version 1
     assert store.put("t", filled_artifact(1.0))["version"] == 1
     assert store.version("t") == 1 and fill_of(store.get("t")) == 1.0

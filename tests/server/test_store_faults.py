@@ -1,8 +1,6 @@
 """What clients read when the prompt store fails: 503 when nothing was stored,
 504 when the outcome is unknown, and never a local path."""
 
-import time
-
 import httpx
 import redis
 
@@ -10,7 +8,7 @@ from prompt_store.artifact import artifact_bytes
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.helpers import LiveServer, deny, random_prompt, start_redis
+from tests.helpers import LiveServer, deny, random_prompt, start_redis, wait_until
 
 
 def serve(loaded, store: str) -> LiveServer:
@@ -42,18 +40,32 @@ def test_an_unreadable_disk_store_answers_503_without_paths(gpt2_dir, tmp_path, 
         assert client.get("/v1/tasks/u").status_code == 404
 
 
+def connections(raw: redis.Redis) -> set[str]:
+    """Ids of the connections Redis holds open for commands, besides `raw`'s own
+    (subscribed ones, which the server's invalidation channel holds, aside)."""
+    own = str(raw.client_id())
+    return {c["id"] for c in raw.client_list() if c["id"] != own and "P" not in c["flags"]}
+
+
 def test_an_upload_redis_does_not_confirm_is_504_and_the_same_upload_again_is_safe(gpt2_dir):
     loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
     proc, url = start_redis()
     data = artifact_bytes(random_prompt(loaded, "[P:2]{input}", seed=3))
     try:
         with serve(loaded, url + "?socket_timeout=0.5") as live, httpx.Client(base_url=live.url, timeout=60) as c:
-            assert c.get("/ready").status_code == 200
-            redis.Redis.from_url(url).execute_command("CLIENT", "PAUSE", 2000, "WRITE")
-            paused_until = time.monotonic() + 2.0
-            r = c.put("/v1/tasks/t", content=data)
+            assert c.get("/ready").status_code == 200  # its PING leaves a connection in the store's pool
+            raw = redis.Redis.from_url(url)
+            before = connections(raw)  # the put's connection is one of these (no other request is in flight)
+            raw.execute_command("CLIENT", "PAUSE", 600_000, "WRITE")  # reads answer; the put's script waits
+            try:
+                r = c.put("/v1/tasks/t", content=data)
+            finally:
+                raw.execute_command("CLIENT", "UNPAUSE")
             assert r.status_code == 504 and "outcome is unknown" in r.json()["detail"], r.text
-            time.sleep(max(0.0, paused_until - time.monotonic()) + 0.3)
+            # the server closed the put's connection; once Redis has dropped it, it has
+            # run the script or dropped it with the connection (it reads a connection's
+            # bytes in order, its end last)
+            wait_until(lambda: before - connections(raw), "Redis to drop the connection of the unconfirmed put")
             r = c.put("/v1/tasks/t", content=data)  # the client retries the same bytes
             assert r.status_code == 201 and r.json()["version"] == 1
             assert c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 2}).json()["version"] == 1
