@@ -6,8 +6,8 @@ generate requests spread over the tasks, alternately one at a time and all at
 once, --repeats times each. Prints the median wall time of each mode, their
 ratio and the batch sizes the server recorded.
 
-    python bench/concurrency.py                      # tiny GPT-2 shape, CPU
-    python bench/concurrency.py --write              # also writes bench/results/
+    python -m bench.concurrency                      # tiny GPT-2 shape, CPU
+    python -m bench.concurrency --write              # also writes bench/results/
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -26,15 +25,13 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.report import report
+from bench.serve_process import start_server
+from prompt_store.artifact import artifact_bytes, make_artifact
+from ptcore.model import load_model
+from ptcore.tiny_model import write_tiny_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import report  # noqa: E402
-from serve_process import start_server  # noqa: E402
-
-from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
-from ptcore.model import load_model  # noqa: E402
-from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 
 def bodies(n: int, tasks: int, max_new_tokens: int) -> list[tuple[str, dict]]:

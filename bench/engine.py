@@ -22,8 +22,8 @@ shapes, where bf16 rounding may differ).
 Models have random weights of a given shape (nothing is downloaded). Every
 request generates exactly --new-tokens tokens (EOS is disabled), greedy.
 
-    python bench/engine.py --shape gpt2-small --concurrency 32           # CPU
-    python bench/engine.py --shape llama-1b --device cuda --dtype bfloat16 \\
+    python -m bench.engine --shape gpt2-small --concurrency 32           # CPU
+    python -m bench.engine --shape llama-1b --device cuda --dtype bfloat16 \\
         --tasks 8 --prompt-len 20 --input-len 64 --new-tokens 128 --concurrency 64 --write
 
 Latencies: TTFT = first token chosen - request submitted; per-token =
@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -47,24 +46,23 @@ from types import SimpleNamespace
 
 import torch
 import transformers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+from bench.report import report
+from prompt_store.artifact import make_artifact
+from ptcore.inputs import embed, pack, prompt_table
+from ptcore.model import LoadedModel, avoid_cudnn_attention, describe_model
+from ptcore.task_prompt import task_prompt
+from server.engine.batch import GenerateBatch
+from server.engine.classify import Classifier
+from server.engine.models import slot_model_for
+from server.engine.outputs import Collected
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.slot_backend import SlotBackend
+from server.engine.stats import BatchStats
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import report  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
-
-from prompt_store.artifact import make_artifact  # noqa: E402
-from ptcore.inputs import embed, pack, prompt_table  # noqa: E402
-from ptcore.model import LoadedModel, avoid_cudnn_attention, describe_model  # noqa: E402
-from ptcore.task_prompt import task_prompt  # noqa: E402
-from server.engine.batch import GenerateBatch  # noqa: E402
-from server.engine.classify import Classifier  # noqa: E402
-from server.engine.models import slot_model_for  # noqa: E402
-from server.engine.request import Request, SamplingParams  # noqa: E402
-from server.engine.scheduler import Scheduler  # noqa: E402
-from server.engine.slot_backend import SlotBackend  # noqa: E402
-from server.engine.stats import BatchStats  # noqa: E402
 
 SHAPES = {
     # the issue's 1.1B Llama shape
@@ -167,32 +165,44 @@ def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:
     return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats)
 
 
+class TimedSink(Collected):
+    """The scheduler's records, and when each request's last one was handed over."""
+
+    def __post_init__(self):
+        self.finished_at: dict[int, float] = {}
+
+    def put(self, outputs) -> None:
+        now = time.monotonic()
+        self.finished_at.update((o.request_id, now) for o in outputs if o.finished)
+        super().put(outputs)
+
+
 def run_engine(batch, requests, args, arrivals=None, concurrent=True) -> dict:
     """Through the real scheduler thread: all at once, one at a time, or at
     `arrivals` offsets. Every run starts with an empty prefix cache."""
     stats = BatchStats()
     scheduler = scheduler_for(batch, args, stats)
-    scheduler.start()
-    works, done_at = [], {}
+    sink = TimedSink()
+    scheduler.start(sink)
+    works = []
     start = time.monotonic()
     try:
         for i, (prompt, ids, params) in enumerate(requests):
             if arrivals is not None:
                 time.sleep(max(0.0, start + arrivals[i] - time.monotonic()))
             w = Request.generate(prompt, ids, params)
-            w.future.add_done_callback(lambda f, w=w: done_at.__setitem__(id(w), time.monotonic()))
             works.append(w)
             scheduler.submit(w)
             if not concurrent:
-                w.future.result()
+                sink.answer(w.id)
         for w in works:
-            w.future.result()
+            sink.answer(w.id)
         wall = time.monotonic() - start
     finally:
         scheduler.stop()
     n = args.new_tokens
     ttft = [w.first_token_at - w.submitted_at for w in works]
-    tpot = [(done_at[id(w)] - w.first_token_at) / max(1, n - 1) for w in works]
+    tpot = [(sink.finished_at[w.id] - w.first_token_at) / max(1, n - 1) for w in works]
     batches = stats.snapshot()["recent"]
     decode = [b for b in batches if b["kind"] == "decode"]
     full = [b["seconds"] for b in decode if b["size"] == args.max_running] or [b["seconds"] for b in decode]

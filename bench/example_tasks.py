@@ -13,7 +13,7 @@ The manual prompt runs through Hugging Face directly, on its text; the
 P-tuned prompt runs through the serving path (the engine's scheduler). Nothing here is
 tuned on the test splits.
 
-    python bench/example_tasks.py [--write]
+    python -m bench.example_tasks [--write]
 """
 
 from __future__ import annotations
@@ -22,27 +22,24 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
+from bench.report import report
+from prompt_store.artifact import read_artifact
+from prompt_store.template import render
+from ptcore.model import load_model
+from ptcore.task_prompt import task_prompt
+from server.engine.backends import make_batch
+from server.engine.classify import Classifier
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.stats import BatchStats
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import report  # noqa: E402
-
-from prompt_store.artifact import read_artifact  # noqa: E402
-from prompt_store.template import render  # noqa: E402
-from ptcore.model import load_model  # noqa: E402
-from ptcore.task_prompt import task_prompt  # noqa: E402
-from server.engine.backends import make_batch  # noqa: E402
-from server.engine.classify import Classifier  # noqa: E402
-from server.engine.request import Request, SamplingParams  # noqa: E402
-from server.engine.scheduler import Scheduler  # noqa: E402
-from server.engine.stats import BatchStats  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 TASKS = {  # task -> (manual template, kind, new tokens)

@@ -62,7 +62,7 @@ fi
 mkdir -p "$out"
 echo "results: $out"
 export PYTHONUNBUFFERED=1 PTSERVE_CUDA_GRAPHS=true
-run="$py bench/without_server_deps.py"
+run="$py -m bench.without_server_deps"
 
 # step NAME LIMIT_S COMMAND...: the command's output goes to the terminal and NAME.log
 step() {
@@ -93,19 +93,19 @@ pytest_args=(-m pytest -p pytest_timeout -p no:cacheprovider -q)
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 # only the plugins named: none that imports the web stack
 step a1-tests-graphs "${limits[0]}" $run "${pytest_args[@]}" "${tests_graphs[@]}"
 PTSERVE_COMPILE=true step a2-tests-compile "${limits[1]}" $run "${pytest_args[@]}" "${tests_compile[@]}"
-step b-engine-llama-1b "${limits[2]}" $run bench/engine.py --shape "$big" --dtype bfloat16 --tasks 8 \
+step b-engine-llama-1b "${limits[2]}" $run -m bench.engine --shape "$big" --dtype bfloat16 --tasks 8 \
     --prompt-len 20 --input-len 64 --new-tokens "$new" --concurrency "$concurrency" --serial "$serial" \
     --modes abcdefgh --compile --rate 100
 # shellcheck disable=SC2086 # $rows is a list of numbers
-step c-step-time "${limits[3]}" $run bench/step_time.py --shape "$big" --dtype bfloat16 --rows $rows \
+step c-step-time "${limits[3]}" $run -m bench.step_time --shape "$big" --dtype bfloat16 --rows $rows \
     --prompt-len 20 --input-len 64 --new-tokens "$new" --repeats "$repeats"
-step d-engine-smollm2-135m "${limits[4]}" $run bench/engine.py --shape "$small" --dtype bfloat16 --tasks 8 \
+step d-engine-smollm2-135m "${limits[4]}" $run -m bench.engine --shape "$small" --dtype bfloat16 --tasks 8 \
     --prompt-len 20 --input-len 64 --new-tokens "$new" --concurrency "$concurrency" --modes ac
 
 echo
 echo "== summary ($out/summary.md)"
 if $smoke; then echo "(smoke: tiny shapes on the CPU check that every step runs; the targets are for a GPU run)"; fi
-"$py" bench/gpu_summary.py "$out"
+"$py" -m bench.gpu_summary "$out"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "steps that failed or ran out of time: ${failed[*]}"
     exit 1

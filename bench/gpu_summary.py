@@ -2,7 +2,7 @@
 the `RESULT {json}` lines and pytest's closing lines in the step logs of one
 results folder. A figure whose step failed or ran out of time says so.
 
-    python bench/gpu_summary.py RESULTS_DIR
+    python -m bench.gpu_summary RESULTS_DIR
 """
 
 from __future__ import annotations

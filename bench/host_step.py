@@ -9,7 +9,7 @@ out); the tokenizer is the default model's if it is in the model cache (as
 plain (no stop strings, not streamed), stop (two stop strings that never
 appear) and streamed (text handed to a callback after every step).
 
-    python bench/host_step.py --rows 64 --steps 128
+    python -m bench.host_step --rows 64 --steps 128
 """
 
 from __future__ import annotations
@@ -18,22 +18,16 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine import build, make_batcher, make_requests, scheduler_for  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from ptcore.model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE, ModelCache  # noqa: E402
-from server.engine.request import Request  # noqa: E402
-from server.engine.stats import BatchStats  # noqa: E402
+from bench.engine import build, make_batcher, make_requests, scheduler_for
+from ptcore.model_source import DEFAULT_MODEL, DEFAULT_MODEL_CACHE, ModelCache
+from server.engine.request import Request
+from server.engine.stats import BatchStats
 
 
 def main() -> None:
@@ -88,8 +82,7 @@ def main() -> None:
 
 
 def streamed(request: Request) -> Request:
-    pieces = []
-    request.on_text = pieces.append
+    request.stream = True
     return request
 
 

@@ -6,7 +6,7 @@ itself), each sending generate or classify requests to one of --tasks tasks
 latency p50/p99 per route, throughput, and the server's resident memory
 before and after.
 
-    python bench/load.py --clients 64 --seconds 60 --write
+    python -m bench.load --clients 64 --seconds 60 --write
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.report import report
+from bench.serve_process import start_server
+from prompt_store.artifact import artifact_bytes, make_artifact
+from ptcore.model import load_model
+from ptcore.tiny_model import write_tiny_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import report  # noqa: E402
-from serve_process import start_server  # noqa: E402
-
-from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
-from ptcore.model import load_model  # noqa: E402
-from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over the lazy dog while json parses logging paths".split()
 

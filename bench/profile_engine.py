@@ -2,24 +2,19 @@
 decode steps (step) of bench/engine.py's workload, each timed on its own and
 then profiled, with the top operators by device time and by host time.
 
-    python bench/profile_engine.py --shape llama-1b --dtype bfloat16 --rows 64   # a GPU
-    python bench/profile_engine.py --shape tiny --rows 4                         # CPU
+    python -m bench.profile_engine --shape llama-1b --dtype bfloat16 --rows 64   # a GPU
+    python -m bench.profile_engine --shape tiny --rows 4                         # CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine import SHAPES, admit, build, make_batcher, make_requests, sync  # noqa: E402
+from bench.engine import SHAPES, admit, build, make_batcher, make_requests, sync
 
 
 def main() -> None:

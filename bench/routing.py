@@ -14,7 +14,7 @@ Both modes send the same request sequence: Zipf-distributed tasks (exponent
 prompt- and prefix-cache hit rates (each replica's /v1/stats, summed over the
 replicas, differences over the measured requests), throughput, p50/p99 latency.
 
-    python bench/routing.py --write
+    python -m bench.routing --write
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.report import report
+from bench.serve_process import free_port, start_server
+from prompt_store.artifact import artifact_bytes, make_artifact
+from ptcore.model import load_model
+from ptcore.tiny_model import write_tiny_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from report import report  # noqa: E402
-from serve_process import free_port, start_server  # noqa: E402
-
-from prompt_store.artifact import artifact_bytes, make_artifact  # noqa: E402
-from ptcore.model import load_model  # noqa: E402
-from ptcore.tiny_model import write_tiny_model  # noqa: E402
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 HASH_LINE = "        hash $ptserve_task consistent;\n"

@@ -4,7 +4,7 @@ against the batched sample(), on the same logits, at batch 64 and a SmolLM2-size
 vocabulary, for all-greedy, all-sampled and half/half batches. CPU; each case is
 timed old/new alternately and the medians are reported.
 
-    python bench/sampling.py [--batch 64] [--vocab 49152] [--repeats 15] [--write]
+    python -m bench.sampling [--batch 64] [--vocab 49152] [--repeats 15] [--write]
 """
 
 from __future__ import annotations
@@ -13,20 +13,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from report import report  # noqa: E402
-
-from server.engine.request import SamplingParams  # noqa: E402
-from server.engine.sampling import make_generator, sample  # noqa: E402
+from bench.report import report
+from server.engine.request import SamplingParams
+from server.engine.sampling import make_generator, sample
 
 GREEDY = SamplingParams(max_new_tokens=10**9)
 SAMPLED = SamplingParams(max_new_tokens=10**9, temperature=0.8, top_p=0.9, top_k=50)
@@ -86,7 +80,7 @@ def main():
         f"# sampling step, {date.today()}, {platform.node()} ({platform.machine()}, CPU, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads)",
         f"batch={args.batch} vocab={args.vocab} float32 logits; median of {args.repeats} repeats, "
-        "old and new alternating; `python bench/sampling.py --write`",
+        "old and new alternating; `python -m bench.sampling --write`",
         "",
         "| batch | old: per-row loop ms | new: sample() ms | speed-up |",
         "|---|---|---|---|",

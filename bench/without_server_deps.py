@@ -4,8 +4,8 @@ a GPU machine that has only torch, transformers, peft and safetensors runs
 it. bench/gpu_check.sh runs everything through this, so its CPU smoke run
 fails as soon as the engine, the benchmarks or their tests start needing them.
 
-    python bench/without_server_deps.py -m pytest tests/server/test_oracle.py
-    python bench/without_server_deps.py bench/engine.py --shape tiny
+    python -m bench.without_server_deps -m pytest tests/server/test_oracle.py
+    python -m bench.without_server_deps bench/engine.py --shape tiny
 """
 
 from __future__ import annotations

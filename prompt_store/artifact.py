@@ -33,7 +33,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import ArtifactError, PayloadTooLarge, TemplateError
+from ptcore.errors import PayloadTooLarge
+
+from .errors import ArtifactError, TemplateError
 from .template import Template, lone_surrogate, parse_template
 
 TENSOR_NAME = "prompt_embeddings"

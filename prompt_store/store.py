@@ -101,15 +101,3 @@ class PromptStore(ABC):
 
     def close(self) -> None:
         pass
-
-
-def open_store(url: str) -> PromptStore:
-    """`redis://...` / `rediss://...` / `redis+sentinel://...` -> Redis; anything
-    else is a directory path."""
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
-        from .redis_store import RedisStore
-
-        return RedisStore(url)
-    from .disk_store import DiskStore
-
-    return DiskStore(url)

@@ -163,8 +163,30 @@ def tokenize_text(tokenizer, text: str, split_special_tokens: bool = False) -> l
     return list(encoded["input_ids"])
 
 
-def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: int) -> list[int]:
-    """Token ids of the rendered template; pseudo token i becomes `vocab_size + i`."""
+def tokenize_literals(template: Template, tokenizer, vocab_size: int) -> tuple[tuple[int, ...] | None, ...]:
+    """The tokens of each of the template's literal segments (None for the other
+    segments): the same in every request, so a task tokenizes them once and
+    hands them to `render`."""
+    return tuple(_literal_tokens(seg.text, tokenizer, vocab_size) if isinstance(seg, Literal) else None
+                 for seg in template.segments)  # fmt: skip
+
+
+def _literal_tokens(text: str, tokenizer, vocab_size: int) -> tuple[int, ...]:
+    tokens = tokenize_text(tokenizer, text)
+    _check_in_vocab(text, tokens, vocab_size)
+    return tuple(tokens)
+
+
+def _check_in_vocab(text: str, tokens: list[int] | tuple[int, ...], vocab_size: int) -> None:
+    # an id past the embedding matrix would be read as a pseudo token
+    if tokens and max(tokens) >= vocab_size:
+        raise TemplateError(f"{text[:40]!r} tokenizes to id {max(tokens)}, outside the model's {vocab_size} rows")
+
+
+def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: int,
+           literals: tuple[tuple[int, ...] | None, ...] | None = None) -> list[int]:  # fmt: skip
+    """Token ids of the rendered template; pseudo token i becomes `vocab_size + i`.
+    `literals`: the template's literal segments already tokenized (tokenize_literals)."""
     missing = [name for name in template.fields if name not in fields]
     if missing:
         raise TemplateError(
@@ -177,7 +199,7 @@ def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: in
         )
     ids: list[int] = []
     next_virtual = 0
-    for seg in template.segments:
+    for i, seg in enumerate(template.segments):
         if isinstance(seg, Pseudo):
             ids.extend(range(vocab_size + next_virtual, vocab_size + next_virtual + seg.count))
             next_virtual += seg.count
@@ -192,11 +214,8 @@ def render(template: Template, tokenizer, fields: dict[str, str], vocab_size: in
                     f"field {seg.name!r} holds a lone surrogate {surrogate[1]!r} at index {surrogate[0]}: not text"
                 )
             tokens = tokenize_text(tokenizer, text, split_special_tokens=True)  # request data: never control tokens
+            _check_in_vocab(text, tokens, vocab_size)
         else:
-            text = seg.text
-            tokens = tokenize_text(tokenizer, text)
-        # an id past the embedding matrix would be read as a pseudo token
-        if tokens and max(tokens) >= vocab_size:
-            raise TemplateError(f"{text[:40]!r} tokenizes to id {max(tokens)}, outside the model's {vocab_size} rows")
+            tokens = literals[i] if literals is not None else _literal_tokens(seg.text, tokenizer, vocab_size)
         ids.extend(tokens)
     return ids

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from prompt_store.artifact import PromptArtifact, check_fits_model
-from prompt_store.errors import ArtifactError, InvalidRequest
+from prompt_store.errors import ArtifactError
 from prompt_store.store import PromptIdentity
-from prompt_store.template import Template, own_length, render, static_prefix, tokenize_text
+from prompt_store.template import Template, own_length, render, static_prefix, tokenize_literals, tokenize_text
+from ptcore.errors import InvalidRequest
 from ptcore.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class TaskPrompt:
     head: tuple[torch.Tensor, torch.Tensor] | None = None  # encoder models: weight [L, H], bias [L]
     head_pooling: str = "mask"  # what the head reads: the state at [MASK] or the mean over the sequence
     prefix_len: int = 0  # tokens before the template's first field: the same in every request
+    literals: tuple[tuple[int, ...] | None, ...] | None = None  # the template's literal text, tokenized once
+
+    def render(self, tokenizer, fields: dict[str, str], vocab_size: int) -> list[int]:
+        """A request's input ids: the template rendered with `fields`."""
+        return render(self.template, tokenizer, fields, vocab_size, self.literals)
 
     @property
     def identity(self) -> PromptIdentity:
@@ -83,6 +89,7 @@ def task_prompt(
         head=head,
         head_pooling=artifact.head_pooling,
         prefix_len=len(render(static_prefix(artifact.template), loaded.tokenizer, {}, loaded.vocab_size)),
+        literals=tokenize_literals(artifact.template, loaded.tokenizer, loaded.vocab_size),
     )
 
 

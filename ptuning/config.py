@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ptcore.errors import InvalidRequest
+
 TASK_TYPES = ("classify", "generate")
 
 
@@ -73,7 +75,6 @@ class TrainConfig:
     def __post_init__(self):
         # the trainer's own names for the choices; imported here, not above, to keep this module torch-free
         from prompt_store.artifact import HEAD_POOLINGS
-        from prompt_store.errors import InvalidRequest
 
         from .encoder import EncoderKind
 

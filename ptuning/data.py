@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from prompt_store.errors import InvalidRequest
 from prompt_store.template import Template
+from ptcore.errors import InvalidRequest
 
 
 class DataError(InvalidRequest):

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prompt_store.artifact import PromptArtifact, make_artifact
-from prompt_store.errors import InvalidRequest
 from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
+from ptcore.errors import InvalidRequest
 from ptcore.inputs import embed, on_device, pack
 from ptcore.model import LoadedModel
 from ptcore.scoring import LabelQuery, LabelScorer

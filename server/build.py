@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 
 from prompt_store.errors import StoreUnavailable
-from prompt_store.store import PromptStore, open_store
+from prompt_store.factory import open_store
+from prompt_store.store import PromptStore
 from ptcore.model import LoadedModel, load_model
 from server.engine.backends import make_batch
 from server.engine.classify import Classifier
@@ -38,7 +39,8 @@ class Engine:
     batch_stats: BatchStats
 
     def start(self) -> None:
-        self.scheduler.start()
+        """On the event loop that will serve the requests."""
+        self.inference.start()
 
     def stop(self) -> None:
         self.scheduler.stop()

@@ -1,19 +1,28 @@
-"""Turning a request into work for the scheduler, and submitting it.
+"""Inference, the one way in for every inference route: `generate` and
+`classify` prepare a request, submit it, and give back its Output records as an
+async stream.
 
-`prepare_generate` / `prepare_classify` block (a store read, tokenizing), so the
-routes run them in a worker thread; `submit` only queues.
+Preparing blocks (a store read, tokenizing), so it runs in a worker thread
+(server/input_lanes.py). Submitting only queues. The records come back through
+the output channel (server/output_router.py). The stream ends with the record
+that holds the answer; when its reader stops early (the client went away, the
+route was cancelled) or the request's deadline passes, the request is aborted.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import asyncio
+from collections.abc import AsyncIterator
 
-from prompt_store.errors import InvalidRequest
-from prompt_store.template import own_length, render
+from prompt_store.template import own_length
+from ptcore.errors import DeadlineExceeded, InvalidRequest
 from ptcore.model import LoadedModel
 from ptcore.task_prompt import TaskPrompt, check_classify_input
+from server.engine.outputs import Output
 from server.engine.request import SAMPLING_KEYS, Request, SamplingParams
 from server.engine.scheduler import Scheduler
+from server.input_lanes import InputLanes, input_chars
+from server.output_router import OutputRouter
 from server.prompt_cache import PromptCache
 from server.settings import Settings
 
@@ -40,25 +49,68 @@ class Inference:
         self.prompts = prompts
         self.scheduler = scheduler
         self.position_limit = position_limit
+        self.lanes = InputLanes(settings.request_timeout_s)
+        self.router: OutputRouter | None = None  # from start(), on the event loop
+
+    def start(self) -> None:
+        """On the event loop: open the output channel and start the scheduler's thread."""
+        self.router = OutputRouter(asyncio.get_running_loop())
+        self.scheduler.start(self.router)
+
+    async def generate(self, task_id: str, fields: dict[str, str], overrides: dict,
+                       stream: bool = False) -> AsyncIterator[Output]:  # fmt: skip
+        """Prepare and submit a generate request (refusals raise here, before any
+        record); -> its records: with `stream`, one per piece of settled text, and
+        always a last one holding the GenerateResult or the error."""
+        work = await self.lanes.prepare(self.prepare_generate, task_id, fields, overrides, stream)
+        return self._records(work)
+
+    async def classify(self, task_id: str, fields: dict[str, str]) -> AsyncIterator[Output]:
+        """Prepare and submit a classify request; -> its one record (ClassifyResult or error)."""
+        work = await self.lanes.prepare(self.prepare_classify, task_id, fields)
+        return self._records(work)
+
+    def _records(self, work: Request) -> AsyncIterator[Output]:
+        request_id = self.scheduler.submit(work)  # a full queue raises here
+        # opened before this coroutine next yields to the loop: no record can be delivered earlier
+        return self._read(request_id, self.router.open(request_id))
+
+    async def _read(self, request_id: int, queue: asyncio.Queue[Output]) -> AsyncIterator[Output]:
+        timeout = self.settings.request_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        finished = False
+        try:
+            while not finished:
+                try:
+                    out = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"the request did not finish within {timeout:g} s") from None
+                finished = out.finished
+                yield out
+        finally:  # the last record, a reader that stopped early, or the deadline
+            self.router.close(request_id)
+            if not finished:
+                self.scheduler.abort(request_id)
 
     def resolve(self, task_id: str, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
         """The task's prompt and the rendered input ids, within the input limits."""
         prompt = self.prompts.get(task_id)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
-        chars, limit = sum(len(value) for value in fields.values()), self.settings.max_input_tokens
+        chars, limit = input_chars(fields), self.settings.max_input_tokens
         if chars > limit * CHARS_PER_TOKEN_BOUND:
             raise InvalidRequest(
                 f"input is {chars} characters; the limit is {limit * CHARS_PER_TOKEN_BOUND} "
                 f"({CHARS_PER_TOKEN_BOUND} characters per token of the {limit}-token input limit), "
                 "checked before tokenizing"
             )
-        ids = render(prompt.template, self.loaded.tokenizer, fields, self.loaded.vocab_size)
+        ids = prompt.render(self.loaded.tokenizer, fields, self.loaded.vocab_size)
         if len(ids) > limit:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {limit}")
         return prompt, ids
 
-    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict) -> Request:
+    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict, stream: bool = False) -> Request:
         if self.loaded.family != "causal":
             raise InvalidRequest(
                 f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
@@ -72,7 +124,7 @@ class Inference:
                 f"{len(ids)} input tokens + max_new_tokens {params.max_new_tokens} exceed the {limit} positions "
                 "a request may use here"
             )
-        return Request.generate(prompt, ids, params)
+        return Request.generate(prompt, ids, params, stream)
 
     def prepare_classify(self, task_id: str, fields: dict[str, str]) -> Request:
         prompt, ids = self.resolve(task_id, "classify", fields)
@@ -117,7 +169,3 @@ class Inference:
                 )
         except InvalidRequest as e:
             raise InvalidRequest(f"bad 'generation' defaults in the artifact: {e}") from None
-
-    def submit(self, work: Request) -> Future:
-        """Queue `work`; its future resolves to a GenerateResult / ClassifyResult."""
-        return self.scheduler.submit(work)

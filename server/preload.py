@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prompt_store.errors import PtserveError
+from ptcore.errors import PtserveError
 from server.tasks import TaskManager
 
 log = logging.getLogger(__name__)

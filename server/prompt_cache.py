@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 
 from prompt_store.artifact import read_artifact
-from prompt_store.errors import StoreUnavailable, TaskNotFound
-from prompt_store.store import PromptStore, StoredPrompt, check_task_id
+from prompt_store.errors import StoreUnavailable
+from prompt_store.store import PromptStore, StoredPrompt
+from ptcore.errors import TaskNotFound
 from ptcore.model import LoadedModel
 from ptcore.task_prompt import TaskPrompt, task_prompt
+from server.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,13 @@ class PromptCache:
         self.loaded = loaded
         self.capacity = capacity
         self.max_artifact_bytes = max_artifact_bytes
-        self._entries: OrderedDict[str, TaskPrompt] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
+        self._entries: LRU[str, TaskPrompt] = LRU(capacity)
 
     def get(self, task_id: str) -> TaskPrompt:
-        check_task_id(task_id)
-        try:
+        try:  # the store checks the task id first
             identity = self.store.identity(task_id)
         except StoreUnavailable:
-            with self._lock:
-                cached = self._entries.get(task_id)
+            cached = self._entries.peek(task_id)
             if cached is None:
                 raise
             log.warning("store unreachable; serving cached %s v%d", task_id, cached.version)
@@ -45,29 +41,18 @@ class PromptCache:
         if identity is None:
             self.drop(task_id)
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
-        with self._lock:
-            cached = self._entries.get(task_id)
-            if cached is not None and cached.identity == identity:
-                self._entries.move_to_end(task_id)
-                self.hits += 1
-                return cached
-            self.misses += 1
-        return self._load(task_id)
+        cached = self._entries.get(task_id, lambda prompt: prompt.identity == identity)
+        return cached if cached is not None else self._load(task_id)
 
     def _load(self, task_id: str) -> TaskPrompt:
         stored = self.store.get(task_id)
         if stored is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         prompt = self._prompt(stored)
-        with self._lock:
-            # what the store held just now; a concurrent load of an older one that
-            # lands later is noticed by the next lookup's identity check
-            self._entries[task_id] = prompt
-            self._entries.move_to_end(task_id)
-            while len(self._entries) > self.capacity:
-                evicted, _ = self._entries.popitem(last=False)
-                self.evictions += 1
-                log.info("prompt cache full: evicted %s", evicted)
+        # what the store held just now; a concurrent load of an older one that
+        # lands later is noticed by the next lookup's identity check
+        for evicted in self._entries.put(task_id, prompt):
+            log.info("prompt cache full: evicted %s", evicted)
         return prompt
 
     def _prompt(self, stored: StoredPrompt) -> TaskPrompt:
@@ -75,15 +60,7 @@ class PromptCache:
         return task_prompt(stored.task_id, stored.version, artifact, self.loaded, stored.digest)
 
     def drop(self, task_id: str) -> None:
-        with self._lock:
-            self._entries.pop(task_id, None)
+        self._entries.pop(task_id)
 
     def stats(self) -> dict:
-        with self._lock:
-            return {
-                "size": len(self._entries),
-                "capacity": self.capacity,
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-            }
+        return self._entries.stats()

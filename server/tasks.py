@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 
 from prompt_store.artifact import artifact_bytes, read_artifact
-from prompt_store.errors import InvalidRequest, TaskNotFound
 from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, StoredPrompt, check_task_id
+from ptcore.errors import InvalidRequest, TaskNotFound
 from ptcore.model import LoadedModel, default_bos_token
 from ptcore.task_prompt import task_prompt
 from server.inference import Inference
@@ -64,19 +64,19 @@ class TaskManager:
         return self.store.list()
 
     def summary(self, task_id: str) -> dict:
-        summary = self.store.summary(check_task_id(task_id))
+        summary = self.store.summary(task_id)  # the store checks the id
         if summary is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         return summary
 
     def artifact(self, task_id: str) -> StoredPrompt:
         """The latest version's artifact, as uploaded."""
-        stored = self.store.get(check_task_id(task_id))
+        stored = self.store.get(task_id)
         if stored is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         return stored
 
     def delete(self, task_id: str) -> None:
-        if not self.store.delete(check_task_id(task_id)):
+        if not self.store.delete(task_id):
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         self.prompts.drop(task_id)

@@ -264,20 +264,21 @@ def make_adapter(model_dir, kind, path, seed=0):
 # --- driving the engine ------------------------------------------------------
 
 
-def submit_from_threads(scheduler, works) -> list:
-    """One thread per work, all submitting together, as concurrent HTTP requests
-    do; -> the results, in order."""
-    futures = [None] * len(works)
+def submit_from_threads(scheduler, works, collected) -> list:
+    """One thread per work, all submitting together to a started scheduler, as
+    concurrent HTTP requests do; -> the results, in order (read from `collected`,
+    the sink the scheduler was started with)."""
+    ids = [0] * len(works)
 
     def submit(i):
-        futures[i] = scheduler.submit(works[i])
+        ids[i] = scheduler.submit(works[i])
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(works))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return [f.result(timeout=60) for f in futures]
+    return [collected.answer(i, timeout=60) for i in ids]
 
 
 def make_scheduler(loaded, engine: str = "continuous", max_batch_size: int = 64, max_wait_s: float = 0.0,
@@ -296,11 +297,13 @@ def make_scheduler(loaded, engine: str = "continuous", max_batch_size: int = 64,
     return Scheduler(batch, Classifier(loaded, max_classify_rows), max_batch_size, max_wait_s, BatchStats())
 
 
-def drive(scheduler: Scheduler, requests: list, arrivals: list[int] | None = None):
+def drive(scheduler: Scheduler, requests: list, arrivals: list[int] | None = None, collected=None):
     """Run the scheduler's loop on this thread until every request is answered;
     request i is submitted before iteration arrivals[i] (default 0). -> (results,
     one per request: its result or its exception; log of (iteration, "join" |
-    "leave", request index), in request order within an iteration)."""
+    "leave", request index), in request order within an iteration). The records
+    go to `collected` (from scheduler.collect()), or a new Collected."""
+    collected = collected or scheduler.collect()
     arrivals = arrivals or [0] * len(requests)
     pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
     joined, left, log = set(), set(), []
@@ -312,14 +315,16 @@ def drive(scheduler: Scheduler, requests: list, arrivals: list[int] | None = Non
             scheduler.iteration()
         running = {id(r) for r in scheduler.batch.requests} if scheduler.batch is not None else set()
         for i, r in enumerate(requests):
-            if i not in joined and (id(r) in running or r.future.done()):
+            done = r.id in collected.finals
+            if i not in joined and (id(r) in running or done):
                 joined.add(i)
                 log.append((step, "join", i))
-            if i not in left and r.future.done():
+            if i not in left and done:
                 left.add(i)
                 log.append((step, "leave", i))
         step += 1
-    return [r.future.exception() or r.future.result() for r in requests], log
+    finals = [collected.finals[r.id] for r in requests]
+    return [o.error if o.error is not None else o.result for o in finals], log
 
 
 def generate_requests(loaded, n, tasks=5, version=1, max_new=lambda i: 4 + 3 * (i % 4)) -> list[Request]:

@@ -14,7 +14,7 @@ from enum import Enum
 from starlette.datastructures import Headers
 from starlette.routing import compile_path
 
-from prompt_store.errors import BadRequest, Forbidden, Unauthorized
+from server.api.errors import BadRequest, Forbidden, Unauthorized
 from server.settings import Settings
 
 

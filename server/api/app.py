@@ -13,21 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import (
+from ptcore.errors import (
     Abandoned,
-    BadRequest,
     DeadlineExceeded,
-    Forbidden,
     InvalidRequest,
     Overloaded,
     PayloadTooLarge,
     PtserveError,
     ServiceUnavailable,
     TaskNotFound,
-    Unauthorized,
 )
 from ptcore.model import LoadedModel
-from server.api.input_lanes import InputLanes
+from server.api.errors import BadRequest, Forbidden, Unauthorized
 from server.api.metrics import Metrics, MetricsMiddleware
 from server.api.request_gate import RequestGate
 from server.api.routes import health, inference, openai, tasks
@@ -77,7 +74,6 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             await run_in_threadpool(preload, engine.tasks, settings.preload)
         engine.start()
         app.state.engine = engine
-        app.state.lanes = InputLanes(settings.request_timeout_s)
         try:
             yield
         finally:

@@ -1,9 +1,11 @@
-"""What routes take from the app: the engine built in the lifespan, or one of its parts."""
+"""What routes take from the app, as FastAPI dependencies: the engine built in
+the lifespan, or one of its parts, and the metrics."""
 
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.metrics import Metrics
 from server.build import Engine
 from server.inference import Inference
 from server.tasks import TaskManager
@@ -11,6 +13,11 @@ from server.tasks import TaskManager
 
 def get_engine(request: Request) -> Engine:
     return request.app.state.engine
+
+
+def get_starting_engine(request: Request) -> Engine | None:
+    """The engine, or None while the lifespan is still building it."""
+    return getattr(request.app.state, "engine", None)
 
 
 def get_tasks(request: Request) -> TaskManager:
@@ -21,6 +28,12 @@ def get_inference(request: Request) -> Inference:
     return request.app.state.engine.inference
 
 
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
+StartingEngineDep = Annotated[Engine | None, Depends(get_starting_engine)]
 TasksDep = Annotated[TaskManager, Depends(get_tasks)]
 InferenceDep = Annotated[Inference, Depends(get_inference)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -29,6 +29,10 @@ class Metrics:
                                         registry=self.registry)  # fmt: skip
         self.registry.register(_EngineCollector(engine_of))
 
+    def count_generated(self, task_id: str, result) -> None:
+        """A generate request's answer (a GenerateResult) was given: count its tokens."""
+        self.generated_tokens.labels(task_id).inc(len(result.token_ids))
+
     def forget_task(self, task_id: str) -> None:
         """Drop every series labelled with this task (it was deleted), so that
         /metrics does not grow with tasks that no longer exist."""

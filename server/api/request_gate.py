@@ -9,8 +9,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from prompt_store.errors import BadRequest, PayloadTooLarge, PtserveError
+from ptcore.errors import PayloadTooLarge, PtserveError
 from server.api.access import access_for, bearer_token, check_access
+from server.api.errors import BadRequest
 from server.settings import Settings
 
 UPLOAD_SLACK = 64 * 1024  # multipart boundaries and part headers around a PEFT upload's files
@@ -26,9 +27,9 @@ class RequestGate:
     its request's body was read to the end, the connection is closed, so the rest
     of the body is never read.
 
-    Limits: a PUT is an upload of at most two artifact-sized files (a PEFT
-    adapter; the upload routes also check their exact limit from the declared
-    length); any other body, max_json_bytes."""
+    Limits, here only: an artifact upload (PUT) max_artifact_bytes; a PEFT
+    upload two such files and their multipart framing; any other body,
+    max_json_bytes."""
 
     def __init__(self, app, settings: Settings, respond: Callable[[PtserveError], Response]):
         """respond: the app's answer to an error, so that refusals here read like the others."""
@@ -79,9 +80,12 @@ class RequestGate:
         await self.app(scope, counted_receive, closing_send)
 
     def _limit(self, scope) -> int:
-        if scope["method"] == "PUT":
+        """The one body limit of every route (the routes read what gets through)."""
+        if scope["method"] != "PUT":
+            return self.settings.max_json_bytes
+        if route_path(scope).endswith("/peft"):  # a PEFT adapter: two files in one multipart body
             return 2 * self.settings.max_artifact_bytes + UPLOAD_SLACK
-        return self.settings.max_json_bytes
+        return self.settings.max_artifact_bytes
 
 
 def route_path(scope) -> str:

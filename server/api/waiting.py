@@ -1,55 +1,54 @@
-"""Waiting for work on behalf of an HTTP client.
+"""A non-streamed answer: an inference stream read to its last record.
 
-A request stops being worth computing when its deadline passes or its client
-goes away; then its work is abandoned: dropped if still queued (the future is
-cancelled), or its row retired at the engine's next step, freeing its slot.
+The client may go away meanwhile. Its disconnect arrives as an ASGI message
+(`http.disconnect`, once the body has been read): waiting for that message
+beside the stream, with no polling, closes the stream when it comes, which
+aborts the request (its queued entry or its running row, freeing the slot).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
 
-from prompt_store.errors import Abandoned, DeadlineExceeded
+from fastapi import Request
 
-POLL_S = 0.2  # how often a waiting request checks whether its client is still there
-
-
-class ClientWait:
-    def __init__(self, request, work, future: asyncio.Future, timeout: float):
-        self.request = request
-        self.work = work
-        self.future = future
-        self.timeout = timeout
-        self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + timeout
-
-    def remaining(self) -> float:
-        return self.deadline - self.loop.time()
-
-    async def reason_to_stop(self) -> Exception | None:
-        """DeadlineExceeded or Abandoned when the work is no longer wanted, else None."""
-        if self.remaining() <= 0:
-            return DeadlineExceeded(f"the request did not finish within {self.timeout:g} s")
-        if await self.request.is_disconnected():
-            return Abandoned("the client went away")
-        return None
-
-    def abandon(self) -> None:
-        self.work.abandoned = True
-        self.future.cancel()  # still queued: it never runs
+from ptcore.errors import Abandoned
+from server.engine.outputs import Output
 
 
-async def wait_for_result(request, engine, work):
-    """Submit `work` and wait for its result, abandoning it if the client leaves
-    or the deadline passes (raising Abandoned / DeadlineExceeded)."""
-    future = asyncio.wrap_future(engine.inference.submit(work))
-    wait = ClientWait(request, work, future, engine.settings.request_timeout_s)
-    while not future.done():
-        await asyncio.wait({future}, timeout=max(0.0, min(POLL_S, wait.remaining())))
-        if future.done():
-            break
-        stop = await wait.reason_to_stop()
-        if stop is not None:
-            wait.abandon()
-            raise stop
-    return future.result()
+async def last_record(records: AsyncIterator[Output]) -> Output:
+    """Read `records` to its last one; closing it whatever happens."""
+    async with aclosing(records):
+        async for out in records:
+            if out.finished:
+                return out
+    raise RuntimeError("an inference stream ended without its last record")
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def result_of(request: Request, records: AsyncIterator[Output]):
+    """The answer its last record holds (its error is raised); Abandoned if the
+    client goes away first."""
+    reading = asyncio.ensure_future(last_record(records))
+    leaving = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({reading, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this route is cancelled: cancelling `reading` closes the stream
+        leaving.cancel()
+        if not reading.done():
+            reading.cancel()
+            with suppress(asyncio.CancelledError):
+                await reading
+    if not reading.done() or reading.cancelled():
+        raise Abandoned("the client went away")
+    out = reading.result()
+    if out.error is not None:
+        raise out.error
+    return out.result

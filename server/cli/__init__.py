@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ptcore.errors import PtserveError  # torch-free, as every import of the parser
+
 from . import client, models, peft, serve, train
 from .serve import serve_settings
 
@@ -52,9 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as e:  # the user's mistake: one line, no traceback
-        if not isinstance(e, (ClientError, OSError, ValueError)):
-            from prompt_store.errors import PtserveError  # loaded already if one was raised (it loads torch)
-
-            if not isinstance(e, PtserveError):
-                raise
+        if not isinstance(e, (ClientError, OSError, ValueError, PtserveError)):
+            raise
         sys.exit(f"ptserve {args.command}: error: {e}")

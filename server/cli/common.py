@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from ptcore.errors import InvalidRequest
+
 MODEL_FAMILIES = ["auto", "causal", "masked", "encoder"]
 
 
@@ -84,6 +86,4 @@ def json_arg(flag: str, text: str | None):
         if isinstance(value, dict):
             return value
         problem = f'{flag} must be a JSON object, e.g. {{"positive": " good"}}; got {text!r}'
-    from prompt_store.errors import InvalidRequest  # prompt_store loads torch: only on this error path
-
     raise InvalidRequest(problem)

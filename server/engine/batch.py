@@ -2,8 +2,7 @@
 
 The batch owns its rows: row i is `requests[i]` here and row i of the backend.
 Its operations (prefill newcomers, one decode step, remove rows) return the
-requests that finished; answering them is the scheduler's job. Model code
-never sees futures, callbacks or the `abandoned` flag.
+requests that finished; answering them is the scheduler's job.
 
 A backend (server/engine/slot_backend.py, server/engine/hf_backend.py) offers:
   rows, max_len, logits_device
@@ -56,7 +55,7 @@ class GenerateBatch:
         """Admit `newcomers`, choose their first tokens; -> those already finished."""
         for r in newcomers:
             r.generator = make_generator(r.params, self.device)
-            r.text = TextStream(self.tokenizer, r.params.stop, live=r.on_text is not None)
+            r.text = TextStream(self.tokenizer, r.params.stop, live=r.stream)
         logits = self.backend.prefill(newcomers)
         first = len(self.requests)
         self.requests.extend(newcomers)

@@ -35,7 +35,7 @@ class Classifier:
             s = s.double()
             probs = dict(zip(r.prompt.labels, torch.softmax(s, dim=0).tolist()))
             logprobs = dict(zip(r.prompt.labels, s.tolist()))
-            results.append(ClassifyResult(label=max(probs, key=probs.get), scores=probs, logprobs=logprobs))
+            results.append(ClassifyResult(max(probs, key=probs.get), probs, logprobs, r.prompt.version))
         return results
 
     def _chunks(self, requests: list[Request]) -> list[list[Request]]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from prompt_store.errors import InvalidRequest
 from prompt_store.template import lone_surrogate
+from ptcore.errors import InvalidRequest
 from ptcore.task_prompt import TaskPrompt
 
 if TYPE_CHECKING:
@@ -68,28 +66,30 @@ class Request:
     """One request, from submission to answer: what to run, and (for generate)
     its tokens, its random generator and its stop state.
 
-    The API side sets `abandoned` and `on_text`; only the scheduler reads them.
-    Everything below `# generation state` belongs to the scheduler's thread."""
+    Once submitted, a request belongs to the scheduler's thread alone: the
+    caller keeps only its id (set by `Scheduler.submit`) and hears back through
+    Output records (server/engine/outputs.py)."""
 
     kind: str  # "generate" | "classify"
     prompt: TaskPrompt
     input_ids: list[int]  # rendered template; pseudo token i is vocab_size + i
     params: SamplingParams | None = None  # generate only
-    future: Future = field(default_factory=Future)
+    stream: bool = False  # generate: hand over its text as it settles, not only at the end
+    id: int = -1  # set by Scheduler.submit
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # time.monotonic() when its first token was chosen
-    abandoned: bool = False  # the client left or the deadline passed: stop working on it
-    on_text: Callable[[str], None] | None = None  # streaming: handed each new piece of final text
     # generation state
     generator: torch.Generator | None = None
     text: TextStream | None = None
     finish_reason: str | None = None  # "stop" | "length" once done
     error: Exception | None = None
-    streamed: int = 0  # characters of text already handed to on_text
+    streamed: int = 0  # characters of text already handed over in Output records
+    reported: int = 0  # tokens already handed over in Output records
 
     @classmethod
-    def generate(cls, prompt: TaskPrompt, input_ids: list[int], params: SamplingParams) -> Request:
-        return cls("generate", prompt, input_ids, params)
+    def generate(cls, prompt: TaskPrompt, input_ids: list[int], params: SamplingParams,
+                 stream: bool = False) -> Request:  # fmt: skip
+        return cls("generate", prompt, input_ids, params, stream)
 
     @classmethod
     def classify(cls, prompt: TaskPrompt, input_ids: list[int]) -> Request:
@@ -120,13 +120,20 @@ class Request:
         self.error = error
 
     def new_text(self) -> str:
-        """Streaming: the text no later token can change that on_text has not had yet."""
+        """Streaming: the text no later token can change that no Output record has carried yet."""
         end = self.text.safe_end()
         if end <= self.streamed:
             return ""
         piece = self.text.text_between(self.streamed, end)
         self.streamed = end
         return piece
+
+    def new_token_ids(self) -> tuple[int, ...]:
+        """The tokens chosen since the last Output record."""
+        ids = self.text.token_ids if self.text is not None else []
+        new = tuple(ids[self.reported :])
+        self.reported = len(ids)
+        return new
 
     def result(self) -> GenerateResult | Exception:
         """Its answer, or the exception that answers it instead."""
@@ -136,7 +143,8 @@ class Request:
             text = self.text.text  # a row that is not streamed and has no stop strings decodes only now
         except Exception as e:
             return e
-        return GenerateResult(list(self.text.token_ids), text, self.finish_reason or "length")
+        return GenerateResult(list(self.text.token_ids), text, self.finish_reason or "length",
+                              self.prompt.version, len(self.input_ids))  # fmt: skip
 
 
 @dataclass
@@ -144,6 +152,8 @@ class GenerateResult:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    version: int  # of the task's prompt it ran with
+    prompt_tokens: int  # the rendered input, pseudo tokens included
 
 
 @dataclass
@@ -151,3 +161,4 @@ class ClassifyResult:
     label: str
     scores: dict[str, float]  # label -> probability
     logprobs: dict[str, float]  # label -> summed log-probability of its verbalizer
+    version: int  # of the task's prompt it ran with

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from prompt_store.errors import InvalidRequest
+from ptcore.errors import InvalidRequest
 from ptcore.inputs import on_device
 from server.engine.request import SamplingParams
 

@@ -1,8 +1,13 @@
 """The scheduler: one thread owns the model and loops
 
-    drop abandoned rows -> take queued work -> classify batch -> prefill the
-    generate newcomers that fit -> one decode step for every running row ->
-    answer what finished -> hand streaming requests their new text
+    apply aborts -> take queued work -> classify batch -> prefill the generate
+    newcomers that fit -> one decode step for every running row -> hand over
+    what changed
+
+It talks to its callers by messages only: `submit` and `abort` go in (under a
+lock, applied by the loop), and Output records come out, one list per forward
+pass and one for the streamed text, through the sink given to `start`
+(server/engine/outputs.py). No request state is shared with another thread.
 
 Requests of any tasks share every forward pass. Generate requests are
 admitted in arrival order (none overtakes one that waits for room); a classify
@@ -18,9 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from prompt_store.errors import Abandoned, Overloaded, ServiceUnavailable
+from ptcore.errors import Abandoned, Overloaded, ServiceUnavailable
 from server.engine.batch import GenerateBatch
 from server.engine.classify import Classifier
+from server.engine.outputs import Collected, Output, OutputSink
 from server.engine.request import Request
 from server.engine.stats import BatchStats
 
@@ -41,13 +47,19 @@ class Scheduler:
         self.stats = stats
         self.max_queue = max_queue
         self._queue: deque[Request] = deque()
+        self._aborts: set[int] = set()  # ids of requests whose callers no longer want them
+        self._next_id = 1
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._sink: OutputSink = Collected()  # start() or collect() gives the real one
+        self._pending: list[Output] = []  # records of this forward pass, not yet handed over
 
-    # -- the HTTP side's view ------------------------------------------------
+    # -- the callers' view -----------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, sink: OutputSink) -> None:
+        """Run the loop on its own thread; every Output record goes to `sink`."""
+        self._sink = sink
         self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
 
@@ -60,21 +72,32 @@ class Scheduler:
             self._thread.join()
         shutting_down = ServiceUnavailable("server is shutting down")
         for r in self._queue:
-            if r.future.set_running_or_notify_cancel():  # False: the client already went away
-                r.future.set_exception(shutting_down)
+            self._answer(r, shutting_down)
         self._queue.clear()
         self._fail_running(shutting_down)
+        self._flush()
 
-    def submit(self, request: Request):
-        """Queue one request; its future resolves to a GenerateResult / ClassifyResult."""
+    def submit(self, request: Request) -> int:
+        """Queue one request; -> its id, which its Output records carry. Its last
+        record holds a GenerateResult / ClassifyResult, or the error instead."""
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailable("server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"{len(self._queue)} requests are already waiting; try again shortly")
+            request.id = self._next_id
+            self._next_id += 1
             self._queue.append(request)
             self._cond.notify_all()
-        return request.future
+        return request.id
+
+    def abort(self, request_id: int) -> None:
+        """The caller no longer wants this request: before the next forward pass
+        it leaves the queue, or its row leaves the batch (freeing its slot).
+        Its last record then carries Abandoned."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify_all()
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -86,16 +109,23 @@ class Scheduler:
     def running(self) -> int:
         return self.batch.running if self.batch is not None else 0
 
+    def collect(self) -> Collected:
+        """Without the worker thread (the caller runs `iteration` itself): from now
+        on, records go to the Collected returned."""
+        self._sink = Collected()
+        return self._sink
+
     def run_to_completion(self, requests: list[Request]) -> list:
         """Without the worker thread: submit `requests` and run the loop on this
         thread until each is answered; -> its result or its exception, in order
         (benchmarks, offline scoring)."""
-        for r in requests:
-            self.submit(r)
-        while not all(r.future.done() for r in requests):
+        collected = self.collect()
+        ids = [self.submit(r) for r in requests]
+        while not all(i in collected.finals for i in ids):
             if not self.iteration():
                 raise ServiceUnavailable("the scheduler is stopping")
-        return [r.future.exception() or r.future.result() for r in requests]
+        finals = [collected.finals[i] for i in ids]
+        return [o.error if o.error is not None else o.result for o in finals]
 
     # -- the loop ------------------------------------------------------------
 
@@ -110,7 +140,6 @@ class Scheduler:
 
     def iteration(self) -> bool:
         """One pass of the loop; waits for work when there is none. False once stopping."""
-        self._drop_abandoned()  # free their rows before admitting newcomers
         taken = self._take()
         if taken is None:
             return False
@@ -125,21 +154,22 @@ class Scheduler:
         return True
 
     def _take(self) -> tuple[list[Request], list[Request]] | None:
-        """Wait for work; take a classify batch and the generate newcomers that fit."""
+        """Apply aborts, wait for work; take a classify batch and the generate newcomers that fit."""
         with self._cond:
+            self._apply_aborts()  # frees their rows before newcomers are admitted
             while not self._queue and not self.running() and not self._stopping:
                 self._cond.wait()
+                self._apply_aborts()
             if self._stopping:
                 return None
             if not self.running():
                 self._wait_for_company()
+                self._apply_aborts()
             classify: list[Request] = []
             admitted: list[Request] = []
             rest: deque[Request] = deque()
             blocked = False  # generate requests are admitted in arrival order
             for r in self._queue:
-                if r.future.cancelled():  # its client left while it waited: it takes no room
-                    continue
                 if r.kind == "classify" and len(classify) < self.max_batch_size:
                     classify.append(r)
                 elif r.kind == "generate" and not blocked and len(admitted) < self.max_batch_size \
@@ -149,8 +179,22 @@ class Scheduler:
                     blocked = blocked or r.kind == "generate"
                     rest.append(r)
             self._queue = rest
-        live = lambda rs: [r for r in rs if r.future.set_running_or_notify_cancel()]  # noqa: E731
-        return live(classify), live(admitted)
+        return classify, admitted
+
+    def _apply_aborts(self) -> None:
+        """Holding the lock: the aborted requests leave the queue and the batch."""
+        if not self._aborts:
+            return
+        aborts, self._aborts = self._aborts, set()
+        gone = [r for r in self._queue if r.id in aborts]
+        if gone:
+            self._queue = deque(r for r in self._queue if r.id not in aborts)
+        running = [r for r in self.batch.requests if r.id in aborts] if self.batch is not None else []
+        if running:
+            self.batch.remove(running)
+        for r in gone + running:
+            self._answer(r, Abandoned("the request was abandoned"))
+        self._flush()
 
     def _wait_for_company(self) -> None:
         """Holding the lock, with a non-empty queue: wait until max_batch_size
@@ -164,7 +208,7 @@ class Scheduler:
 
     def _classify(self, requests: list[Request]) -> list[Request]:
         for r, result in zip(requests, self.classifier.run(requests)):
-            _answer(r, result)
+            self._answer(r, result)
         return []
 
     def _run(self, kind: str, requests: list[Request], forward: Callable[[], list[Request]]) -> None:
@@ -180,38 +224,27 @@ class Scheduler:
             if self.batch is not None:
                 self.batch.remove(requests)
             for r in requests:
-                _answer(r, e)
+                self._answer(r, e)
+            self._flush()
             return
         for r in finished:
-            _answer(r, r.result())
+            self._answer(r, r.result())
+        self._flush()
         seconds = time.perf_counter() - start
         tasks = len({r.prompt.key for r in requests})
         self.stats.record(kind, len(requests), tasks, seconds)
         log.debug("batch kind=%s size=%d tasks=%d seconds=%.4f", kind, len(requests), tasks, seconds)
 
-    def _drop_abandoned(self) -> None:
-        if self.batch is None:
-            return
-        gone = [r for r in self.batch.requests if r.abandoned]
-        if gone:
-            self.batch.remove(gone)
-            for r in gone:
-                _answer(r, Abandoned("the request was abandoned"))
-
     def _stream(self) -> None:
-        """Hand each streaming request the text its new tokens completed."""
+        """A record for each streamed request whose tokens completed more text."""
         if self.batch is None:
             return
         for r in self.batch.requests:
-            if r.on_text is not None:
+            if r.stream:
                 piece = r.new_text()
-                if not piece:
-                    continue
-                try:
-                    r.on_text(piece)
-                except Exception:  # its client's side is gone (e.g. a closed event loop): drop it alone
-                    log.exception("streaming to one request failed; abandoning it")
-                    r.abandoned = True
+                if piece:
+                    self._pending.append(Output(r.id, r.new_token_ids(), piece))
+        self._flush()
 
     def _fail_running(self, error: Exception) -> None:
         if self.batch is None:
@@ -219,13 +252,25 @@ class Scheduler:
         running = list(self.batch.requests)
         self.batch.remove(running)
         for r in running:
-            _answer(r, error)
+            self._answer(r, error)
+        self._flush()
 
+    def _answer(self, request: Request, result) -> None:
+        """The request's last record: its result, or the error that answers it. A
+        streamed request's carries the rest of its text: the streamed pieces are
+        always a beginning of the final text, so together they make all of it."""
+        tokens = request.new_token_ids() if request.kind == "generate" else ()
+        if isinstance(result, Exception):
+            self._pending.append(Output(request.id, tokens, error=result))
+        else:
+            rest = result.text[request.streamed :] if request.stream else ""
+            self._pending.append(Output(request.id, tokens, rest, result=result))
 
-def _answer(request: Request, result) -> None:
-    if request.future.done():
-        return
-    if isinstance(result, Exception):
-        request.future.set_exception(result)
-    else:
-        request.future.set_result(result)
+    def _flush(self) -> None:
+        """Hand the records gathered so far to the sink, in one call."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            try:
+                self._sink.put(pending)
+            except Exception:  # the loop must go on: these records are lost, their callers time out
+                log.exception("handing over %d output records failed", len(pending))

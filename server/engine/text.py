@@ -34,9 +34,14 @@ def decoder_of(tokenizer) -> Callable[[list[int]], str]:
     decoding itself (2-3 us of ~3 us per call; a stream decodes twice per token
     of every running row, between two decode steps)."""
     cls = type(tokenizer)
+    # `_decode` is transformers' private API: if it goes, this takes the public
+    # decode (slower, same text), and test_a_plain_fast_tokenizer_is_decoded_by_its_backend
+    # (tests/server/engine/test_text.py) fails, saying the fast path is lost
+    private = getattr(PreTrainedTokenizerFast, "_decode", None)
     plain = (
         isinstance(tokenizer, PreTrainedTokenizerFast)
-        and cls._decode is PreTrainedTokenizerFast._decode
+        and private is not None
+        and getattr(cls, "_decode", None) is private
         and cls.decode is PreTrainedTokenizerBase.decode
         and not tokenizer.clean_up_tokenization_spaces
     )

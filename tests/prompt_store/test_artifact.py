@@ -13,7 +13,8 @@ from prompt_store.artifact import (
     read_artifact,
     save_artifact,
 )
-from prompt_store.errors import ArtifactError, PayloadTooLarge
+from prompt_store.errors import ArtifactError
+from ptcore.errors import PayloadTooLarge
 
 BASE = {"name_or_path": "tiny", "hidden_size": 8, "vocab_size": 100, "fingerprint": "abc"}
 

@@ -16,9 +16,10 @@ from redis.sentinel import MasterNotFoundError, Sentinel
 
 from prompt_store.artifact import artifact_bytes
 from prompt_store.errors import StoreUnavailable
+from prompt_store.factory import open_store
 from prompt_store.redis_connect import parse_sentinel_url
 from prompt_store.redis_store import RedisStore
-from prompt_store.store import digest_of, open_store
+from prompt_store.store import digest_of
 from ptcore.model import load_model
 from tests.helpers import filled_artifact, live_server, random_prompt, start_redis, start_sentinel
 

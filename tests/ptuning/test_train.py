@@ -8,9 +8,9 @@ import torch
 
 import ptuning.train
 from prompt_store.artifact import load_artifact
-from prompt_store.errors import InvalidRequest
 from prompt_store.template import parse_template, render
 from ptclient.client import PtserveClient
+from ptcore.errors import InvalidRequest
 from ptcore.model import load_model
 from ptcore.scoring import LabelQuery, LabelScorer
 from ptcore.task_prompt import task_prompt

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save
 
 from prompt_store.artifact import artifact_bytes
-from prompt_store.errors import ArtifactError, InvalidRequest
+from prompt_store.errors import ArtifactError
 from prompt_store.template import render
+from ptcore.errors import InvalidRequest
 from ptcore.model import load_model
 from ptcore.task_prompt import TaskPrompt, task_prompt
 from server.api.app import create_app

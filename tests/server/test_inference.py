@@ -1,11 +1,13 @@
 """Inference, without HTTP: input limits, the position limit, sampling defaults,
 the task-type check, and submitted work answered as the oracle answers it."""
 
+import asyncio
+
 import pytest
 
 from prompt_store.artifact import artifact_bytes
-from prompt_store.errors import InvalidRequest
 from prompt_store.template import render
+from ptcore.errors import InvalidRequest
 from server.build import build_engine
 from server.engine.request import SamplingParams
 from server.inference import CHARS_PER_TOKEN_BOUND
@@ -118,16 +120,75 @@ def test_each_task_type_has_its_own_route(engine_of):
 
 
 def test_submitted_work_is_answered_as_the_oracle_answers(loaded, engine_of):
+    """Inference's streams, on an event loop as the routes use them: a generate
+    request's records (streamed: pieces, then the rest with the result), a classify request's one record."""
     engine = engine_of()
-    engine.start()
     work = engine.inference.prepare_generate("g", {"input": "hello"}, {"max_new_tokens": 6})
-    result = engine.inference.submit(work).result(timeout=60)
     expected = alone_greedy(loaded.model, work.prompt.rows, work.input_ids, loaded.vocab_size, 6, loaded.eos_token_ids)
-    assert result.token_ids == expected
-    label = engine.inference.submit(engine.inference.prepare_classify("c", {"input": "hello"})).result(timeout=60)
-    assert set(label.scores) == {"yes", "no"} and label.label == max(label.scores, key=label.scores.get)
+
+    async def ask():
+        engine.start()
+        plain = [o async for o in await engine.inference.generate("g", {"input": "hello"}, {"max_new_tokens": 6})]
+        streamed = [o async for o in await engine.inference.generate("g", {"input": "hello"}, {"max_new_tokens": 6},
+                                                                       stream=True)]  # fmt: skip
+        label = [o async for o in await engine.inference.classify("c", {"input": "hello"})]
+        return plain, streamed, label
+
+    plain, streamed, label = asyncio.run(ask())
+    assert [o.finished for o in plain] == [True] and plain[0].result.token_ids == expected
+    assert (plain[0].result.version, plain[0].result.prompt_tokens) == (1, len(work.input_ids))
+    assert [o.finished for o in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert "".join(o.text for o in streamed) == streamed[-1].result.text == plain[0].result.text
+    assert [t for o in streamed for t in o.token_ids] == expected
+    (label,) = label
+    assert set(label.result.scores) == {"yes", "no"} and label.result.label == max(
+        label.result.scores, key=label.result.scores.get
+    )
+    assert label.result.version == 1
     stats = engine.stats()
     assert (stats["engine"], stats["running"], stats["queue_depth"]) == ("continuous", 0, 0)
     assert engine.why_not_ready() is None
+    assert engine.inference.router.listening() == 0  # every stream closed its queue
     engine.stop()
     assert engine.why_not_ready() == "the model worker is not running"
+
+
+def test_a_stream_closed_early_aborts_its_request(loaded, engine_of):
+    """A reader that stops before the last record (the client went away) aborts
+    the request, and nothing is left listening. (That an aborted row leaves the
+    batch before the next step: tests/server/test_scheduler.py.)"""
+    engine = engine_of()
+    aborted, real_abort = [], engine.scheduler.abort
+    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+
+    async def leave_early():
+        engine.start()
+        records = await engine.inference.generate("g", {"input": "hello"}, {"max_new_tokens": 50}, stream=True)
+        first = await anext(records)
+        await records.aclose()
+        return first
+
+    first = asyncio.run(leave_early())
+    assert not first.finished
+    assert aborted == [first.request_id]
+    assert engine.inference.router.listening() == 0
+    engine.stop()
+
+
+def test_a_task_tokenizes_its_template_text_once_not_per_request(loaded, engine_of, monkeypatch):
+    import prompt_store.template
+
+    engine = engine_of()
+    engine.tasks.upload("lit", artifact_bytes(random_prompt(loaded, "[P:2] Review: {input} Sentiment:")))
+    first = engine.inference.prepare_generate("lit", {"input": "hello"}, {})  # loads the task
+    texts, real = [], prompt_store.template.tokenize_text
+
+    def counting(tokenizer, text, split_special_tokens=False):
+        texts.append(text)
+        return real(tokenizer, text, split_special_tokens)
+
+    monkeypatch.setattr(prompt_store.template, "tokenize_text", counting)
+    second = engine.inference.prepare_generate("lit", {"input": "hello"}, {})
+    assert texts == ["hello"]  # the request's field alone: the template's text was tokenized with the task
+    assert second.input_ids == first.input_ids == render(second.prompt.template, loaded.tokenizer, {"input": "hello"},
+                                                          loaded.vocab_size)  # fmt: skip

@@ -90,7 +90,7 @@ def test_a_request_past_its_deadline_is_504_and_frees_its_slot(gpt2, tmp_path, s
         r = c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 200})  # ~10 s of steps
         assert r.status_code == 504 and r.json()["detail"] == "the request did not finish within 0.5 s"
         at_504 = decode_steps(c.get("/v1/stats").json())
-        # the row was marked abandoned before the 504 went out: the step then running
+        # the request was aborted before the 504 went out: the step then running
         # may still finish, and no other after it
         assert decode_steps(wait_until_idle(c)) - at_504 <= 1
 
@@ -229,16 +229,16 @@ def test_failures_stay_with_their_own_requests(gpt2, tmp_path, monkeypatch):
         assert classified.status_code == 500 and "classify broke" in classified.json()["detail"]
         assert classified.headers["connection"] == "close"
 
-        real_drop = Scheduler._drop_abandoned
+        real_stream = Scheduler._stream
         failed = []
 
-        def flaky_drop(self):
-            if self.running() and not failed:  # the first iteration that finds a row running fails
+        def flaky_stream(self):  # the end of an iteration
+            if self.running() and not failed:  # the first iteration that ends with a row running fails
                 failed.append(True)
                 raise RuntimeError("one bad iteration")
-            return real_drop(self)
+            return real_stream(self)
 
-        monkeypatch.setattr(Scheduler, "_drop_abandoned", flaky_drop)
+        monkeypatch.setattr(Scheduler, "_stream", flaky_stream)
         caught = c.post("/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 3})
         assert caught.status_code == 500 and "one bad iteration" in caught.json()["detail"]  # it was running
         assert c.post("/v1/tasks/g/generate", json={"input": "x", "max_new_tokens": 3}).status_code == 200
@@ -286,7 +286,7 @@ class HeldTokenizer:
     wait for it."""
 
     def __init__(self, loaded, monkeypatch):
-        from server.api.input_lanes import LONG_INPUT_CHARS
+        from server.input_lanes import LONG_INPUT_CHARS
 
         self.release = threading.Event()
         self.holding = 0  # long inputs inside the tokenizer now
@@ -335,13 +335,13 @@ def post_generate(live, text: str) -> httpx.Response:
 
 
 def test_long_inputs_are_prepared_one_at_a_time(gpt2, tmp_path, monkeypatch):
-    from server.api.input_lanes import LONG_INPUT_CHARS
+    from server.input_lanes import LONG_INPUT_CHARS
 
     held = HeldTokenizer(gpt2, monkeypatch)
     long = "x" * (LONG_INPUT_CHARS + 1)
     with serve(gpt2, tmp_path, max_input_tokens=LONG_REQUEST_TOKENS) as live, ThreadPoolExecutor(2) as pool:
         httpx.put(f"{live.url}/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
-        lane = live.app.state.lanes.long
+        lane = live.app.state.engine.inference.lanes.long
         try:
             first = pool.submit(post_generate, live, long)
             wait_until(lambda: held.holding == 1, "the first long input to be tokenized", DEADLINE_S)
@@ -370,12 +370,12 @@ def test_ordinary_requests_do_not_wait_behind_a_long_input_being_tokenized(gpt2,
     """README, Access, limits and faults: ordinary requests never wait behind
     long inputs. A long input held inside its tokenization must not keep an
     ordinary request from being prepared and answered."""
-    from server.api.input_lanes import LONG_INPUT_CHARS
+    from server.input_lanes import LONG_INPUT_CHARS
 
     held = HeldTokenizer(gpt2, monkeypatch)
     with serve(gpt2, tmp_path, max_input_tokens=LONG_REQUEST_TOKENS) as live, ThreadPoolExecutor(2) as pool:
         httpx.put(f"{live.url}/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
-        lane = live.app.state.lanes.long
+        lane = live.app.state.engine.inference.lanes.long
         try:
             long = pool.submit(post_generate, live, "x" * (LONG_INPUT_CHARS + 1))
             wait_until(lambda: held.holding == 1, "the long input to be tokenized", DEADLINE_S)
@@ -395,8 +395,8 @@ def test_ordinary_requests_do_not_wait_behind_a_long_input_being_tokenized(gpt2,
 def test_a_long_input_that_waits_too_long_for_its_lane_is_a_504():
     import anyio
 
-    from prompt_store.errors import DeadlineExceeded
-    from server.api.input_lanes import LONG_INPUT_CHARS, InputLanes
+    from ptcore.errors import DeadlineExceeded
+    from server.input_lanes import LONG_INPUT_CHARS, InputLanes
 
     lanes = InputLanes(wait_s=0.2)
     long_fields = {"input": "x" * (LONG_INPUT_CHARS + 1)}

@@ -18,6 +18,7 @@ import server.engine.hf_backend
 from prompt_store.template import render
 from ptcore.task_prompt import task_prompt
 from server.engine.classify import Classifier
+from server.engine.outputs import Collected
 from server.engine.request import Request, SamplingParams
 from tests.helpers import (
     LABEL_SETS,
@@ -129,10 +130,11 @@ def test_batched_classification_equals_alone(loaded):
 
 def test_scheduler_batches_concurrent_submissions_and_keeps_results_apart(loaded, engine):
     scheduler = make_scheduler(loaded, engine, max_batch_size=8, max_wait_s=0.2, max_running=8)
-    scheduler.start()
+    collected = Collected()
+    scheduler.start(collected)
     works = [make_generate(loaded, i % 5, *TEMPLATES[i % 5], max_new_tokens=6 + i % 4) for i in range(12)]
     works += [make_classify(loaded, i, LABEL_SETS[i % 3], *TEMPLATES[i % 5]) for i in range(4)]
-    results = submit_from_threads(scheduler, works)
+    results = submit_from_threads(scheduler, works, collected)
     scheduler.stop()
     for w, r in zip(works, results):
         if w.kind == "generate":
@@ -226,7 +228,7 @@ def test_a_row_whose_text_fails_to_decode_at_the_end_is_answered_with_the_error(
 
     monkeypatch.setattr(TextStream, "text", property(text))
     streamed = make_generate(loaded, 0, *TEMPLATES[0])
-    streamed.on_text = lambda piece: None  # a live stream: its text is kept as tokens arrive
+    streamed.stream = True  # a live stream: its text is kept as tokens arrive
     plain = [make_generate(loaded, i, *TEMPLATES[i]) for i in (1, 2)]
     results, _ = drive(make_scheduler(loaded, engine, max_running=8), [streamed, *plain])
     assert_oracle_tokens(loaded, streamed, results[0].token_ids)

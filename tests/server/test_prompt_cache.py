@@ -2,7 +2,7 @@ import pytest
 
 from prompt_store.artifact import artifact_bytes
 from prompt_store.disk_store import DiskStore
-from prompt_store.errors import TaskNotFound
+from ptcore.errors import TaskNotFound
 from server.prompt_cache import PromptCache
 from tests.helpers import random_prompt
 

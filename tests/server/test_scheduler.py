@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prompt_store.errors import Abandoned, InvalidRequest, ServiceUnavailable
+from ptcore.errors import Abandoned, InvalidRequest, ServiceUnavailable
 from server.engine.batch import GenerateBatch
+from server.engine.outputs import Collected
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.stats import BatchStats
@@ -32,6 +33,7 @@ class Prompt:
     task_id: str
     key: tuple = ()
     labels: tuple = ()
+    version: int = 1
 
 
 def generate(task: str, steps: int, max_new_tokens: int = 100, **params) -> Request:
@@ -164,36 +166,41 @@ def test_classify_runs_between_decode_steps_in_batches_of_at_most_max_batch_size
     assert scheduler.stats.snapshot()["requests"] == 4
 
 
-def test_an_abandoned_row_is_dropped_before_the_next_step():
+def test_an_aborted_row_is_dropped_before_the_next_step():
     scheduler, backend = make()
+    collected = scheduler.collect()
     keep, leave = generate("keep", 5), generate("leave", 50)
     scheduler.submit(keep)
     scheduler.submit(leave)
     scheduler.iteration()
-    leave.abandoned = True  # what the HTTP side does when its client goes away
+    scheduler.abort(leave.id)  # what the HTTP side sends when its client goes away
     scheduler.iteration()
     with pytest.raises(Abandoned):
-        leave.future.result(timeout=0)
+        collected.answer(leave.id, timeout=0)
     assert backend.calls[2] == ("keep", [0])  # its row was freed before the second decode step
     assert backend.calls[3] == ("decode", 1)
-    while not keep.future.done():
+    while keep.id not in collected.finals:
         scheduler.iteration()
-    assert keep.future.result().token_ids == [WORD] * 4
+    assert collected.answer(keep.id).token_ids == [WORD] * 4
 
 
-def test_a_cancelled_request_in_the_queue_takes_no_room():
+def test_an_aborted_request_in_the_queue_takes_no_room():
     scheduler, backend = make(max_running=1)
+    collected = scheduler.collect()
     gone, wanted = generate("gone", 2), generate("wanted", 2)
     scheduler.submit(gone)
     scheduler.submit(wanted)
-    assert gone.future.cancel()
-    results, _ = drive(scheduler, [wanted])
+    scheduler.abort(gone.id)
+    results, _ = drive(scheduler, [wanted], collected=collected)
     assert results[0].token_ids == [WORD]
     assert backend.calls[0] == ("prefill", ["wanted"])
+    with pytest.raises(Abandoned):
+        collected.answer(gone.id, timeout=0)
 
 
 def test_a_failing_prefill_fails_only_its_newcomers():
     scheduler, backend = make()
+    collected = scheduler.collect()
     old = generate("old", 4)
     scheduler.submit(old)
     scheduler.iteration()
@@ -202,10 +209,10 @@ def test_a_failing_prefill_fails_only_its_newcomers():
     scheduler.submit(new)
     scheduler.iteration()
     with pytest.raises(RuntimeError, match="prefill broke"):
-        new.future.result(timeout=0)
-    while not old.future.done():
+        collected.answer(new.id, timeout=0)
+    while old.id not in collected.finals:
         scheduler.iteration()
-    assert old.future.result().token_ids == [WORD] * 3
+    assert collected.answer(old.id).token_ids == [WORD] * 3
 
 
 def test_a_failing_decode_step_fails_every_running_row_and_the_loop_goes_on():
@@ -222,50 +229,65 @@ def test_a_failing_decode_step_fails_every_running_row_and_the_loop_goes_on():
 
 def test_streaming_gets_every_piece_once_and_the_pieces_add_up():
     scheduler, _ = make()
-    pieces: list[str] = []
-    streamed = generate("s", 6)
-    streamed.on_text = pieces.append
-    results, _ = drive(scheduler, [streamed])
-    # text reaches on_text after each step except the last, whose text comes with the result
-    assert pieces == ["aa", "a", "a", "a"]
-    assert results[0].text == "aaaaa"
+    collected = scheduler.collect()
+    streamed, plain = generate("s", 6), generate("p", 6)
+    streamed.stream = True
+    results, _ = drive(scheduler, [streamed, plain], collected=collected)
+    records = [o for o in collected.records if o.request_id == streamed.id]
+    # a record after each step that settled text, then the last one, with the rest of the text
+    assert [o.text for o in records] == ["aa", "a", "a", "a", ""]
+    assert [o.finished for o in records] == [False] * 4 + [True]
+    assert "".join(o.text for o in records) == results[0].text == "aaaaa"
+    assert [t for o in records for t in o.token_ids] == results[0].token_ids
+    # a request that is not streamed gets one record, its last
+    assert [o.finished for o in collected.records if o.request_id == plain.id] == [True]
 
 
 def test_stop_fails_queued_and_running_work_and_refuses_new_work():
     scheduler, backend = make(max_running=1, max_wait_s=0.0)
-    gate = threading.Event()
+    gate, decoding = threading.Event(), threading.Event()
     real_decode = backend.decode
 
     def gated_decode(tokens):
-        gate.wait(5)
+        decoding.set()
+        assert gate.wait(60), "the test never opened the gate"
         return real_decode(tokens)
 
     backend.decode = gated_decode
-    scheduler.start()
+    collected = Collected()
+    scheduler.start(collected)
     running = scheduler.submit(generate("running", 100))
-    while not scheduler.running():
-        threading.Event().wait(0.01)
+    assert decoding.wait(60), "the running request never reached a decode step"
     queued = scheduler.submit(generate("queued", 2))
-    threading.Timer(0.2, gate.set).start()
-    scheduler.stop()
-    for future in (running, queued):
+    stopper = threading.Thread(target=scheduler.stop)
+    stopper.start()
+    gate.set()  # the step in progress finishes; then stop fails what is left
+    stopper.join(60)
+    for request_id in (running, queued):
         with pytest.raises(ServiceUnavailable, match="shutting down"):
-            future.result(timeout=5)
+            collected.answer(request_id, timeout=60)
     with pytest.raises(ServiceUnavailable):
         scheduler.submit(generate("late", 2))
 
 
-def test_a_failing_stream_consumer_drops_only_its_own_request():
+def test_a_sink_that_fails_loses_only_those_records_and_the_loop_goes_on():
     scheduler, _ = make()
-    broken, fine = generate("broken", 6), generate("fine", 6)
+    collected = scheduler.collect()
+    real_put, failures = collected.put, []
 
-    def closed_loop(piece):
-        raise RuntimeError("Event loop is closed")
+    def put_failing_once(outputs):
+        if not failures:
+            failures.append(outputs)
+            raise RuntimeError("Event loop is closed")
+        real_put(outputs)
 
-    broken.on_text = closed_loop
-    results, _ = drive(scheduler, [broken, fine])
-    assert isinstance(results[0], Abandoned)
-    assert results[1].text == "aaaaa"
+    collected.put = put_failing_once
+    first = generate("first", 1)
+    scheduler.submit(first)
+    scheduler.iteration()
+    assert [o.request_id for o in failures[0]] == [first.id] and first.id not in collected.finals
+    results, _ = drive(scheduler, [generate("after", 3)], collected=collected)
+    assert results[0].text == "aa"
 
 
 def test_a_row_whose_sampling_fails_fails_alone(monkeypatch):

@@ -8,6 +8,7 @@ from prompt_store.template import render
 from ptcore.model import load_model
 from ptcore.task_prompt import task_prompt
 from server.engine.models import slot_model_for
+from server.engine.outputs import Collected
 from server.engine.request import Request, SamplingParams
 from tests.helpers import drive, generate_requests, make_scheduler, oracle_tokens, random_prompt, submit_from_threads
 
@@ -160,9 +161,10 @@ def test_token_budget_bounds_admission(loaded):
 
 def test_scheduler_serves_concurrent_submissions(loaded):
     s = make_scheduler(loaded, max_running=4, max_batch_size=8, max_wait_s=0.05)
-    s.start()
+    collected = Collected()
+    s.start(collected)
     works = generate_requests(loaded, 14)
-    results = submit_from_threads(s, works)
+    results = submit_from_threads(s, works, collected)
     s.stop()
     for w, r in zip(works, results):
         assert r.token_ids == oracle_tokens(loaded, w)

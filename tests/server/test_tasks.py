@@ -5,7 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from prompt_store.artifact import artifact_bytes, read_artifact
-from prompt_store.errors import InvalidRequest, InvalidTaskId, TaskNotFound
+from prompt_store.errors import InvalidTaskId
+from ptcore.errors import InvalidRequest, TaskNotFound
 from ptcore.model import default_bos_token
 from server.build import build_engine
 from server.settings import Settings

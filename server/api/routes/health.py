@@ -1,11 +1,11 @@
 """Liveness, readiness and batching statistics."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep
+from server.api.deps import EngineDep, MetricsDep, StartingEngineDep
 
 router = APIRouter(tags=["health"])
 
@@ -16,8 +16,7 @@ async def health():
 
 
 @router.get("/ready")
-async def ready(request: Request):
-    engine = getattr(request.app.state, "engine", None)
+async def ready(engine: StartingEngineDep):
     if engine is None:
         return JSONResponse({"status": "loading", "detail": "model is not loaded yet"}, status_code=503)
     reason = await run_in_threadpool(engine.why_not_ready)
@@ -33,7 +32,7 @@ async def stats(engine: EngineDep):
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request):
+async def metrics(metrics: MetricsDep):
     """Prometheus metrics: requests by route/task/status, latencies, generated tokens,
     queue depth, running rows, batch sizes, prompt- and prefix-cache counters."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import BadRequest
-from server.api.deps import EngineDep, TasksDep
+from server.api.deps import InferenceDep, MetricsDep, TasksDep
+from server.api.errors import BadRequest
 from server.api.schemas import CompletionRequest
-from server.api.streaming import stream_generation
-from server.api.waiting import wait_for_result
+from server.api.streaming import sse_events
+from server.api.waiting import result_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # inference token: server/api/access.py
 
@@ -42,11 +42,11 @@ RoutedTask = Annotated[
 
 
 @router.post("/completions", responses={400: {"description": "X-Ptserve-Task differs from model"}})
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, routed_task: RoutedTask = None):
+async def completions(body: CompletionRequest, request: Request, inference: InferenceDep, metrics: MetricsDep,
+                      routed_task: RoutedTask = None):  # fmt: skip
     if routed_task is not None and routed_task != body.model:
         raise BadRequest(f"header X-Ptserve-Task is {routed_task!r} but model is {body.model!r}; they must be equal")
-    fields, overrides = {"input": body.text()}, body.sampling_overrides()
-    work = await request.app.state.lanes.prepare(engine.inference.prepare_generate, body.model, fields, overrides)
+    records = await inference.generate(body.model, {"input": body.text()}, body.sampling_overrides(), body.stream)
     ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def chunk(text: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:
@@ -57,21 +57,19 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return out
 
     def usage(result) -> dict:
-        n_in, n_out = len(work.input_ids), len(result.token_ids)
+        n_in, n_out = result.prompt_tokens, len(result.token_ids)
         return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
 
-    tokens = request.app.state.metrics.generated_tokens.labels(body.model)
     if body.stream:
 
         def final(rest: str, result) -> list:
-            tokens.inc(len(result.token_ids))
+            metrics.count_generated(body.model, result)
             return [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]
 
         def error(detail: str) -> dict:  # OpenAI's shape: its clients raise with this message
             return {"error": {"message": detail, "type": "server_error", "param": None, "code": None}}
 
-        events = await stream_generation(request, engine, work, chunk, final, error)
-        return StreamingResponse(events, media_type="text/event-stream")
-    result = await wait_for_result(request, engine, work)
-    tokens.inc(len(result.token_ids))
+        return StreamingResponse(sse_events(records, chunk, final, error), media_type="text/event-stream")
+    result = await result_of(request, records)
+    metrics.count_generated(body.model, result)
     return chunk(result.text, result.finish_reason, usage(result))

@@ -3,24 +3,11 @@
 from fastapi import APIRouter, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.errors import PayloadTooLarge
+from ptcore.errors import PayloadTooLarge
 from server.api.deps import TasksDep
 from server.api.schemas import TaskSummary
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])  # which routes need a token: server/api/access.py
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it grows past `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload is {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
-    return bytes(body)
 
 
 @router.put(
@@ -36,7 +23,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 )
 async def upload_task(task_id: str, request: Request, tasks: TasksDep):
     """Upload a prompt artifact (safetensors bytes); makes a new version."""
-    data = await _read_body(request, tasks.settings.max_artifact_bytes)
+    data = await request.body()  # its size was checked by the request gate (server/api/request_gate.py)
     return await run_in_threadpool(tasks.upload, task_id, data)
 
 

@@ -10,9 +10,14 @@ from functools import partial
 
 import anyio
 
-from prompt_store.errors import DeadlineExceeded
+from ptcore.errors import DeadlineExceeded
 
 LONG_INPUT_CHARS = 4096  # about a thousand tokens of English: far above an ordinary request
+
+
+def input_chars(fields: dict[str, str]) -> int:
+    """A request's input size before tokenizing: the characters of its field values."""
+    return sum(len(value) for value in fields.values())
 
 
 class InputLanes:
@@ -24,7 +29,7 @@ class InputLanes:
         """prepare_fn(task_id, fields, *more) in a worker thread; in the long lane
         when the fields hold more than LONG_INPUT_CHARS characters."""
         call = partial(prepare_fn, task_id, fields, *more)
-        if sum(len(value) for value in fields.values()) <= LONG_INPUT_CHARS:
+        if input_chars(fields) <= LONG_INPUT_CHARS:
             return await anyio.to_thread.run_sync(call)
         with anyio.move_on_after(self.wait_s) as waited:
             await self.long.acquire()
