@@ -40,6 +40,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,11 +166,11 @@ def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:
     return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats)
 
 
+@dataclass
 class TimedSink(Collected):
     """The scheduler's records, and when each request's last one was handed over."""
 
-    def __post_init__(self):
-        self.finished_at: dict[int, float] = {}
+    finished_at: dict[int, float] = field(default_factory=dict)
 
     def put(self, outputs) -> None:
         now = time.monotonic()
