@@ -176,6 +176,7 @@ def test_at_the_bound_the_connection_longest_in_its_headers_makes_room(gpt2, tmp
         assert answer_of(slow[1]).startswith(b"HTTP/1.1 503 ")
         assert [i for i, s in enumerate(slow) if still_open(s)] == list(range(2, bound + 1))
         trickle(slow[2:])
+        wait_for_connections(live, bound - 1)  # the generate client's close reached the server (a busy one is slow)
         assert all(p.conn.their_state is h11.IDLE for p in server_connections(live))  # all still in their headers
         for s in slow:
             s.close()
