@@ -12,6 +12,7 @@ route was cancelled) or the request's deadline passes, the request is aborted.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 
 from prompt_store.template import own_length
@@ -73,7 +74,16 @@ class Inference:
     def _records(self, work: Request) -> AsyncIterator[Output]:
         request_id = self.scheduler.submit(work)  # a full queue raises here
         # opened before this coroutine next yields to the loop: no record can be delivered earlier
-        return self._read(request_id, self.router.open(request_id))
+        records = self._read(request_id, self.router.open(request_id))
+        # a stream dropped before its first read (a response cancelled before it began)
+        # runs no `finally`: when it is collected, its request is aborted all the same
+        weakref.finalize(records, self._drop_unread, request_id)
+        return records
+
+    def _drop_unread(self, request_id: int) -> None:
+        if self.router.is_open(request_id):  # _read closes it whenever it ran
+            self.router.close(request_id)
+            self.scheduler.abort(request_id)
 
     async def _read(self, request_id: int, queue: asyncio.Queue[Output]) -> AsyncIterator[Output]:
         timeout = self.settings.request_timeout_s

@@ -38,6 +38,9 @@ class OutputRouter:
     def close(self, request_id: int) -> None:
         self._queues.pop(request_id, None)
 
+    def is_open(self, request_id: int) -> bool:
+        return request_id in self._queues
+
     def listening(self) -> int:
         return len(self._queues)
 

@@ -192,3 +192,46 @@ def test_a_task_tokenizes_its_template_text_once_not_per_request(loaded, engine_
     assert texts == ["hello"]  # the request's field alone: the template's text was tokenized with the task
     assert second.input_ids == first.input_ids == render(second.prompt.template, loaded.tokenizer, {"input": "hello"},
                                                           loaded.vocab_size)  # fmt: skip
+
+
+def test_a_stream_dropped_before_its_first_read_still_aborts_its_request(loaded, engine_of):
+    """A response cancelled before it began to read (its client left at once)
+    never runs the stream's `finally`: collecting the stream aborts the request."""
+    import gc
+
+    engine = engine_of()
+    aborted, real_abort = [], engine.scheduler.abort
+    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+
+    async def drop_unread():
+        engine.start()
+        records = await engine.inference.generate("g", {"input": "hello"}, {"max_new_tokens": 50}, stream=True)
+        listening = engine.inference.router.listening()
+        del records
+        gc.collect()
+        return listening
+
+    assert asyncio.run(drop_unread()) == 1
+    assert len(aborted) == 1
+    assert engine.inference.router.listening() == 0
+    engine.stop()
+
+
+def test_a_stream_read_to_its_end_is_not_aborted_when_collected(loaded, engine_of):
+    import gc
+
+    engine = engine_of()
+    aborted, real_abort = [], engine.scheduler.abort
+    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+
+    async def read_all():
+        engine.start()
+        records = await engine.inference.generate("g", {"input": "hello"}, {"max_new_tokens": 3})
+        outs = [o async for o in records]
+        del records
+        gc.collect()
+        return outs
+
+    assert asyncio.run(read_all())[-1].finished
+    assert aborted == []
+    engine.stop()
