@@ -25,19 +25,16 @@ class Metrics:
                                 ["route", "task", "code"], registry=self.registry)  # fmt: skip
         self.latency = Histogram("ptserve_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.generated_tokens = Counter("ptserve_generated_tokens", "tokens generated, by task", ["task"],
-                                        registry=self.registry)  # fmt: skip
+        self.engine_of = engine_of
         self.registry.register(_EngineCollector(engine_of))
-
-    def count_generated(self, task_id: str, result) -> None:
-        """A generate request's answer (a GenerateResult) was given: count its tokens."""
-        self.generated_tokens.labels(task_id).inc(len(result.token_ids))
 
     def forget_task(self, task_id: str) -> None:
         """Drop every series labelled with this task (it was deleted), so that
         /metrics does not grow with tasks that no longer exist."""
-        for metric in (self.requests, self.generated_tokens):
-            metric.remove_by_labels({"task": task_id})
+        self.requests.remove_by_labels({"task": task_id})
+        engine = self.engine_of()
+        if engine is not None:
+            engine.batch_stats.forget(task_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -64,6 +61,10 @@ class _EngineCollector:
                                           value=stats[cache][event])  # fmt: skip
             yield GaugeMetricFamily(f"ptserve_{cache}_size", f"entries in the {cache.replace('_', ' ')}",
                                     value=stats[cache]["size"])  # fmt: skip
+        generated = CounterMetricFamily("ptserve_generated_tokens", "tokens generated, by task", labels=["task"])
+        for task, tokens in sorted(stats["batches"]["generated_tokens"].items()):
+            generated.add_metric([task], tokens)
+        yield generated
         sizes = {int(k): v for k, v in stats["batches"]["batch_sizes"].items()}
         buckets, seen = [], 0
         for bound in BATCH_BUCKETS:

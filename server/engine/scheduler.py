@@ -265,6 +265,8 @@ class Scheduler:
         else:
             rest = result.text[request.streamed :] if request.stream else ""
             self._pending.append(Output(request.id, tokens, rest, result=result))
+            if request.kind == "generate":
+                self.stats.count_generated(request.prompt.task_id, len(result.token_ids))
 
     def _flush(self) -> None:
         """Hand the records gathered so far to the sink, in one call."""

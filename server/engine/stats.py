@@ -1,4 +1,5 @@
-"""Counts of the engine's forward batches, served at GET /v1/stats."""
+"""Counts of the engine's forward batches and of the tokens it generated per
+task, served at GET /v1/stats and read by /metrics when scraped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class BatchStats:
         self.requests = 0
         self.sizes: Counter[int] = Counter()
         self.recent: deque[dict] = deque(maxlen=recent)
+        self.generated: Counter[str] = Counter()  # task id -> tokens of its answered generate requests
 
     def record(self, kind: str, size: int, num_tasks: int, seconds: float) -> None:
         """One forward batch of `size` rows: prefill, decode or classify (a
@@ -25,6 +27,17 @@ class BatchStats:
             self.sizes[size] += 1
             self.recent.append({"kind": kind, "size": size, "tasks": num_tasks, "seconds": round(seconds, 4)})
 
+    def count_generated(self, task_id: str, tokens: int) -> None:
+        """A generate request of this task was answered with `tokens` tokens:
+        the one place generated tokens are counted."""
+        with self._lock:
+            self.generated[task_id] += tokens
+
+    def forget(self, task_id: str) -> None:
+        """The task was deleted: its count goes, so that /metrics does not grow with deleted tasks."""
+        with self._lock:
+            self.generated.pop(task_id, None)
+
     def snapshot(self) -> dict:
         with self._lock:
             return {
@@ -33,4 +46,5 @@ class BatchStats:
                 "max_batch_size_seen": max(self.sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
                 "recent": list(self.recent),
+                "generated_tokens": dict(self.generated),
             }

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import InferenceDep, MetricsDep
+from server.api.deps import InferenceDep
 from server.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 from server.api.streaming import sse_events
 from server.api.waiting import result_of
@@ -16,12 +16,11 @@ router = APIRouter(prefix="/v1/tasks", tags=["inference"])  # inference token: s
     response_model=GenerateResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "the answer, or events if stream"}},
 )
-async def generate(task_id: str, body: GenerateRequest, request: Request, inference: InferenceDep, metrics: MetricsDep):
+async def generate(task_id: str, body: GenerateRequest, request: Request, inference: InferenceDep):
     records = await inference.generate(task_id, body.fields(), body.sampling_overrides(), stream=body.stream)
     if body.stream:
 
         def final(rest: str, result) -> list:
-            metrics.count_generated(task_id, result)
             done = {"text": rest, "done": True, "task_id": task_id, "version": result.version,
                     "token_ids": result.token_ids, "finish_reason": result.finish_reason}  # fmt: skip
             return [done, "[DONE]"]
@@ -29,7 +28,6 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, infere
         events = sse_events(records, lambda text: {"text": text}, final)
         return StreamingResponse(events, media_type="text/event-stream")
     result = await result_of(request, records)
-    metrics.count_generated(task_id, result)
     return GenerateResponse(task_id=task_id, version=result.version, text=result.text, token_ids=result.token_ids,
                             finish_reason=result.finish_reason)  # fmt: skip
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import InferenceDep, MetricsDep, TasksDep
+from server.api.deps import InferenceDep, TasksDep
 from server.api.errors import BadRequest
 from server.api.schemas import CompletionRequest
 from server.api.streaming import sse_events
@@ -42,7 +42,7 @@ RoutedTask = Annotated[
 
 
 @router.post("/completions", responses={400: {"description": "X-Ptserve-Task differs from model"}})
-async def completions(body: CompletionRequest, request: Request, inference: InferenceDep, metrics: MetricsDep,
+async def completions(body: CompletionRequest, request: Request, inference: InferenceDep,
                       routed_task: RoutedTask = None):  # fmt: skip
     if routed_task is not None and routed_task != body.model:
         raise BadRequest(f"header X-Ptserve-Task is {routed_task!r} but model is {body.model!r}; they must be equal")
@@ -63,7 +63,6 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     if body.stream:
 
         def final(rest: str, result) -> list:
-            metrics.count_generated(body.model, result)
             return [chunk(rest, result.finish_reason, usage(result)), "[DONE]"]
 
         def error(detail: str) -> dict:  # OpenAI's shape: its clients raise with this message
@@ -71,5 +70,4 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
 
         return StreamingResponse(sse_events(records, chunk, final, error), media_type="text/event-stream")
     result = await result_of(request, records)
-    metrics.count_generated(body.model, result)
     return chunk(result.text, result.finish_reason, usage(result))
