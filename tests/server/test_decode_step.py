@@ -89,4 +89,4 @@ def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured()
         assert float_mismatch(got, own) is None, float_mismatch(got, own)
         # the tolerance fails the same tokens stepped at position 1 (a wrong
         # position: each then also attends to the empty cache entry at 0)
-        assert float_mismatch(step(graphs=False, compile=False)([3, 4], [1, 1]), own) is not None
+        assert float_mismatch(step(graphs=False, compile=False)([3, 4], [1, 1]), own).startswith("max difference ")

@@ -153,13 +153,19 @@ def test_submitted_work_is_answered_as_the_oracle_answers(loaded, engine_of):
     assert engine.why_not_ready() == "the model worker is not running"
 
 
+def recording_aborts(engine) -> list[int]:
+    """The ids the engine's scheduler is asked to abort, from now on (it still aborts them)."""
+    aborted, real_abort = [], engine.scheduler.abort
+    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+    return aborted
+
+
 def test_a_stream_closed_early_aborts_its_request(loaded, engine_of):
     """A reader that stops before the last record (the client went away) aborts
     the request, and nothing is left listening. (That an aborted row leaves the
     batch before the next step: tests/server/test_scheduler.py.)"""
     engine = engine_of()
-    aborted, real_abort = [], engine.scheduler.abort
-    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+    aborted = recording_aborts(engine)
 
     async def leave_early():
         engine.start()
@@ -200,8 +206,7 @@ def test_a_stream_dropped_before_its_first_read_still_aborts_its_request(loaded,
     import gc
 
     engine = engine_of()
-    aborted, real_abort = [], engine.scheduler.abort
-    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+    aborted = recording_aborts(engine)
 
     async def drop_unread():
         engine.start()
@@ -221,8 +226,7 @@ def test_a_stream_read_to_its_end_is_not_aborted_when_collected(loaded, engine_o
     import gc
 
     engine = engine_of()
-    aborted, real_abort = [], engine.scheduler.abort
-    engine.scheduler.abort = lambda request_id: (aborted.append(request_id), real_abort(request_id))
+    aborted = recording_aborts(engine)
 
     async def read_all():
         engine.start()
