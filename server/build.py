@@ -93,7 +93,7 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
             f"{loaded.max_positions}): every generate request that keeps the default would be refused"
         )
     inference = Inference(settings, loaded, prompts, scheduler, limit)
-    tasks = TaskManager(settings, loaded, store, prompts, inference)
+    tasks = TaskManager(settings, loaded, store, prompts, inference, batch_stats)
     return Engine(settings, loaded, store, prompts, tasks, inference, scheduler, batch_stats)
 
 

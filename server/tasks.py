@@ -13,6 +13,7 @@ from prompt_store.store import PromptStore, StoredPrompt, check_task_id
 from ptcore.errors import InvalidRequest, TaskNotFound
 from ptcore.model import LoadedModel, default_bos_token
 from ptcore.task_prompt import task_prompt
+from server.engine.stats import BatchStats
 from server.inference import Inference
 from server.prompt_cache import PromptCache
 from server.settings import Settings
@@ -21,15 +22,16 @@ log = logging.getLogger(__name__)
 
 
 class TaskManager:
-    def __init__(
-        self, settings: Settings, loaded: LoadedModel, store: PromptStore, prompts: PromptCache, inference: Inference
-    ):
-        """inference: checks a generate task's defaults against the server's limits."""
+    def __init__(self, settings: Settings, loaded: LoadedModel, store: PromptStore, prompts: PromptCache,
+                 inference: Inference, stats: BatchStats):  # fmt: skip
+        """inference: checks a generate task's defaults against the server's limits.
+        stats: the engine's counts, whose per-task entries go with a deleted task."""
         self.settings = settings
         self.loaded = loaded
         self.store = store
         self.prompts = prompts
         self.inference = inference
+        self.stats = stats
 
     def upload(self, task_id: str, data: bytes) -> dict:
         """Check the artifact fully against the served model, then store it.
@@ -80,3 +82,4 @@ class TaskManager:
         if not self.store.delete(task_id):
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         self.prompts.drop(task_id)
+        self.stats.forget(task_id)  # /metrics does not grow with deleted tasks

@@ -25,16 +25,12 @@ class Metrics:
                                 ["route", "task", "code"], registry=self.registry)  # fmt: skip
         self.latency = Histogram("ptserve_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.engine_of = engine_of
         self.registry.register(_EngineCollector(engine_of))
 
     def forget_task(self, task_id: str) -> None:
         """Drop every series labelled with this task (it was deleted), so that
         /metrics does not grow with tasks that no longer exist."""
-        self.requests.remove_by_labels({"task": task_id})
-        engine = self.engine_of()
-        if engine is not None:
-            engine.batch_stats.forget(task_id)
+        self.requests.remove_by_labels({"task": task_id})  # its generated tokens: TaskManager.delete
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,7 @@ iteration, put on one channel.
 The scheduler's thread calls nothing else on the caller's side: it builds
 `Output` records and passes each iteration's list to its sink's `put`, the one
 place where its thread meets the caller's. The API's sink
-(server/api/outputs.py) forwards them to the event loop; `Collected`, here, keeps
+(server/output_router.py) forwards them to the event loop; `Collected`, here, keeps
 them for callers without an event loop (benchmarks, tests, offline scoring).
 """
 
@@ -68,8 +68,3 @@ class Collected:
         if out.error is not None:
             raise out.error
         return out.result
-
-    def text_of(self, request_id: int) -> str:
-        """The streamed text this request's records carried, joined."""
-        with self._cond:
-            return "".join(o.text for o in self.records if o.request_id == request_id)
