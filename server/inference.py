@@ -89,13 +89,20 @@ class Inference:
         timeout = self.settings.request_timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        late = f"the request did not finish within {timeout:g} s"
         finished = False
         try:
             while not finished:
-                try:
-                    out = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"the request did not finish within {timeout:g} s") from None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(late)
+                if queue.empty():  # wait_for makes a task: only when there is something to wait for
+                    try:
+                        out = await asyncio.wait_for(queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        raise DeadlineExceeded(late) from None
+                else:
+                    out = queue.get_nowait()
                 finished = out.finished
                 yield out
         finally:  # the last record, a reader that stopped early, or the deadline
