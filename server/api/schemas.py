@@ -41,6 +41,7 @@ class GenerateRequest(InferenceInputs):
     top_k: Int | None = Field(None, description="keep the k most likely tokens; 0 = off")
     stop: str | list[str] | None = Field(None, description="stop strings; not included in the text")
     seed: Int | None = Field(None, description="0 <= seed < 2**63; same seed, same draws")
+    ignore_eos: Bool | None = Field(None, description="true: go on past end-of-sequence up to max_new_tokens")
     stream: Bool = Field(False, description="server-sent events: text deltas, then the whole answer")
 
     def sampling_overrides(self) -> dict:

@@ -34,6 +34,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     stop: tuple[str, ...] = ()
     seed: int | None = None  # None = a fresh random seed
+    ignore_eos: bool = False  # True: go on past end-of-sequence tokens up to max_new_tokens (benchmarks)
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -56,6 +57,8 @@ class SamplingParams:
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
 
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))  # what a request or an artifact may set
@@ -108,7 +111,7 @@ class Request:
         """Record one chosen token and decide whether the request is done."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"
             self.text.finish()
         elif self.text.push(token):

@@ -217,6 +217,17 @@ def test_new_text_hands_out_each_safe_character_once(tokenizer):
         assert request.new_text() == ""
 
 
+def test_ignore_eos_goes_on_past_eos_up_to_max_new_tokens(tokenizer):
+    eos = tokenizer.eos_token_id
+    for ignore, expected in ((False, ([5], "stop")), (True, ([5, eos, 5], "length"))):
+        request = Request.generate(None, [], SamplingParams(max_new_tokens=3, ignore_eos=ignore))
+        request.text = TextStream(tokenizer, ())
+        for token in (5, eos, 5):
+            if not request.done:
+                request.add_token(token, frozenset({eos}))
+        assert (request.text.token_ids, request.finish_reason) == expected
+
+
 def test_only_an_end_that_could_begin_a_stop_string_is_held_back(tokenizer):
     def safe(text, stop):
         stream = TextStream(tokenizer, stop)
