@@ -39,6 +39,7 @@ import os
 import platform
 import random
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -51,6 +52,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from bench.report import report
 from prompt_store.artifact import make_artifact
+from ptcore import cpu_threads
 from ptcore.inputs import embed, pack, prompt_table
 from ptcore.model import LoadedModel, avoid_cudnn_attention, describe_model
 from ptcore.task_prompt import task_prompt
@@ -161,9 +163,25 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
 
 
 def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:
-    """The real scheduler over `batch`, with an empty prefix cache."""
+    """The real scheduler over `batch`, with an empty prefix cache, on
+    --threads CPU threads as the server's is (ptcore/cpu_threads.py)."""
     batch.backend.prefixes.clear()
-    return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats)
+    threads = cpu_threads.resolve(getattr(args, "threads", None) or 0)
+    return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats,
+                     threads=threads)  # fmt: skip
+
+
+def on_model_thread(fn, threads: int):
+    """fn()'s result, computed on a thread of its own with `threads` CPU threads.
+    The main thread computes on one (see main), so, as in the server, one
+    thread at a time holds an OpenMP team: HF's runs get what the engine gets."""
+    out = []
+    worker = threading.Thread(target=lambda: (cpu_threads.use(threads), out.append(fn())))
+    worker.start()
+    worker.join()
+    if not out:
+        raise SystemExit("the run failed (its traceback is above)")
+    return out[0]
 
 
 @dataclass
@@ -324,8 +342,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table to bench/results/")
     args = ap.parse_args()
     args.max_running = args.max_running or args.concurrency
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = cpu_threads.resolve(args.threads or 0)
+    cpu_threads.serial()  # before anything computes: the model's threads are the scheduler's and HF's (on_model_thread)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     loaded = build(args.shape, args.device, dtype)
     mixed = make_requests(loaded, args.tasks, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
@@ -334,11 +352,12 @@ def main() -> None:
     engine = make_batcher(loaded, args, graphs=args.graphs)
     run_engine(engine, mixed, args)  # warm-up at full size: the first timed mode must not pay for page faults
     serial = mixed[: args.serial] if args.serial else mixed
+    hf = lambda per_task: on_model_thread(lambda: run_hf(loaded, mixed, args, per_task), threads)  # noqa: E731
     plan = [
         ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(engine, mixed, args)),
         ("b", "(b) ptserve engine, one task", lambda: run_engine(engine, single, args)),
-        ("c", "(c) HF generate, one mixed batch", lambda: run_hf(loaded, mixed, args, per_task=False)),
-        ("d", "(d) HF generate, one task per pass", lambda: run_hf(loaded, mixed, args, per_task=True)),
+        ("c", "(c) HF generate, one mixed batch", lambda: hf(False)),
+        ("d", "(d) HF generate, one task per pass", lambda: hf(True)),
         ("e", "(e) ptserve engine, one at a time", lambda: run_engine(engine, serial, args, concurrent=False)),
     ]
     notes = []
@@ -377,7 +396,7 @@ def main() -> None:
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
-        else f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} threads)"
     )  # noqa: E501
     lines = [
         f"# engine benchmark, {date.today()}, {platform.node()}, {device}",

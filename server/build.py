@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from prompt_store.errors import StoreUnavailable
 from prompt_store.factory import open_store
 from prompt_store.store import PromptStore
+from ptcore import cpu_threads
 from ptcore.model import LoadedModel, load_model
 from server.engine.backends import make_batch
 from server.engine.classify import Classifier
@@ -71,7 +72,10 @@ class Engine:
 
 
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engine:
-    """`loaded`: an already loaded model to serve instead of loading settings.model."""
+    """`loaded`: an already loaded model to serve instead of loading settings.model.
+    The calling thread computes on one CPU thread from now on, the scheduler's
+    on settings.cpu_threads (see ptcore/cpu_threads.py)."""
+    cpu_threads.serial()
     if loaded is None:
         loaded = load_model(
             settings.model, settings.device, settings.dtype, settings.model_family, settings.device_map,
@@ -104,7 +108,8 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
                        settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
                        settings.cuda_graphs, settings.compile)  # fmt: skip
     return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
-                     settings.max_wait_ms / 1000, stats, settings.max_queue)  # fmt: skip
+                     settings.max_wait_ms / 1000, stats, settings.max_queue,
+                     cpu_threads.resolve(settings.cpu_threads))  # fmt: skip
 
 
 def _backend(scheduler: Scheduler):

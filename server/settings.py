@@ -88,6 +88,8 @@ class Settings(BaseSettings):
                               "captured at startup")  # fmt: skip
     compile: bool = Field(False, description="continuous: fuse the decode step with torch.compile at startup "
                           "(slower start, faster steps)")  # fmt: skip
+    cpu_threads: int = Field(0, ge=0, description="CPU threads the model computes with (0: torch's default, one "
+                             "per core); the server's other threads compute on one")  # fmt: skip
     prompt_cache_size: int = Field(256, ge=1, description="tasks whose prompt rows stay on the device (LRU)")
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")

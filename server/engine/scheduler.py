@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ptcore import cpu_threads
 from ptcore.errors import Abandoned, Overloaded, ServiceUnavailable
 from server.engine.batch import GenerateBatch
 from server.engine.classify import Classifier
@@ -37,15 +38,18 @@ class Scheduler:
     thread_name = "ptserve-scheduler"
 
     def __init__(self, batch: GenerateBatch | None, classifier: Classifier, max_batch_size: int, max_wait_s: float,
-                 stats: BatchStats, max_queue: int = 1024):  # fmt: skip
+                 stats: BatchStats, max_queue: int = 1024, threads: int = 0):  # fmt: skip
         """batch: None for a model that only classifies. max_batch_size bounds a
-        classify batch, one prefill batch, and the wait for company."""
+        classify batch, one prefill batch, and the wait for company. threads:
+        the CPU threads the loop's thread computes with (ptcore/cpu_threads.py;
+        0: torch's settings as they are)."""
         self.batch = batch
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.stats = stats
         self.max_queue = max_queue
+        self.threads = threads
         self._queue: deque[Request] = deque()
         self._aborts: set[int] = set()  # ids of requests whose callers no longer want them
         self._next_id = 1
@@ -130,6 +134,8 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads:
+            cpu_threads.use(self.threads)
         while True:
             try:
                 if not self.iteration():

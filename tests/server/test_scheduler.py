@@ -270,6 +270,26 @@ def test_stop_fails_queued_and_running_work_and_refuses_new_work():
         scheduler.submit(generate("late", 2))
 
 
+def test_the_loop_thread_computes_on_the_threads_it_was_given():
+    backend = ScriptedBackend()
+    loaded = SimpleNamespace(eos_token_ids=frozenset({EOS}), tokenizer=Letters(), device=torch.device("cpu"))
+    scheduler = Scheduler(GenerateBatch(backend, loaded), Labels(), 8, 0.0, BatchStats(), threads=5)
+    seen, real_prefill = [], backend.prefill
+
+    def prefill(requests):
+        seen.append(torch.get_num_threads())
+        return real_prefill(requests)
+
+    backend.prefill = prefill
+    collected = Collected()
+    scheduler.start(collected)
+    try:
+        collected.answer(scheduler.submit(generate("a", 2)), timeout=60)
+    finally:
+        scheduler.stop()
+    assert seen == [5]
+
+
 def test_a_sink_that_fails_loses_only_those_records_and_the_loop_goes_on():
     scheduler, _ = make()
     collected = scheduler.collect()

@@ -1,0 +1,53 @@
+"""Which thread computes with several CPU cores: the one that runs the model.
+
+PyTorch's CPU operators run on OpenMP (GNU libgomp in PyTorch's Linux
+wheels). Each thread that runs a multi-threaded operator gets a team of
+worker threads of its own, kept until that thread exits, and the main
+thread never exits. Once a process holds more of these threads than it has
+CPUs, libgomp stops letting idle workers spin between operators: they sleep,
+and each of a decode step's ~950 operators then waits for them to wake.
+
+Measured on the default model, 32 rows, a 2-core VM: a decode step on the
+scheduler's thread took 99 ms while the thread that had loaded the model
+still held its team, and 81 ms (what the same step takes on the main thread)
+when no other thread held one. Through HTTP, the server ran at 212 tokens/s
+until the thread that built the engine had idled out, and at 286 after
+(`python -m bench.cpu_anchor`, its first round against the next two).
+
+So the thread that builds the engine, and the main thread of `ptserve
+serve`, compute on one thread (`serial`); the scheduler's thread takes the
+configured number (`use`). Other short-lived threads inherit the model's
+count; a team they make ends with them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch's own default, taken before anything here changes it: one per core,
+# or what OMP_NUM_THREADS says
+DEFAULT = torch.get_num_threads()
+
+
+def resolve(threads: int) -> int:
+    """The model's thread count for a `cpu_threads` setting (0: torch's default)."""
+    return threads or DEFAULT
+
+
+def serial() -> None:
+    """From now on, this thread computes on one CPU thread. Call it before the
+    thread runs a multi-threaded operator: a team once made stays."""
+    _set(1)
+
+
+def use(threads: int) -> None:
+    """This thread computes on `threads` CPU threads (the model's thread)."""
+    _set(threads)
+
+
+def _set(n: int) -> None:
+    torch.set_num_threads(n)
+    # torch applies its process-wide count to a thread the first time that thread
+    # asks for it; asking now pins this thread's count to n, whatever a later
+    # call elsewhere sets
+    torch.get_num_threads()
