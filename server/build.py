@@ -106,7 +106,8 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
     and these settings (server/engine/backends.py), and the classifier."""
     batch = make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
                        settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
-                       settings.cuda_graphs, settings.compile)  # fmt: skip
+                       settings.cuda_graphs, settings.compile,
+                       cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
     return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
                      settings.max_wait_ms / 1000, stats, settings.max_queue,
                      cpu_threads.resolve(settings.cpu_threads))  # fmt: skip

@@ -17,6 +17,7 @@ from ptcore.inputs import embed, on_device, pack_from, prompt_table
 from ptcore.model import LoadedModel
 from server.engine.decode_step import DecodeStep
 from server.engine.kv_cache import SlotKVCache
+from server.engine.models.cpu_linear import Linear
 from server.engine.models.slot_attention import SlotAttention
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request
@@ -25,13 +26,15 @@ from server.engine.request import Request
 class SlotBackend:
     def __init__(self, loaded: LoadedModel, model, max_running: int, max_len: int, max_tokens: int,
                  prefix_cache_size: int, reuse_prefixes: bool = True, cuda_graphs: bool = True,
-                 compile: bool = False, pad_steps: bool | None = None):  # fmt: skip
+                 compile: bool = False, pad_steps: bool | None = None, packed: bool = True):  # fmt: skip
         """model: a slot forward of server/engine/models for loaded.model.
         max_tokens bounds the sum of (input + max_new_tokens) over running rows.
-        cuda_graphs, compile, pad_steps: how the decode step runs (server/engine/decode_step.py)."""
+        cuda_graphs, compile, pad_steps: how the decode step runs (server/engine/decode_step.py).
+        packed: the LM head reads a packed copy of its weight on the CPU (server/engine/models/cpu_linear.py)."""
         self.loaded = loaded
         self.model = model
-        self.lm_head = loaded.model.get_output_embeddings()
+        head = loaded.model.get_output_embeddings()
+        self.lm_head = Linear(head.weight, head.bias, packed)
         self.embed_tokens = loaded.model.get_input_embeddings()
         self.logits_device = loaded.model.get_output_embeddings().weight.device
         self.max_running = max_running

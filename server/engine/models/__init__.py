@@ -22,8 +22,9 @@ from server.engine.models.gpt2 import GPT2SlotModel
 from server.engine.models.llama import LlamaSlotModel
 
 
-def slot_model_for(model):
-    """A slot forward for this model, or None when its architecture is not covered."""
+def slot_model_for(model, packed: bool = True):
+    """A slot forward for this model, or None when its architecture is not covered.
+    packed: large CPU products read packed weights (server/engine/models/cpu_linear.py)."""
     cfg = model.config
     if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
         layer = model.model.layers[0]
@@ -32,7 +33,7 @@ def slot_model_for(model):
         # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
         plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
         if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):
-            return LlamaSlotModel(model)
+            return LlamaSlotModel(model, packed)
     if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
         return GPT2SlotModel(model)
     return None

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from server.engine.models.cpu_linear import Linear
 from server.engine.models.slot_attention import SlotAttention
 
 
@@ -51,7 +52,8 @@ class LlamaSlotModel:
     (bench/step_ops.py counts them). F.rms_norm gives Llama's norm bit for bit
     in float32; in bfloat16/float16 it rounds once where Llama's rounds twice."""
 
-    def __init__(self, model):
+    def __init__(self, model, packed: bool = True):
+        """packed: the gate/up product reads a packed copy on the CPU (cpu_linear.py)."""
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -62,7 +64,7 @@ class LlamaSlotModel:
         with torch.no_grad():
             attns, mlps = [x.self_attn for x in self.inner.layers], [x.mlp for x in self.inner.layers]
             self.qkv = [pack_linears([a.q_proj, a.k_proj, a.v_proj]) for a in attns]
-            self.gate_up = [pack_linears([m.gate_proj, m.up_proj]) for m in mlps]
+            self.gate_up = [Linear(*pack_linears([m.gate_proj, m.up_proj]), packed) for m in mlps]
         # "dynamic" rotary scaling compares the largest position with a cached length on the host
         self.capturable = "dynamic" not in str(getattr(self.inner.rotary_emb, "rope_type", "default"))
 
@@ -84,7 +86,7 @@ class LlamaSlotModel:
             q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_heads:]
             x = x + attn.o_proj(attention(i, q, k, v, attn.scaling))
             mlp = layer.mlp
-            gate, up = F.linear(rms_norm(layer.post_attention_layernorm, x), *self.gate_up[i]).chunk(2, dim=-1)
+            gate, up = self.gate_up[i](rms_norm(layer.post_attention_layernorm, x)).chunk(2, dim=-1)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return rms_norm(self.inner.norm, x)
 
