@@ -60,6 +60,10 @@ class TrainConfig:
         metadata=_help("encoder models: the head reads the mean last hidden state or the one at [MASK]"),
     )
     batch_size: int = field(default=16, metadata=_help("examples per optimizer step"))
+    micro_batch_size: int = field(
+        default=0,
+        metadata=_help("examples per forward and backward pass; gradients add up to batch_size (0: batch_size)"),
+    )
     seed: int = field(default=0, metadata=_help("seeds the starting prompt, the example order and the dev split"))
     # 5 stopped small sets at epoch 6
     patience: int = field(default=10, metadata=_help("epochs without a better dev metric before stopping"))
@@ -100,5 +104,7 @@ class TrainConfig:
                 f"epochs and batch_size must be >= 1 and lr, head_lr > 0; got epochs={self.epochs}, "
                 f"batch_size={self.batch_size}, lr={self.lr}, head_lr={self.head_lr}"
             )
+        if self.micro_batch_size < 0:
+            raise InvalidRequest(f"micro_batch_size must be >= 0 (0: batch_size), got {self.micro_batch_size}")
         if self.weight_decay < 0:
             raise InvalidRequest(f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,33 @@ def prompt_from_text(text: str, tokenizer) -> tuple[str, list[int | None]]:
 class TrainResult:
     artifact: PromptArtifact
     history: list[dict] = field(default_factory=list)  # one entry per epoch
+
+
+@dataclass
+class Step:
+    """One forward and backward pass: micro-batch `micro` of `micros` of batch
+    `batch` of `batches` in `epoch` (the optimizer steps after the last micro-batch);
+    `loss`: the running mean over batches done (None before the first)."""
+
+    epoch: int
+    batch: int
+    batches: int
+    micro: int
+    micros: int
+    loss: float | None
+
+
+@dataclass
+class EpochEnd:
+    """An epoch's figures (epoch 0: the starting prompt, before any step); `best`: kept so far."""
+
+    metrics: dict
+    best: bool
+
+
+@dataclass
+class Done:
+    result: TrainResult
 
 
 @dataclass
@@ -211,6 +239,10 @@ class PromptTrainer:
         loss = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100)
         return loss, None
 
+    def _loss_weight(self, items: list[_Item]) -> int:
+        """What a batch's mean loss averages over: examples (classify) or target tokens (generate)."""
+        return len(items) if self.config.task_type == "classify" else sum(len(it.target) for it in items)
+
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, items: list[_Item]) -> dict:
         """dev_loss: mean over examples (classify) or over target tokens (generate),
@@ -243,11 +275,15 @@ class PromptTrainer:
         was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return self._fit(train, dev)
+            return next(event.result for event in self.steps(train, dev) if isinstance(event, Done))
         finally:
             torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
-    def _fit(self, train: list[Example], dev: list[Example]) -> TrainResult:
+    def steps(self, train: list[Example], dev: list[Example]) -> Iterator[Step | EpochEnd | Done]:
+        """The training, one optimizer step at a time: a Step after each one, an
+        EpochEnd after each epoch's evaluation (and first for the starting
+        prompt), Done last. Whoever drives it decides when the next step runs
+        (`fit` runs them back to back, with PyTorch's deterministic kernels on)."""
         cfg = self.config
         train_items, dev_items = self._items(train), self._items(dev)
         order_gen = self._generator(1)
@@ -262,6 +298,7 @@ class PromptTrainer:
         best: dict | None = start if manual else None
         best_rows, best_head, stale = rows, None, 0
         self._show(start, manual)
+        yield EpochEnd(start, manual)
         trust_dev = len(dev_items) >= cfg.min_dev_examples
         if not trust_dev:
             self._say(f"{len(dev_items)} dev examples are fewer than {cfg.min_dev_examples}: too few to pick an epoch; "
@@ -272,13 +309,22 @@ class PromptTrainer:
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
             running = None
-            for idx in bar:
-                loss, _ = self._losses(self._rows(), [train_items[i] for i in idx])
+            for n, idx in enumerate(bar, 1):
+                micro = cfg.micro_batch_size or cfg.batch_size
+                chunks = [[train_items[i] for i in idx[j : j + micro]] for j in range(0, len(idx), micro)]
+                weights = [self._loss_weight(chunk) for chunk in chunks]
                 self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-                bar.set_postfix(loss=f"{running:.4f}")
+                batch_loss = 0.0
+                for j, chunk in enumerate(chunks, 1):
+                    loss, _ = self._losses(self._rows(), chunk)
+                    share = weights[j - 1] / sum(weights)  # the batch's mean loss; one chunk: exactly 1
+                    (loss * share).backward()
+                    batch_loss += loss.item() * share
+                    if j == len(chunks):
+                        self.optimizer.step()
+                        running = batch_loss if running is None else 0.9 * running + 0.1 * batch_loss
+                        bar.set_postfix(loss=f"{running:.4f}")
+                    yield Step(epoch, n, len(batches), j, len(chunks), running)
             with torch.no_grad():
                 rows = self._rows().detach().clone()  # the encoder runs once per epoch
             metrics = {"epoch": epoch, "train_loss": running, **self.evaluate(rows, dev_items)}
@@ -289,6 +335,7 @@ class PromptTrainer:
             else:  # the last epoch, unless the manual prompt does better on dev
                 improved = epoch == cfg.epochs and (not manual or self._better(metrics, start))
             self._show(metrics, improved)
+            yield EpochEnd(metrics, improved)
             if improved:
                 best, best_rows, stale = metrics, rows, 0
                 best_head = None if self.head is None else tuple(p.detach().clone() for p in self._head())
@@ -326,7 +373,7 @@ class PromptTrainer:
             metrics=figures,
             **(self._pooling_meta() if best_head is not None else {}),
         )
-        return TrainResult(artifact=artifact, history=history)
+        yield Done(TrainResult(artifact=artifact, history=history))
 
     def _say(self, message: str) -> None:
         """A note the user should see once: on the terminal with progress output

@@ -17,7 +17,7 @@ from ptcore.task_prompt import task_prompt
 from ptcore.tiny_model import write_tiny_model
 from ptuning.data import DataError, Example, load_examples, split_dev
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
-from ptuning.train import PromptTrainer, TrainConfig
+from ptuning.train import Done, EpochEnd, PromptTrainer, Step, TrainConfig
 from server.api.app import create_app
 from server.settings import Settings
 from tests.helpers import LiveServer, assert_same_accuracy, float_mismatch, label_near_tie, visible_padding
@@ -106,6 +106,56 @@ def test_same_seed_same_artifact(model_dirs, family):
     strip = lambda m: {k: v for k, v in m["metrics"].items() if k != "seconds_per_epoch"}  # noqa: E731
     assert strip(a.meta) == strip(b.meta)
     assert not torch.equal(a.embeddings, c.embeddings)
+
+
+def test_stepping_one_step_at_a_time_is_fit(model_dirs):
+    """steps() is the training fit() runs: the same events in order and, driven
+    to the end, the same table bit for bit (deterministic kernels on, as fit has them)."""
+    _, template, labels = FAMILIES["causal"]
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    config = TrainConfig(labels=labels, template=template, epochs=2, batch_size=16, seed=3, progress=False)
+    train, dev = examples(40, 0), examples(16, 1)
+    fitted = PromptTrainer(loaded, config).fit(train, dev).artifact
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        events = list(PromptTrainer(loaded, config).steps(train, dev))
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    shape = [(type(e).__name__, e.epoch, e.batch, e.batches, e.micro, e.micros) if isinstance(e, Step)
+             else type(e).__name__ for e in events]  # fmt: skip
+    steps = lambda epoch: [("Step", epoch, b, 3, 1, 1) for b in (1, 2, 3)]  # noqa: E731 (40 examples, batches of 16)
+    assert shape == ["EpochEnd", *steps(1), "EpochEnd", *steps(2), "EpochEnd", "Done"]
+    ends = [e for e in events if isinstance(e, EpochEnd)]
+    assert [e.metrics["epoch"] for e in ends] == [0, 1, 2]
+    assert isinstance(events[-1], Done) and torch.equal(events[-1].result.artifact.embeddings, fitted.embeddings)
+
+
+@pytest.mark.parametrize("task_type", ["classify", "generate"])
+def test_micro_batches_add_up_to_the_batch(model_dirs, task_type):
+    """Gradients of micro-batches, weighted by what the loss averages over, are
+    the batch's gradient up to float rounding: the tables agree to 1e-5."""
+    _, template, labels = FAMILIES["causal"]
+    loaded = load_model(str(model_dirs["causal"]), device="cpu", dtype="float32")
+    kind = {"labels": labels} if task_type == "classify" else {"task_type": "generate"}
+    data = examples(24, 0)
+    if task_type == "generate":  # the label as the text to generate
+        data = [Example(e.fields, f" {e.target}", e.line) for e in data]
+
+    def table(micro, batch_size=8):
+        config = TrainConfig(template=template, epochs=1, batch_size=batch_size, micro_batch_size=micro, seed=1,
+                             progress=False, **kind)  # fmt: skip
+        trainer = PromptTrainer(loaded, config)
+        events = list(trainer.steps(data, data[:8]))
+        return events, events[-1].result.artifact.embeddings
+
+    whole, a = table(0)
+    split, b = table(3)  # 8 = 3 + 3 + 2
+    assert sum(isinstance(e, Step) for e in whole) == 3 and sum(isinstance(e, Step) for e in split) == 9
+    assert [(e.micro, e.micros) for e in split if isinstance(e, Step)][:3] == [(1, 3), (2, 3), (3, 3)]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _, other = table(0, batch_size=4)  # other steps: the tolerance tells them apart
+    assert (a - other).abs().max() > 1e-3
 
 
 def test_it_learns_an_input_dependent_task(model_dirs):
