@@ -28,6 +28,7 @@ class Output:
     token_ids: tuple[int, ...] = ()  # tokens chosen since the request's previous record
     text: str = ""  # streamed: text settled since the previous record
     result: GenerateResult | ClassifyResult | None = None  # the answer, on the last record
+    event: object | None = None  # a training run's progress (server/engine/training.py), before its last record
     error: Exception | None = None  # or what answers it instead
 
     @property

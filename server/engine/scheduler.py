@@ -30,6 +30,7 @@ from server.engine.classify import Classifier
 from server.engine.outputs import Collected, Output, OutputSink
 from server.engine.request import Request
 from server.engine.stats import BatchStats
+from server.engine.training import TrainingRun, TrainingShare
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ class Scheduler:
     thread_name = "ptserve-scheduler"
 
     def __init__(self, batch: GenerateBatch | None, classifier: Classifier, max_batch_size: int, max_wait_s: float,
-                 stats: BatchStats, max_queue: int = 1024, threads: int = 0):  # fmt: skip
+                 stats: BatchStats, max_queue: int = 1024, threads: int = 0, train_share: float = 0.5):  # fmt: skip
         """batch: None for a model that only classifies. max_batch_size bounds a
         classify batch, one prefill batch, and the wait for company. threads:
         the CPU threads the loop's thread computes with (ptcore/cpu_threads.py;
-        0: torch's settings as they are)."""
+        0: torch's settings as they are). train_share: the most of the model's
+        time a training run takes while inference runs (server/engine/training.py)."""
         self.batch = batch
         self.classifier = classifier
         self.max_batch_size = max_batch_size
@@ -50,6 +52,8 @@ class Scheduler:
         self.stats = stats
         self.max_queue = max_queue
         self.threads = threads
+        self.share = TrainingShare(train_share)
+        self._training: TrainingRun | None = None
         self._queue: deque[Request] = deque()
         self._aborts: set[int] = set()  # ids of requests whose callers no longer want them
         self._next_id = 1
@@ -78,6 +82,8 @@ class Scheduler:
         for r in self._queue:
             self._answer(r, shutting_down)
         self._queue.clear()
+        if self._training is not None:
+            self._end_training(error=shutting_down)
         self._fail_running(shutting_down)
         self._flush()
 
@@ -94,6 +100,21 @@ class Scheduler:
             self._queue.append(request)
             self._cond.notify_all()
         return request.id
+
+    def submit_training(self, run: TrainingRun) -> int:
+        """Start a training run (one at a time); -> its id. Its passes run
+        between iterations (server/engine/training.py); each gives a record
+        with the pass's event, and the last one's `result` is the run's."""
+        with self._cond:
+            if self._stopping:
+                raise ServiceUnavailable("server is shutting down")
+            if self._training is not None:
+                raise Overloaded("a training run is already running on this model")
+            run.id = self._next_id
+            self._next_id += 1
+            self._training = run
+            self._cond.notify_all()
+        return run.id
 
     def abort(self, request_id: int) -> None:
         """The caller no longer wants this request: before the next forward pass
@@ -157,18 +178,20 @@ class Scheduler:
         if self.batch is not None and self.batch.running:
             self._run("decode", list(self.batch.requests), self.batch.decode)
         self._stream()
+        if self._training is not None:
+            self._train(self._training)
         return True
 
     def _take(self) -> tuple[list[Request], list[Request]] | None:
         """Apply aborts, wait for work; take a classify batch and the generate newcomers that fit."""
         with self._cond:
             self._apply_aborts()  # frees their rows before newcomers are admitted
-            while not self._queue and not self.running() and not self._stopping:
+            while not self._queue and not self.running() and self._training is None and not self._stopping:
                 self._cond.wait()
                 self._apply_aborts()
             if self._stopping:
                 return None
-            if not self.running():
+            if not self.running() and self._queue:
                 self._wait_for_company()
                 self._apply_aborts()
             classify: list[Request] = []
@@ -192,6 +215,8 @@ class Scheduler:
         if not self._aborts:
             return
         aborts, self._aborts = self._aborts, set()
+        if self._training is not None and self._training.id in aborts:
+            self._end_training(error=Abandoned("the training run was cancelled"))
         gone = [r for r in self._queue if r.id in aborts]
         if gone:
             self._queue = deque(r for r in self._queue if r.id not in aborts)
@@ -237,9 +262,38 @@ class Scheduler:
             self._answer(r, r.result())
         self._flush()
         seconds = time.perf_counter() - start
+        self.share.earned(seconds)
         tasks = len({r.prompt.key for r in requests})
         self.stats.record(kind, len(requests), tasks, seconds)
         log.debug("batch kind=%s size=%d tasks=%d seconds=%.4f", kind, len(requests), tasks, seconds)
+
+    def _train(self, run: TrainingRun) -> None:
+        """One pass of the training run, if the share allows it now."""
+        busy = self.running() > 0 or bool(self._queue)
+        if not self.share.may_run(busy):
+            return
+        start = time.perf_counter()
+        try:
+            event = run.step()
+        except Exception as e:  # the run fails; inference goes on
+            log.exception("training run %d failed", run.id)
+            self._end_training(error=e)
+            return
+        finally:
+            seconds = time.perf_counter() - start
+            run.passes, run.seconds = run.passes + 1, run.seconds + seconds
+            self.share.spent(seconds, busy)
+        if getattr(event, "result", None) is not None:
+            self._end_training(result=event.result)
+        else:
+            self._pending.append(Output(run.id, event=event))
+            self._flush()
+
+    def _end_training(self, result=None, error: Exception | None = None) -> None:
+        """The training run's last record."""
+        run, self._training = self._training, None
+        self._pending.append(Output(run.id, result=result, error=error))
+        self._flush()
 
     def _stream(self) -> None:
         """A record for each streamed request whose tokens completed more text."""

@@ -1,0 +1,64 @@
+"""Training on the served model, on the scheduler's thread, between inference
+iterations (issue 21's fine-tuning jobs).
+
+The model is frozen: a run trains a prompt table (`ptuning.train.PromptTrainer`,
+the trainer `ptserve train` uses), one forward and backward pass at a time
+(`PromptTrainer.steps`). Only the scheduler's thread touches the model, so it
+runs those passes too, and decides when:
+
+- inference comes first: a pass runs after the iteration's inference work;
+- with no inference waiting or running, passes run back to back;
+- with inference running, training gets at most `share` of the model's time:
+  each inference forward earns training `share / (1 - share)` of its own
+  seconds, each pass spends what it took, and a pass runs only on credit.
+
+A pass is one micro-batch (TrainConfig.micro_batch_size), so the running rows
+wait for at most one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class TrainingRun:
+    """A training job's passes, as the scheduler runs them. `events` is a
+    PromptTrainer.steps iterator (or anything that yields progress events and
+    ends with one whose `result` is set)."""
+
+    events: Iterator
+    id: int = 0  # the scheduler's, as for a request: its Output records carry it
+    passes: int = 0
+    seconds: float = 0.0  # model time spent on this run's passes
+
+    def step(self):
+        """One pass; -> the event it yielded. Grad on: the scheduler's inference runs without."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return next(self.events)
+
+
+@dataclass
+class TrainingShare:
+    """How much of the model's time training may take while inference runs."""
+
+    share: float  # in (0, 1]
+    credit: float = field(default=0.0)  # seconds of model time training may take now
+
+    def earned(self, inference_seconds: float) -> None:
+        """An inference forward ran this long: training earns its share of it (at
+        most one second of credit piles up, so an idle run cannot save for a burst)."""
+        if self.share >= 1:
+            self.credit = 1.0
+            return
+        self.credit = min(1.0, self.credit + inference_seconds * self.share / (1 - self.share))
+
+    def may_run(self, inference_busy: bool) -> bool:
+        return not inference_busy or self.credit > 0
+
+    def spent(self, seconds: float, inference_busy: bool) -> None:
+        if inference_busy:
+            self.credit -= seconds
