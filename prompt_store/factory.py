@@ -3,16 +3,30 @@
 
 from __future__ import annotations
 
+from .fine_tuning_store import FineTuningStore
 from .store import PromptStore
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 
 
 def open_store(url: str) -> PromptStore:
     """`redis://...` / `rediss://...` / `redis+sentinel://...` -> Redis; anything
     else is a directory path."""
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
+    if url.startswith(REDIS_SCHEMES):
         from .redis_store import RedisStore
 
         return RedisStore(url)
     from .disk_store import DiskStore
 
     return DiskStore(url)
+
+
+def open_fine_tuning_store(url: str) -> FineTuningStore:
+    """Fine-tuning files and jobs beside the prompts of the store at `url`."""
+    if url.startswith(REDIS_SCHEMES):
+        from .redis_fine_tuning_store import RedisFineTuningStore
+
+        return RedisFineTuningStore(url)
+    from .fine_tuning_store import DiskFineTuningStore
+
+    return DiskFineTuningStore(url)

@@ -13,18 +13,27 @@ class PtserveError(Exception):
 
 
 class InvalidRequest(PtserveError, ValueError):
-    """The request does not fit its task: a missing field, the wrong task type, a limit."""
+    """The request does not fit its task: a missing field, the wrong task type, a limit.
+    `param`: the request field at fault, where one is (OpenAI's error.param)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class PayloadTooLarge(PtserveError):
     """A body or an artifact above the configured size limit."""
 
 
-class TaskNotFound(PtserveError, KeyError):
-    """No prompt is stored under this task id."""
+class NotFound(PtserveError, KeyError):
+    """Nothing is stored under this id."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "task not found"
+        return str(self.args[0]) if self.args else "not found"
+
+
+class TaskNotFound(NotFound):
+    """No prompt is stored under this task id."""
 
 
 class ServiceUnavailable(PtserveError):

@@ -82,7 +82,8 @@ class TrainConfig:
 
         from .encoder import EncoderKind
 
-        EncoderKind(self.encoder)  # raises on an unknown encoder, naming it
+        if self.encoder not in {k.value for k in EncoderKind}:
+            raise InvalidRequest(f"encoder must be one of {[k.value for k in EncoderKind]}, got {self.encoder!r}")
         if self.template is not None and self.from_prompt is not None:
             raise InvalidRequest("give a template or from_prompt, not both")
         if self.head_pooling not in HEAD_POOLINGS:

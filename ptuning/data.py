@@ -1,13 +1,16 @@
 """Training data: JSONL, one example per line.
 
 Each line is an object with the template's fields plus `label` (classify) or
-`output` (generate). A line that does not fit is an error naming its number.
+`output` (generate); for a template whose one field is `input`, OpenAI's
+`prompt` and `completion` stand for them. A line that does not fit is an error
+naming its number.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,33 +30,39 @@ class Example:
 
 
 def load_examples(path: str | Path, template: Template, task_type: str, labels: dict[str, str] | None) -> list[Example]:
+    with open(path, encoding="utf-8") as f:
+        return parse_examples(f, str(path), template, task_type, labels)
+
+
+def parse_examples(lines: Iterable[str], source: str, template: Template, task_type: str,
+                   labels: dict[str, str] | None) -> list[Example]:  # fmt: skip
+    """The examples of JSONL `lines`; errors name `source` and the line."""
     target_key = "label" if task_type == "classify" else "output"
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            missing = [k for k in (*template.fields, target_key) if k not in obj]
-            if missing:
-                raise DataError(
-                    f"{where}: missing {missing} (template {template.source!r} needs {list(template.fields)})"
-                )
-            values = {k: obj[k] for k in (*template.fields, target_key)}
-            bad = [k for k, v in values.items() if not isinstance(v, str)]
-            if bad:
-                raise DataError(f"{where}: {bad} must be strings")
-            if task_type == "classify" and values["label"] not in labels:
-                raise DataError(f"{where}: unknown label {values['label']!r}; the labels are {list(labels)}")
-            examples.append(Example({k: values[k] for k in template.fields}, values[target_key], n))
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{source}, line {n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        if template.fields == ("input",) and "prompt" in obj and "input" not in obj:  # OpenAI's names
+            obj = {"input": obj["prompt"], target_key: obj.get("completion", obj.get(target_key))}
+        missing = [k for k in (*template.fields, target_key) if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing {missing} (template {template.source!r} needs {list(template.fields)})")
+        values = {k: obj[k] for k in (*template.fields, target_key)}
+        bad = [k for k, v in values.items() if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"{where}: {bad} must be strings")
+        if task_type == "classify" and values["label"] not in labels:
+            raise DataError(f"{where}: unknown label {values['label']!r}; the labels are {list(labels)}")
+        examples.append(Example({k: values[k] for k in template.fields}, values[target_key], n))
     if not examples:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{source}: no examples")
     return examples
 
 

@@ -212,6 +212,11 @@ class PromptTrainer:
                 raise DataError(f"line {ex.line}: {e}") from None
         return items
 
+    def check(self, examples: list[Example]) -> None:
+        """Refuse examples this trainer (and the server, at upload) would refuse,
+        naming the line, before any training runs."""
+        self._items(examples)
+
     def _rows(self) -> torch.Tensor:
         return self.encoder().to(self.loaded.dtype)  # [m, H]
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from prompt_store.errors import StoreUnavailable
-from prompt_store.factory import open_store
+from prompt_store.factory import open_fine_tuning_store, open_store
 from prompt_store.store import PromptStore
 from ptcore import cpu_threads
 from ptcore.model import LoadedModel, load_model
@@ -20,6 +20,8 @@ from server.engine.classify import Classifier
 from server.engine.scheduler import Scheduler
 from server.engine.slot_backend import SlotBackend
 from server.engine.stats import BatchStats
+from server.fine_tuning.files import Files
+from server.fine_tuning.jobs import Jobs
 from server.inference import Inference
 from server.prompt_cache import PromptCache
 from server.settings import EngineKind, Settings
@@ -38,12 +40,16 @@ class Engine:
     inference: Inference
     scheduler: Scheduler  # owns the model: the one worker thread that runs forward passes
     batch_stats: BatchStats
+    files: Files  # fine-tuning: training files
+    jobs: Jobs  # fine-tuning: jobs, trained between inference iterations
 
     def start(self) -> None:
         """On the event loop that will serve the requests."""
         self.inference.start()
+        self.jobs.start()
 
     def stop(self) -> None:
+        self.jobs.stop()
         self.scheduler.stop()
         self.store.close()
 
@@ -98,7 +104,10 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
         )
     inference = Inference(settings, loaded, prompts, scheduler, limit)
     tasks = TaskManager(settings, loaded, store, prompts, inference, batch_stats)
-    return Engine(settings, loaded, store, prompts, tasks, inference, scheduler, batch_stats)
+    fine_tuning = open_fine_tuning_store(settings.store)
+    files = Files(fine_tuning, settings.max_file_bytes, settings.max_file_lines, settings.max_files)
+    jobs = Jobs(fine_tuning, files, tasks, inference, loaded, settings)
+    return Engine(settings, loaded, store, prompts, tasks, inference, scheduler, batch_stats, files, jobs)
 
 
 def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -> Scheduler:
@@ -110,7 +119,7 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
                        cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
     return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
                      settings.max_wait_ms / 1000, stats, settings.max_queue,
-                     cpu_threads.resolve(settings.cpu_threads))  # fmt: skip
+                     cpu_threads.resolve(settings.cpu_threads), settings.train_share)  # fmt: skip
 
 
 def _backend(scheduler: Scheduler):

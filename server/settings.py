@@ -100,6 +100,17 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(4096, ge=1, description="longest rendered sequence (pseudo + text tokens)")
     max_labels: int = Field(256, ge=1, description="labels per classify task")
     max_classify_rows: int = Field(256, ge=1, description="(request, label) rows per classify forward pass")
+    # Fine-tuning jobs (server/fine_tuning/): training on the served model between inference iterations
+    train_share: float = Field(0.5, gt=0, le=1, description="the most of the model's time training takes while "
+                               "inference runs (with none running, training takes all of it)")  # fmt: skip
+    train_micro_batch_size: int = Field(4, ge=1, description="examples per training pass: how long one pass "
+                                        "holds up the running rows")  # fmt: skip
+    max_queued_jobs: int = Field(8, ge=1, description="fine-tuning jobs waiting on one server; beyond: 429")
+    max_job_example_passes: int = Field(200_000, ge=1, description="epochs x training examples of one job, at most")
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest training file")
+    max_file_lines: int = Field(100_000, ge=1, description="examples per training file")
+    max_files: int = Field(100, ge=1, description="training files kept; the oldest goes when a new one comes")
+    job_lease_s: int = Field(30, ge=3, description="a job whose server renewed nothing for this long reads as failed")
     # Access. Tokens are compared in constant time; keep them out of images (.env, secrets).
     api_token: str | None = Field(None, description="bearer token for uploads and deletes; unset = writes are open")
     inference_token: str | None = Field(None, description="bearer token for generate/classify; unset = open")

@@ -33,6 +33,22 @@ POLICY = {
     ("POST", "/v1/tasks/{task_id}/classify"): Access.INFERENCE,
     ("POST", "/v1/completions"): Access.INFERENCE,
     ("GET", "/v1/models"): Access.INFERENCE,
+    # fine-tuning: files and jobs write tasks, and training data is its owner's asset
+    **{
+        (m, route): Access.WRITE
+        for m, route in [
+            ("POST", "/v1/files"),
+            ("GET", "/v1/files"),
+            ("GET", "/v1/files/{file_id}"),
+            ("GET", "/v1/files/{file_id}/content"),
+            ("DELETE", "/v1/files/{file_id}"),
+            ("POST", "/v1/fine_tuning/jobs"),
+            ("GET", "/v1/fine_tuning/jobs"),
+            ("GET", "/v1/fine_tuning/jobs/{job_id}"),
+            ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"),
+            ("GET", "/v1/fine_tuning/jobs/{job_id}/events"),
+        ]
+    },
 }
 _PATTERNS = [(method, compile_path(route)[0], access) for (method, route), access in POLICY.items()]
 

@@ -17,17 +17,17 @@ from ptcore.errors import (
     Abandoned,
     DeadlineExceeded,
     InvalidRequest,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     PtserveError,
     ServiceUnavailable,
-    TaskNotFound,
 )
 from ptcore.model import LoadedModel
 from server.api.errors import BadRequest, Forbidden, Unauthorized
 from server.api.metrics import Metrics, MetricsMiddleware
 from server.api.request_gate import RequestGate
-from server.api.routes import health, inference, openai, tasks
+from server.api.routes import fine_tuning, health, inference, openai, tasks
 from server.build import build_engine
 from server.preload import preload
 from server.settings import Settings
@@ -38,7 +38,7 @@ _STATUS = {
     BadRequest: 400,
     Unauthorized: 401,
     Forbidden: 403,
-    TaskNotFound: 404,
+    NotFound: 404,
     PayloadTooLarge: 413,
     InvalidRequest: 422,
     Overloaded: 429,
@@ -56,9 +56,20 @@ def _status_of(error: PtserveError) -> int:
     return 500
 
 
-def error_response(error: PtserveError) -> JSONResponse:
+OPENAI_SHAPED = ("/v1/files", "/v1/fine_tuning/")  # errors also in OpenAI's shape, which its clients show
+
+
+def error_response(error: PtserveError, path: str = "") -> JSONResponse:
+    """{"detail": message}; on the fine-tuning routes also `param` (the request
+    field at fault) and OpenAI's {"error": {message, type, param, code}}."""
     headers = next((h for cls, h in _HEADERS.items() if isinstance(error, cls)), None)
-    return JSONResponse({"detail": str(error)}, status_code=_status_of(error), headers=headers)
+    status = _status_of(error)
+    body = {"detail": str(error)}
+    if path.startswith(OPENAI_SHAPED):
+        param = getattr(error, "param", None)
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body.update(param=param, error={"message": str(error), "type": kind, "param": param, "code": None})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
@@ -83,7 +94,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError):
@@ -109,4 +120,5 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(tasks.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(fine_tuning.router)
     return app

@@ -7,6 +7,8 @@ from fastapi import Depends, Request
 
 from server.api.metrics import Metrics
 from server.build import Engine
+from server.fine_tuning.files import Files
+from server.fine_tuning.jobs import Jobs
 from server.inference import Inference
 from server.tasks import TaskManager
 
@@ -28,6 +30,14 @@ def get_inference(request: Request) -> Inference:
     return request.app.state.engine.inference
 
 
+def get_files(request: Request) -> Files:
+    return request.app.state.engine.files
+
+
+def get_jobs(request: Request) -> Jobs:
+    return request.app.state.engine.jobs
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
@@ -37,3 +47,5 @@ StartingEngineDep = Annotated[Engine | None, Depends(get_starting_engine)]
 TasksDep = Annotated[TaskManager, Depends(get_tasks)]
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+FilesDep = Annotated[Files, Depends(get_files)]
+JobsDep = Annotated[Jobs, Depends(get_jobs)]

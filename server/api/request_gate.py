@@ -28,7 +28,8 @@ class RequestGate:
     of the body is never read.
 
     Limits, here only: an artifact upload (PUT) max_artifact_bytes; a PEFT
-    upload two such files and their multipart framing; any other body,
+    upload two such files and their multipart framing; a training file
+    (POST /v1/files) max_file_bytes and its framing; any other body,
     max_json_bytes."""
 
     def __init__(self, app, settings: Settings, respond: Callable[[PtserveError], Response]):
@@ -81,6 +82,8 @@ class RequestGate:
 
     def _limit(self, scope) -> int:
         """The one body limit of every route (the routes read what gets through)."""
+        if scope["method"] == "POST" and route_path(scope) == "/v1/files":  # a training file, multipart
+            return self.settings.max_file_bytes + UPLOAD_SLACK
         if scope["method"] != "PUT":
             return self.settings.max_json_bytes
         if route_path(scope).endswith("/peft"):  # a PEFT adapter: two files in one multipart body

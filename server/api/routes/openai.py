@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import InferenceDep, TasksDep
+from server.api.deps import InferenceDep, JobsDep, TasksDep
 from server.api.errors import BadRequest
 from server.api.schemas import CompletionRequest
 from server.api.streaming import sse_events
@@ -23,12 +23,14 @@ router = APIRouter(prefix="/v1", tags=["openai"])  # inference token: server/api
 
 
 @router.get("/models")
-async def list_models(tasks: TasksDep):
-    """Every generate task, as an OpenAI model."""
+async def list_models(tasks: TasksDep, jobs: JobsDep):
+    """The served base model (what fine-tuning jobs start from, marked
+    `ptserve_base_model`), then every generate task, as OpenAI models."""
     summaries = await run_in_threadpool(tasks.list)
+    base = {"id": jobs.base_model, "object": "model", "created": 0, "owned_by": "ptserve", "ptserve_base_model": True}
     return {
         "object": "list",
-        "data": [
+        "data": [base] + [
             {"id": t["task_id"], "object": "model", "created": 0, "owned_by": "ptserve"}
             for t in summaries
             if t["task_type"] == "generate"

@@ -1,0 +1,360 @@
+"""Fine-tuning jobs: OpenAI's /v1/fine_tuning/jobs, trained on the served model.
+
+A job is checked when it is created (its files parse with its template and
+labels, its size is within the limits) and waits in this replica's queue;
+one runs at a time. Running, its trainer's passes go to the scheduler as one
+TrainingRun (server/engine/training.py), whose records come back on the
+output channel; epochs become events. At the end the best table becomes a
+new version of the task named by `suffix`, unless it did not beat the manual
+prompt (`from_prompt`); `promote: "always"` stores it anyway.
+
+Jobs and their events live in the fine-tuning store, so every replica lists
+them. A replica renews a lease on the jobs it holds; a job whose lease ran
+out while queued or running (its server stopped) reads as failed, on any
+replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections import deque
+
+from starlette.concurrency import run_in_threadpool
+
+from prompt_store.artifact import artifact_bytes
+from prompt_store.fine_tuning_store import FineTuningStore
+from prompt_store.store import check_task_id
+from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
+from ptuning.data import parse_examples, split_dev
+from ptuning.train import EpochEnd, PromptTrainer, TrainConfig
+from server.engine.training import TrainingRun
+from server.fine_tuning.files import Files
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
+ACTIVE = ("validating_files", "queued", "running")
+OURS = {"task_type", "labels", "template", "from_prompt", "encoder", "promote"}  # ptserve's fields beside OpenAI's
+OPENAI = {"model", "training_file", "validation_file", "suffix", "hyperparameters", "seed", "metadata",
+          "integrations", "method"}  # fmt: skip
+
+
+class Jobs:
+    def __init__(self, store: FineTuningStore, files: Files, tasks, inference, loaded, settings):
+        self.store = store
+        self.files = files
+        self.tasks = tasks
+        self.inference = inference
+        self.loaded = loaded
+        self.settings = settings
+        self.base_model = loaded.info["name_or_path"]
+        self._waiting: deque[str] = deque()  # this replica's queued job ids
+        self._running: tuple[str, int] | None = None  # (job id, scheduler run id)
+        self._cancelled: set[str] = set()
+        self._wake: asyncio.Event | None = None  # from start(), on the event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- the API's view --------------------------------------------------------
+
+    def create(self, body: dict) -> dict:
+        """Check a job and queue it (blocking: reads its files). -> the job object."""
+        spec = self._check(body)
+        now = int(time.time())
+        job = {
+            "id": f"ftjob-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job", "created_at": now,
+            "model": spec["model"], "training_file": spec["training_file"],
+            "validation_file": spec["validation_file"], "suffix": spec["suffix"], "status": "queued",
+            "hyperparameters": spec["hyperparameters"], "seed": spec["config"]["seed"], "error": None,
+            "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "estimated_finish": None,
+            "result_files": [], "organization_id": "ptserve", "integrations": [], "metadata": body.get("metadata"),
+            "ptserve": {"config": spec["config"], "promote": spec["promote"], "lease_until": now + self._lease()},
+        }  # fmt: skip
+        if len(self._waiting) >= self.settings.max_queued_jobs:
+            raise Overloaded(f"{len(self._waiting)} fine-tuning jobs already wait on this server; try again later")
+        self.store.put_job(job)
+        self._event(job["id"], "info", f"Validated {spec['examples']} training examples; the job is queued")
+        self._waiting.append(job["id"])
+        if self._loop is not None:  # create() runs on a worker thread
+            self._loop.call_soon_threadsafe(self._wake.set)
+        return public(job)
+
+    def get(self, job_id: str) -> dict:
+        return public(self._job(job_id))
+
+    def list(self, after: str | None, limit: int) -> dict:
+        jobs = [self._expired(j) for j in self.store.jobs()]
+        if after is not None:
+            ids = [j["id"] for j in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        return {"object": "list", "data": [public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+    def events(self, job_id: str, after: str | None, limit: int) -> dict:
+        self._job(job_id)
+        events = list(reversed(self.store.events(job_id)))  # newest first, as OpenAI lists them
+        if after is not None:
+            ids = [e["id"] for e in events]
+            events = events[ids.index(after) + 1 :] if after in ids else []
+        return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+
+    def cancel(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        if job["status"] not in ACTIVE:
+            raise InvalidRequest(f"job {job_id} is {job['status']}; only a queued or running job can be cancelled")
+        if job_id in self._waiting:
+            self._waiting.remove(job_id)
+            return public(self._finish(job, "cancelled", None, "The job was cancelled before it ran"))
+        if self._running is not None and self._running[0] == job_id:
+            self._cancelled.add(job_id)
+            self.inference.scheduler.abort(self._running[1])
+            return public(job)
+        raise InvalidRequest(f"job {job_id} runs on another replica; cancel it there")
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """On the event loop: the worker that runs queued jobs, and the lease renewer."""
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._work()), asyncio.create_task(self._renew())]
+
+    def stop(self) -> None:
+        """On the event loop, at shutdown: the jobs this replica holds end failed
+        (their training stops with the server)."""
+        for task in self._tasks:
+            task.cancel()
+        held = list(self._waiting) + ([self._running[0]] if self._running else [])
+        self._waiting.clear()
+        stopped = {"code": "server_stopped", "message": "the server running it stopped", "param": None}
+        for job_id in held:
+            job = self.store.job(job_id)
+            if job is not None and job["status"] in ACTIVE:
+                self._finish(job, "failed", stopped)
+
+    async def _work(self) -> None:
+        while True:
+            while not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            job_id = self._waiting.popleft()
+            try:
+                await self._run(job_id)
+            except Exception as e:  # a job's failure must not stop the worker
+                log.exception("fine-tuning job %s failed", job_id)
+                await run_in_threadpool(self._finish, self.store.job(job_id), "failed",
+                                        {"code": "internal_error", "message": str(e), "param": None})  # fmt: skip
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease() / 3)
+            held = list(self._waiting) + ([self._running[0]] if self._running else [])
+            await run_in_threadpool(self._renew_leases, held)
+
+    def _renew_leases(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = self.store.job(job_id)
+            if job is not None and job["status"] in ACTIVE:
+                job["ptserve"]["lease_until"] = int(time.time()) + self._lease()
+                self.store.put_job(job)
+
+    async def _run(self, job_id: str) -> None:
+        job = await run_in_threadpool(self._started, job_id)
+        trainer, train, dev = await run_in_threadpool(self._prepare, job)
+        run_id = self.inference.scheduler.submit_training(TrainingRun(trainer.steps(train, dev)))
+        queue = self.inference.router.open(run_id)
+        self._running = (job_id, run_id)
+        began = time.monotonic()
+        try:
+            while True:
+                out = await queue.get()
+                if out.finished:
+                    break
+                if isinstance(out.event, EpochEnd):
+                    await run_in_threadpool(self._epoch, job_id, out.event, job, began)
+        finally:
+            self.inference.router.close(run_id)
+            self._running = None
+        if out.error is not None:
+            cancelled = isinstance(out.error, Abandoned) and job_id in self._cancelled
+            self._cancelled.discard(job_id)
+            status, error = ("cancelled", None) if cancelled else (
+                "failed", {"code": "training_failed", "message": str(out.error), "param": None})  # fmt: skip
+            message = "The job was cancelled" if cancelled else f"Training failed: {out.error}"
+            await run_in_threadpool(self._finish, self.store.job(job_id), status, error, message)
+            return
+        await run_in_threadpool(self._store_result, job_id, out.result)
+
+    def _started(self, job_id: str) -> dict:
+        job = self.store.job(job_id)
+        job["status"] = "running"
+        job["ptserve"]["lease_until"] = int(time.time()) + self._lease()
+        self.store.put_job(job)
+        self._event(job_id, "info", "Fine-tuning job started")
+        return job
+
+    def _prepare(self, job: dict):
+        config = TrainConfig(**job["ptserve"]["config"], progress=False)
+        trainer = PromptTrainer(self.loaded, config)
+        train = self._examples(job["training_file"], trainer, config, "training_file")
+        if job["validation_file"]:
+            dev = self._examples(job["validation_file"], trainer, config, "validation_file")
+        else:
+            train, dev = split_dev(train, 0.25, config.seed)
+        return trainer, train, dev
+
+    def _epoch(self, job_id: str, event: EpochEnd, job: dict, began: float) -> None:
+        m = event.metrics
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
+        note = " (starting prompt)" if m["epoch"] == 0 else (" (best so far)" if event.best else "")
+        self._event(job_id, "info", f"epoch {m['epoch']}: {shown}{note}",
+                    {k: v for k, v in m.items() if isinstance(v, (int, float))}, "metrics")  # fmt: skip
+        epochs = job["hyperparameters"]["n_epochs"]
+        if m["epoch"] >= 1:
+            current = self.store.job(job_id)
+            per_epoch = (time.monotonic() - began) / m["epoch"]
+            current["estimated_finish"] = int(time.time() + per_epoch * (epochs - m["epoch"]))
+            self.store.put_job(current)
+
+    def _store_result(self, job_id: str, result) -> None:
+        job = self.store.job(job_id)
+        metrics = result.artifact.meta["metrics"]
+        promote = job["ptserve"]["promote"] == "always" or metrics["best_epoch"] > 0
+        decision = {"best_epoch": metrics["best_epoch"], "promoted": promote,
+                    **{k: v for k, v in metrics.items() if k.startswith(("dev_", "start_dev_"))}}  # fmt: skip
+        job["ptserve"]["result"] = decision
+        if promote:
+            result.artifact.meta["task_id"] = job["suffix"]
+            summary = self.tasks.upload(job["suffix"], artifact_bytes(result.artifact))
+            job["fine_tuned_model"] = job["suffix"]
+            message = f"Stored as version {summary['version']} of task {job['suffix']!r}"
+        else:
+            message = "No trained epoch beat the manual prompt on the validation data: nothing was stored"
+        self._finish(job, "succeeded", None, message)
+
+    def _finish(self, job: dict, status: str, error: dict | None, message: str | None = None) -> dict:
+        job["status"], job["error"], job["finished_at"] = status, error, int(time.time())
+        self.store.put_job(job)
+        self._event(job["id"], "error" if status == "failed" else "info", message or f"The job {status}")
+        return job
+
+    # -- checks and records ----------------------------------------------------
+
+    def _check(self, body: dict) -> dict:
+        unknown = set(body) - OURS - OPENAI
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) {sorted(unknown)}")
+        model = body.get("model")
+        if model != self.base_model:
+            raise InvalidRequest(f"model must be the served base model {self.base_model!r} (GET /v1/models), "
+                            f"got {model!r}", "model")  # fmt: skip
+        suffix = body.get("suffix")
+        if not isinstance(suffix, str):
+            raise InvalidRequest("suffix names the task to train: a task id", "suffix")
+        check_task_id(suffix)
+        hyper = body.get("hyperparameters") or {}
+        if not isinstance(hyper, dict) or set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}:
+            keys = "n_epochs, batch_size and learning_rate_multiplier"
+            raise InvalidRequest(f"hyperparameters takes {keys}", "hyperparameters")
+        defaults = TrainConfig(labels={"x": " x"}, progress=False)
+        epochs = _number(hyper.get("n_epochs", "auto"), int, 3, "hyperparameters.n_epochs")
+        batch = _number(hyper.get("batch_size", "auto"), int, defaults.batch_size, "hyperparameters.batch_size")
+        mult = _number(hyper.get("learning_rate_multiplier", "auto"), float, 1.0,
+                       "hyperparameters.learning_rate_multiplier")  # fmt: skip
+        labels = body.get("labels")
+        task_type = body.get("task_type") or ("classify" if labels is not None else "generate")
+        seed = body.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise InvalidRequest(f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items())):  # fmt: skip
+            raise InvalidRequest("metadata is at most 16 string pairs (keys up to 64 characters, values 512)",
+                                 "metadata")  # fmt: skip
+        config = {"task_type": task_type, "labels": labels, "template": body.get("template"),
+                  "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
+                  "epochs": epochs, "batch_size": batch, "lr": defaults.lr * mult, "seed": seed,
+                  "micro_batch_size": self.settings.train_micro_batch_size}  # fmt: skip
+        try:
+            trainer = PromptTrainer(self.loaded, TrainConfig(**config, progress=False))
+        except TypeError as e:
+            raise InvalidRequest(str(e)) from None
+        cfg = trainer.config
+        if not trainer.template.fields:
+            where = "from_prompt" if cfg.from_prompt is not None else "template"
+            raise InvalidRequest(f"{where} {trainer.template_source!r} has no field such as {{input}} for the "
+                                 "examples' text", where)  # fmt: skip
+        train = self._examples(body.get("training_file"), trainer, cfg, "training_file")
+        if body.get("validation_file") is not None:
+            self._examples(body["validation_file"], trainer, cfg, "validation_file")
+        else:  # a quarter of the training file is held out; it must leave both parts non-empty
+            try:
+                split_dev(train, 0.25, seed)
+            except InvalidRequest as e:
+                raise InvalidRequest(str(e), "training_file") from None
+        if epochs * len(train) > self.settings.max_job_example_passes:
+            limit = self.settings.max_job_example_passes
+            raise InvalidRequest(f"{epochs} epochs x {len(train)} examples is more than this server's limit of "
+                                 f"{limit} example passes per job", "hyperparameters")  # fmt: skip
+        promote = body.get("promote", "if_better")
+        if promote not in ("if_better", "always"):
+            raise InvalidRequest(f"promote must be 'if_better' or 'always', got {promote!r}", "promote")
+        return {"model": model, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
+                "suffix": suffix, "config": config, "promote": promote, "examples": len(train),
+                "hyperparameters": {"n_epochs": epochs, "batch_size": batch,
+                                    "learning_rate_multiplier": mult}}  # fmt: skip
+
+    def _examples(self, file_id, trainer: PromptTrainer, config: TrainConfig, param: str):
+        if not isinstance(file_id, str):
+            raise InvalidRequest(f"{param} must be a file id from POST /v1/files", param)
+        try:
+            text = self.files.content(file_id).decode("utf-8")
+            examples = parse_examples(text.splitlines(), file_id, trainer.template, config.task_type, config.labels)
+            trainer.check(examples)
+        except NotFound:
+            raise InvalidRequest(f"{param}: no file {file_id!r}", param) from None
+        except InvalidRequest as e:
+            raise InvalidRequest(str(e), param) from None
+        return examples
+
+    def _job(self, job_id: str) -> dict:
+        job = self.store.job(job_id) if isinstance(job_id, str) and JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise NotFound(f"no fine-tuning job {job_id!r}")
+        return self._expired(job)
+
+    def _expired(self, job: dict) -> dict:
+        """A job whose lease ran out while active: its server stopped. Marked failed here, on any replica."""
+        if job["status"] in ACTIVE and job["ptserve"]["lease_until"] < time.time():
+            return self._finish(job, "failed", {"code": "server_stopped", "param": None,
+                                                "message": "the server running it stopped"})  # fmt: skip
+        return job
+
+    def _event(self, job_id: str, level: str, message: str, data: dict | None = None, kind: str = "message"):
+        self.store.add_event(job_id, {"object": "fine_tuning.job.event", "id": f"ftevent-{uuid.uuid4().hex[:24]}",
+                                      "created_at": int(time.time()), "level": level, "message": message,
+                                      "data": data or {}, "type": kind})  # fmt: skip
+
+    def _lease(self) -> int:
+        return self.settings.job_lease_s
+
+
+def public(job: dict) -> dict:
+    """The job object as OpenAI's clients read it, with ptserve's result beside."""
+    out = {k: v for k, v in job.items() if k != "ptserve"}
+    if "result" in job["ptserve"]:
+        out["ptserve_result"] = job["ptserve"]["result"]
+    return out
+
+
+def _number(value, kind, auto, param: str):
+    if value == "auto":
+        return auto
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (kind is int and (not isinstance(value, int) or value < 1)):
+        raise InvalidRequest(f"{param} must be 'auto' or a positive {kind.__name__}, got {value!r}", param)
+    return kind(value)
