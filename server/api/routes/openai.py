@@ -30,7 +30,8 @@ async def list_models(tasks: TasksDep, jobs: JobsDep):
     base = {"id": jobs.base_model, "object": "model", "created": 0, "owned_by": "ptserve", "ptserve_base_model": True}
     return {
         "object": "list",
-        "data": [base] + [
+        "data": [base]
+        + [
             {"id": t["task_id"], "object": "model", "created": 0, "owned_by": "ptserve"}
             for t in summaries
             if t["task_type"] == "generate"
