@@ -53,7 +53,7 @@ class Jobs:
         self.settings = settings
         self.base_model = loaded.info["name_or_path"]
         self._waiting: deque[str] = deque()  # this replica's queued job ids
-        self._running: tuple[str, int] | None = None  # (job id, scheduler run id)
+        self._running: tuple[str, int | None] | None = None  # (job id, scheduler run id once submitted)
         self._cancelled: set[str] = set()
         self._wake: asyncio.Event | None = None  # from start(), on the event loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,7 +110,8 @@ class Jobs:
             return public(self._finish(job, "cancelled", None, "The job was cancelled before it ran"))
         if self._running is not None and self._running[0] == job_id:
             self._cancelled.add(job_id)
-            self.inference.scheduler.abort(self._running[1])
+            if self._running[1] is not None:  # else it is being prepared, and is not submitted (_run)
+                self.inference.scheduler.abort(self._running[1])
             return public(job)
         raise InvalidRequest(f"job {job_id} runs on another replica; cancel it there")
 
@@ -162,8 +163,18 @@ class Jobs:
                 self.store.put_job(job)
 
     async def _run(self, job_id: str) -> None:
-        job = await run_in_threadpool(self._started, job_id)
-        trainer, train, dev = await run_in_threadpool(self._prepare, job)
+        self._running = (job_id, None)
+        try:
+            job = await run_in_threadpool(self._started, job_id)
+            trainer, train, dev = await run_in_threadpool(self._prepare, job)
+        except BaseException:
+            self._running = None
+            raise
+        if job_id in self._cancelled:  # cancelled while it was prepared
+            self._running = None
+            self._cancelled.discard(job_id)
+            await run_in_threadpool(self._finish, self.store.job(job_id), "cancelled", None, "The job was cancelled")
+            return
         run_id = self.inference.scheduler.submit_training(TrainingRun(trainer.steps(train, dev)))
         queue = self.inference.router.open(run_id)
         self._running = (job_id, run_id)
