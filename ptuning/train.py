@@ -212,6 +212,10 @@ class PromptTrainer:
                 raise DataError(f"line {ex.line}: {e}") from None
         return items
 
+    def score(self, rows: torch.Tensor, examples: list[Example]) -> dict:
+        """Dev figures of a prompt table `rows` [m, H] with this trainer's template on `examples`."""
+        return self.evaluate(rows.to(self.loaded.device, self.loaded.dtype), self._items(examples))
+
     def check(self, examples: list[Example]) -> None:
         """Refuse examples this trainer (and the server, at upload) would refuse,
         naming the line, before any training runs."""
@@ -265,7 +269,8 @@ class PromptTrainer:
             metrics["dev_accuracy"] = correct / len(items)
         return metrics
 
-    def _better(self, metrics: dict, best: dict | None) -> bool:
+    def better(self, metrics: dict, best: dict | None) -> bool:
+        """Whether dev figures `metrics` beat `best` (accuracy, then loss, for classify; loss for generate)."""
         if best is None:
             return True
         if self.config.task_type == "classify":
@@ -336,9 +341,9 @@ class PromptTrainer:
             metrics["seconds"] = time.perf_counter() - began
             history.append(metrics)
             if trust_dev:
-                improved = self._better(metrics, best)
+                improved = self.better(metrics, best)
             else:  # the last epoch, unless the manual prompt does better on dev
-                improved = epoch == cfg.epochs and (not manual or self._better(metrics, start))
+                improved = epoch == cfg.epochs and (not manual or self.better(metrics, start))
             self._show(metrics, improved)
             yield EpochEnd(metrics, improved)
             if improved:

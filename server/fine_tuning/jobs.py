@@ -22,6 +22,7 @@ import re
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
@@ -30,7 +31,7 @@ from prompt_store.fine_tuning_store import FineTuningStore
 from prompt_store.store import check_task_id
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
 from ptuning.data import parse_examples, split_dev
-from ptuning.train import EpochEnd, PromptTrainer, TrainConfig
+from ptuning.train import Done, EpochEnd, PromptTrainer, TrainConfig
 from server.engine.training import TrainingRun
 from server.fine_tuning.files import Files
 
@@ -175,7 +176,8 @@ class Jobs:
             self._cancelled.discard(job_id)
             await run_in_threadpool(self._finish, self.store.job(job_id), "cancelled", None, "The job was cancelled")
             return
-        run_id = self.inference.scheduler.submit_training(TrainingRun(trainer.steps(train, dev)))
+        current = await run_in_threadpool(self._current, job, trainer)
+        run_id = self.inference.scheduler.submit_training(TrainingRun(passes(trainer, train, dev, current)))
         queue = self.inference.router.open(run_id)
         self._running = (job_id, run_id)
         began = time.monotonic()
@@ -217,6 +219,24 @@ class Jobs:
             train, dev = split_dev(train, 0.25, config.seed)
         return trainer, train, dev
 
+    def _current(self, job: dict, trainer: PromptTrainer):
+        """The rows of the task's current version, to compare the new table with
+        on the validation data; None when there is none or it has another
+        template or task type (an event says so)."""
+        try:
+            current = self.inference.prompts.get(job["suffix"])
+        except NotFound:
+            return None
+        if current.template.source != trainer.template.source or current.task_type != trainer.config.task_type:
+            self._event(job["id"], "info", f"Task {job['suffix']!r} has version {current.version} with another "
+                        "template or task type: the new table is not compared with it")  # fmt: skip
+            return None
+        if current.head is not None or tuple(current.labels) != tuple(trainer.labels):
+            self._event(job["id"], "info", f"Task {job['suffix']!r} version {current.version} has other labels "
+                        "or a head: the new table is not compared with it")  # fmt: skip
+            return None
+        return current.version, current.rows
+
     def _epoch(self, job_id: str, event: EpochEnd, job: dict, began: float) -> None:
         m = event.metrics
         shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
@@ -230,20 +250,28 @@ class Jobs:
             current["estimated_finish"] = int(time.time() + per_epoch * (epochs - m["epoch"]))
             self.store.put_job(current)
 
-    def _store_result(self, job_id: str, result) -> None:
+    def _store_result(self, job_id: str, finished: tuple) -> None:
+        result, current, beats_current = finished
         job = self.store.job(job_id)
         metrics = result.artifact.meta["metrics"]
-        promote = job["ptserve"]["promote"] == "always" or metrics["best_epoch"] > 0
-        decision = {"best_epoch": metrics["best_epoch"], "promoted": promote,
+        beats_manual = metrics["best_epoch"] > 0  # epoch 0 is the starting (with from_prompt: the manual) prompt
+        promote = job["ptserve"]["promote"] == "always" or (beats_manual and beats_current is not False)
+        decision = {"best_epoch": metrics["best_epoch"], "promoted": promote, "beats_start": beats_manual,
+                    "beats_current_version": beats_current,
                     **{k: v for k, v in metrics.items() if k.startswith(("dev_", "start_dev_"))}}  # fmt: skip
+        if current is not None:
+            decision["current_version"] = current
         job["ptserve"]["result"] = decision
         if promote:
             result.artifact.meta["task_id"] = job["suffix"]
             summary = self.tasks.upload(job["suffix"], artifact_bytes(result.artifact))
             job["fine_tuned_model"] = job["suffix"]
             message = f"Stored as version {summary['version']} of task {job['suffix']!r}"
+        elif not beats_manual:
+            message = "No trained epoch beat the starting prompt on the validation data: nothing was stored"
         else:
-            message = "No trained epoch beat the manual prompt on the validation data: nothing was stored"
+            message = (f"The new table did not beat version {current['version']} of task {job['suffix']!r} on the "
+                       "validation data: nothing was stored")  # fmt: skip
         self._finish(job, "succeeded", None, message)
 
     def _finish(self, job: dict, status: str, error: dict | None, message: str | None = None) -> dict:
@@ -352,6 +380,32 @@ class Jobs:
 
     def _lease(self) -> int:
         return self.settings.job_lease_s
+
+
+@dataclass
+class Finished:
+    """A job's last pass: (TrainResult, the current version's figures or None, whether the new table beats them)."""
+
+    result: tuple
+
+
+def passes(trainer: PromptTrainer, train, dev, current):
+    """The trainer's passes, then (when the task has a comparable current
+    version) one more that scores that version on the same validation data,
+    all on the scheduler's thread."""
+    for event in trainer.steps(train, dev):
+        if not isinstance(event, Done):
+            yield event
+            continue
+        if current is None:
+            yield Finished((event.result, None, None))
+            return
+        version, rows = current
+        figures = trainer.score(rows, dev)
+        best = {k: v for k, v in event.result.artifact.meta["metrics"].items() if k.startswith("dev_")}
+        beats = trainer.better(best, figures)
+        yield Finished((event.result, {"version": version, **figures}, beats))
+        return
 
 
 def public(job: dict) -> dict:

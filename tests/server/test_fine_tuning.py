@@ -63,6 +63,28 @@ def test_the_openai_client_uploads_trains_and_gets_the_new_tasks_answer(live):
     assert answer.choices[0].text == plain["text"] and plain["version"] == 1
 
 
+def test_a_table_that_does_not_beat_the_current_version_is_not_stored(live):
+    f = live.client.files.create(file=("train.jsonl", GENERATE), purpose="fine-tune").id
+    jobs = live.client.fine_tuning.jobs
+
+    def job(**hyper):
+        return finished(live.client, jobs.create(model=live.base_model, training_file=f, suffix="twice",
+                                                 hyperparameters=hyper).id)  # fmt: skip
+
+    first = job(n_epochs=2)
+    assert first.fine_tuned_model == "twice" and first.model_extra["ptserve_result"]["beats_current_version"] is None
+    second = job(n_epochs=1, learning_rate_multiplier=1e-9)  # the starting table, all but untrained
+    result = second.model_extra["ptserve_result"]
+    assert (second.status, second.fine_tuned_model) == ("succeeded", None)
+    assert (result["promoted"], result["beats_current_version"], result["current_version"]["version"]) == (
+        False, False, 1)  # fmt: skip
+    assert result["current_version"]["dev_loss"] < result["dev_loss"]
+    assert httpx.get(f"{live.url}/v1/tasks/twice").json()["version"] == 1
+    assert jobs.list_events(second.id, limit=1).data[0].message == (
+        "The new table did not beat version 1 of task 'twice' on the validation data: nothing was stored"
+    )
+
+
 def test_a_classify_job_from_openai_prompt_completion_lines(live):
     f = live.client.files.create(file=("cls.jsonl", CLASSIFY), purpose="fine-tune")
     job = live.client.fine_tuning.jobs.create(
