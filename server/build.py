@@ -74,6 +74,7 @@ class Engine:
             "running": self.scheduler.running() if backend is not None else None,
             "prefix_cache": backend.prefixes.stats() if slots else None,
             "queue_depth": self.scheduler.queue_depth(),
+            "fine_tuning": self.jobs.stats(),
         }
 
 

@@ -57,6 +57,18 @@ class _EngineCollector:
                                           value=stats[cache][event])  # fmt: skip
             yield GaugeMetricFamily(f"ptserve_{cache}_size", f"entries in the {cache.replace('_', ' ')}",
                                     value=stats[cache]["size"])  # fmt: skip
+        ft = stats["fine_tuning"]
+        jobs = GaugeMetricFamily("ptserve_fine_tuning_jobs", "this server's fine-tuning jobs, by status",
+                                 labels=["status"])  # fmt: skip
+        jobs.add_metric(["running"], 1 if ft["running"] else 0)
+        jobs.add_metric(["queued"], ft["queued"])
+        yield jobs
+        yield CounterMetricFamily(
+            "ptserve_training_passes", "training passes run on the model", value=ft["training_passes"]
+        )
+        for kind in ("training", "inference"):  # the share of model time training takes: their rates
+            yield CounterMetricFamily(f"ptserve_{kind}_seconds", f"model time spent on {kind} forward passes",
+                                      value=ft[f"{kind}_seconds"])  # fmt: skip
         generated = CounterMetricFamily("ptserve_generated_tokens", "tokens generated, by task", labels=["task"])
         for task, tokens in sorted(stats["batches"]["generated_tokens"].items()):
             generated.add_metric([task], tokens)

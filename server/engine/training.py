@@ -47,6 +47,10 @@ class TrainingShare:
 
     share: float  # in (0, 1]
     credit: float = field(default=0.0)  # seconds of model time training may take now
+    # totals since startup, for /v1/stats and /metrics (written by the scheduler's thread only)
+    passes: int = 0
+    training_seconds: float = 0.0
+    inference_seconds: float = 0.0
 
     def earned(self, inference_seconds: float) -> None:
         """An inference forward ran this long: training earns its share of it (at
@@ -60,5 +64,7 @@ class TrainingShare:
         return not inference_busy or self.credit > 0
 
     def spent(self, seconds: float, inference_busy: bool) -> None:
+        self.passes += 1
+        self.training_seconds += seconds
         if inference_busy:
             self.credit -= seconds

@@ -116,6 +116,13 @@ class Jobs:
             return public(job)
         raise InvalidRequest(f"job {job_id} runs on another replica; cancel it there")
 
+    def stats(self) -> dict:
+        """This replica's jobs now, and what training has cost the model since startup."""
+        share = self.inference.scheduler.share
+        return {"running": self._running[0] if self._running else None, "queued": len(self._waiting),
+                "training_passes": share.passes, "training_seconds": share.training_seconds,
+                "inference_seconds": share.inference_seconds}  # fmt: skip
+
     # -- running ---------------------------------------------------------------
 
     def start(self) -> None:

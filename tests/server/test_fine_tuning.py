@@ -58,6 +58,11 @@ def test_the_openai_client_uploads_trains_and_gets_the_new_tasks_answer(live):
     assert messages[0] == "Stored as version 1 of task 'echo'"  # newest first
     assert [m.split(":")[0] for m in messages if m.startswith("epoch")] == ["epoch 2", "epoch 1", "epoch 0"]
     assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
+    stats = httpx.get(f"{live.url}/v1/stats").json()["fine_tuning"]
+    assert stats["running"] is None and stats["training_passes"] > 0 and stats["training_seconds"] > 0
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert 'ptserve_fine_tuning_jobs{status="running"} 0.0' in metrics
+    assert f"ptserve_training_passes_total {float(stats['training_passes'])}" in metrics
     answer = client.completions.create(model="echo", prompt="word 1", max_tokens=4)
     plain = httpx.post(f"{live.url}/v1/tasks/echo/generate", json={"input": "word 1", "max_new_tokens": 4}).json()
     assert answer.choices[0].text == plain["text"] and plain["version"] == 1
