@@ -89,6 +89,42 @@ class PtserveClient:
     def delete(self, task_id: str) -> None:
         self._call("DELETE", f"/v1/tasks/{task_id}")
 
+    # -- fine-tuning jobs (OpenAI's API shape) ----------------------------------
+
+    def base_model(self) -> str:
+        """The served base model, which fine-tuning jobs start from."""
+        return next(m["id"] for m in self._call("GET", "/v1/models")["data"] if m.get("ptserve_base_model"))
+
+    def upload_file(self, path: str | Path) -> dict:
+        """Upload a JSONL training file (purpose fine-tune); -> the file object."""
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{Path(path).name}"\r\n'
+                "Content-Type: application/jsonl\r\n\r\n"
+            ).encode()
+            + Path(path).read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return self._call("POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")
+
+    def create_job(self, body: dict) -> dict:
+        return self._json("/v1/fine_tuning/jobs", body)
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}")
+
+    def jobs(self, limit: int = 20) -> dict:
+        return self._call("GET", f"/v1/fine_tuning/jobs?limit={limit}")
+
+    def job_events(self, job_id: str, limit: int = 100) -> list[dict]:
+        """The job's events, oldest first."""
+        return list(reversed(self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/events?limit={limit}")["data"]))
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
     # -- inference -----------------------------------------------------------
 
     def generate(self, task_id: str, input: str | None = None, inputs: dict | None = None, **params) -> dict:

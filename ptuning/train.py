@@ -40,6 +40,7 @@ from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
 from .config import TrainConfig  # defined torch-free for the command line; importable from here as before
 from .data import DataError, Example
 from .encoder import PromptEncoder
+from .events import Done, EpochEnd, Step  # what steps() yields
 
 log = logging.getLogger(__name__)
 
@@ -99,33 +100,6 @@ def prompt_from_text(text: str, tokenizer) -> tuple[str, list[int | None]]:
 class TrainResult:
     artifact: PromptArtifact
     history: list[dict] = field(default_factory=list)  # one entry per epoch
-
-
-@dataclass
-class Step:
-    """One forward and backward pass: micro-batch `micro` of `micros` of batch
-    `batch` of `batches` in `epoch` (the optimizer steps after the last micro-batch);
-    `loss`: the running mean over batches done (None before the first)."""
-
-    epoch: int
-    batch: int
-    batches: int
-    micro: int
-    micros: int
-    loss: float | None
-
-
-@dataclass
-class EpochEnd:
-    """An epoch's figures (epoch 0: the starting prompt, before any step); `best`: kept so far."""
-
-    metrics: dict
-    best: bool
-
-
-@dataclass
-class Done:
-    result: TrainResult
 
 
 @dataclass

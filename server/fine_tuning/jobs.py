@@ -28,20 +28,17 @@ from starlette.concurrency import run_in_threadpool
 
 from prompt_store.artifact import artifact_bytes
 from prompt_store.fine_tuning_store import FineTuningStore
-from prompt_store.store import check_task_id
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
-from ptuning.data import parse_examples, split_dev
+from ptuning.data import split_dev
 from ptuning.train import Done, EpochEnd, PromptTrainer, TrainConfig
 from server.engine.training import TrainingRun
 from server.fine_tuning.files import Files
+from server.fine_tuning.job_spec import check_job, job_examples
 
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 ACTIVE = ("validating_files", "queued", "running")
-OURS = {"task_type", "labels", "template", "from_prompt", "encoder", "promote"}  # ptserve's fields beside OpenAI's
-OPENAI = {"model", "training_file", "validation_file", "suffix", "hyperparameters", "seed", "metadata",
-          "integrations", "method"}  # fmt: skip
 
 
 class Jobs:
@@ -64,7 +61,7 @@ class Jobs:
 
     def create(self, body: dict) -> dict:
         """Check a job and queue it (blocking: reads its files). -> the job object."""
-        spec = self._check(body)
+        spec = check_job(body, self.base_model, self.loaded, self.files, self.settings)
         now = int(time.time())
         job = {
             "id": f"ftjob-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job", "created_at": now,
@@ -219,9 +216,9 @@ class Jobs:
     def _prepare(self, job: dict):
         config = TrainConfig(**job["ptserve"]["config"], progress=False)
         trainer = PromptTrainer(self.loaded, config)
-        train = self._examples(job["training_file"], trainer, config, "training_file")
+        train = job_examples(self.files, job["training_file"], trainer, "training_file")
         if job["validation_file"]:
-            dev = self._examples(job["validation_file"], trainer, config, "validation_file")
+            dev = job_examples(self.files, job["validation_file"], trainer, "validation_file")
         else:
             train, dev = split_dev(train, 0.25, config.seed)
         return trainer, train, dev
@@ -287,85 +284,7 @@ class Jobs:
         self._event(job["id"], "error" if status == "failed" else "info", message or f"The job {status}")
         return job
 
-    # -- checks and records ----------------------------------------------------
-
-    def _check(self, body: dict) -> dict:
-        unknown = set(body) - OURS - OPENAI
-        if unknown:
-            raise InvalidRequest(f"unknown field(s) {sorted(unknown)}")
-        model = body.get("model")
-        if model != self.base_model:
-            raise InvalidRequest(f"model must be the served base model {self.base_model!r} (GET /v1/models), "
-                            f"got {model!r}", "model")  # fmt: skip
-        suffix = body.get("suffix")
-        if not isinstance(suffix, str):
-            raise InvalidRequest("suffix names the task to train: a task id", "suffix")
-        check_task_id(suffix)
-        hyper = body.get("hyperparameters") or {}
-        if not isinstance(hyper, dict) or set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}:
-            keys = "n_epochs, batch_size and learning_rate_multiplier"
-            raise InvalidRequest(f"hyperparameters takes {keys}", "hyperparameters")
-        defaults = TrainConfig(labels={"x": " x"}, progress=False)
-        epochs = _number(hyper.get("n_epochs", "auto"), int, 3, "hyperparameters.n_epochs")
-        batch = _number(hyper.get("batch_size", "auto"), int, defaults.batch_size, "hyperparameters.batch_size")
-        mult = _number(hyper.get("learning_rate_multiplier", "auto"), float, 1.0,
-                       "hyperparameters.learning_rate_multiplier")  # fmt: skip
-        labels = body.get("labels")
-        task_type = body.get("task_type") or ("classify" if labels is not None else "generate")
-        seed = body.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise InvalidRequest(f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
-        metadata = body.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-                for k, v in metadata.items())):  # fmt: skip
-            raise InvalidRequest("metadata is at most 16 string pairs (keys up to 64 characters, values 512)",
-                                 "metadata")  # fmt: skip
-        config = {"task_type": task_type, "labels": labels, "template": body.get("template"),
-                  "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
-                  "epochs": epochs, "batch_size": batch, "lr": defaults.lr * mult, "seed": seed,
-                  "micro_batch_size": self.settings.train_micro_batch_size}  # fmt: skip
-        try:
-            trainer = PromptTrainer(self.loaded, TrainConfig(**config, progress=False))
-        except TypeError as e:
-            raise InvalidRequest(str(e)) from None
-        cfg = trainer.config
-        if not trainer.template.fields:
-            where = "from_prompt" if cfg.from_prompt is not None else "template"
-            raise InvalidRequest(f"{where} {trainer.template_source!r} has no field such as {{input}} for the "
-                                 "examples' text", where)  # fmt: skip
-        train = self._examples(body.get("training_file"), trainer, cfg, "training_file")
-        if body.get("validation_file") is not None:
-            self._examples(body["validation_file"], trainer, cfg, "validation_file")
-        else:  # a quarter of the training file is held out; it must leave both parts non-empty
-            try:
-                split_dev(train, 0.25, seed)
-            except InvalidRequest as e:
-                raise InvalidRequest(str(e), "training_file") from None
-        if epochs * len(train) > self.settings.max_job_example_passes:
-            limit = self.settings.max_job_example_passes
-            raise InvalidRequest(f"{epochs} epochs x {len(train)} examples is more than this server's limit of "
-                                 f"{limit} example passes per job", "hyperparameters")  # fmt: skip
-        promote = body.get("promote", "if_better")
-        if promote not in ("if_better", "always"):
-            raise InvalidRequest(f"promote must be 'if_better' or 'always', got {promote!r}", "promote")
-        return {"model": model, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
-                "suffix": suffix, "config": config, "promote": promote, "examples": len(train),
-                "hyperparameters": {"n_epochs": epochs, "batch_size": batch,
-                                    "learning_rate_multiplier": mult}}  # fmt: skip
-
-    def _examples(self, file_id, trainer: PromptTrainer, config: TrainConfig, param: str):
-        if not isinstance(file_id, str):
-            raise InvalidRequest(f"{param} must be a file id from POST /v1/files", param)
-        try:
-            text = self.files.content(file_id).decode("utf-8")
-            examples = parse_examples(text.splitlines(), file_id, trainer.template, config.task_type, config.labels)
-            trainer.check(examples)
-        except NotFound:
-            raise InvalidRequest(f"{param}: no file {file_id!r}", param) from None
-        except InvalidRequest as e:
-            raise InvalidRequest(str(e), param) from None
-        return examples
+    # -- records ---------------------------------------------------------------
 
     def _job(self, job_id: str) -> dict:
         job = self.store.job(job_id) if isinstance(job_id, str) and JOB_ID.fullmatch(job_id) else None
@@ -421,12 +340,3 @@ def public(job: dict) -> dict:
     if "result" in job["ptserve"]:
         out["ptserve_result"] = job["ptserve"]["result"]
     return out
-
-
-def _number(value, kind, auto, param: str):
-    if value == "auto":
-        return auto
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if not ok or (kind is int and (not isinstance(value, int) or value < 1)):
-        raise InvalidRequest(f"{param} must be 'auto' or a positive {kind.__name__}, got {value!r}", param)
-    return kind(value)

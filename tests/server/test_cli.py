@@ -122,6 +122,32 @@ def test_help_shows_the_defaults_of_settings_and_train_config():
     assert (args.epochs, args.lr, args.head_pooling) == (TrainConfig.epochs, TrainConfig.lr, TrainConfig.head_pooling)
 
 
+def test_jobs_create_trains_on_the_server_and_follows_the_job_to_its_end(tmp_path):
+    import json
+
+    from server.api.app import create_app
+    from server.settings import Settings
+    from tests.helpers import LiveServer
+
+    run_cli("tiny-model", str(tmp_path / "tiny"))
+    loaded = load_model(str(tmp_path / "tiny"), device="cpu", dtype="float32")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"input": f"w {i}", "label": "ab"[i % 2]}) + "\n" for i in range(12)))
+    settings = Settings(model=str(tmp_path / "tiny"), store=str(tmp_path / "store"), api_token="tok")
+    with LiveServer(create_app(settings, loaded)) as live:
+        url = ["--url", live.url, "--token", "tok"]
+        out = run_cli("jobs", "create", "--data", str(data), "--task-id", "ab", "--labels", '{"a": " a", "b": " b"}',
+                      "--epochs", "2", "--promote", "always", *url)  # fmt: skip
+        lines = out.splitlines()
+        assert lines[-1] == "succeeded: fine_tuned_model=ab"
+        assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == ["epoch 0", "epoch 1", "epoch 2"]
+        assert json.loads(run_cli("jobs", "list", *url))[0]["status"] == "succeeded"
+        assert [t["task_id"] for t in json.loads(run_cli("tasks", *url))] == ["ab"]
+        bad = subprocess.run([sys.executable, "-m", "server.cli", "jobs", "create", "--data", str(data), "--task-id",
+                              "x", *url], capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 1 and "line 1: missing ['output']" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_the_command_line_imports_no_torch_but_for_the_commands_that_need_it():
     """`import server.cli` loads no torch, and neither does parsing (or running, up to
     the request) a client command or serve's flags: `ptserve tasks` starts fast."""

@@ -1,0 +1,108 @@
+"""Checking a fine-tuning job's body before it is queued (server/fine_tuning/jobs.py)."""
+
+from __future__ import annotations
+
+from prompt_store.store import check_task_id
+from ptcore.errors import InvalidRequest, NotFound
+from ptuning.data import Example, parse_examples, split_dev
+from ptuning.train import PromptTrainer, TrainConfig
+from server.fine_tuning.files import Files
+
+OURS = {"task_type", "labels", "template", "from_prompt", "encoder", "promote"}  # ptserve's fields beside OpenAI's
+OPENAI = {"model", "training_file", "validation_file", "suffix", "hyperparameters", "seed", "metadata",
+          "integrations", "method"}  # fmt: skip
+
+
+def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> dict:
+    """A job body, checked: its files parse with its template and labels, its
+    size is within the limits. -> what the job record needs (a 422 names the
+    field at fault)."""
+    unknown = set(body) - OURS - OPENAI
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {sorted(unknown)}")
+    model = body.get("model")
+    if model != base_model:
+        raise InvalidRequest(f"model must be the served base model {base_model!r} (GET /v1/models), got {model!r}",
+                             "model")  # fmt: skip
+    suffix = body.get("suffix")
+    if not isinstance(suffix, str):
+        raise InvalidRequest("suffix names the task to train: a task id", "suffix")
+    check_task_id(suffix)
+    hyper = body.get("hyperparameters") or {}
+    if not isinstance(hyper, dict) or set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}:
+        keys = "n_epochs, batch_size and learning_rate_multiplier"
+        raise InvalidRequest(f"hyperparameters takes {keys}", "hyperparameters")
+    defaults = TrainConfig(labels={"x": " x"}, progress=False)
+    epochs = _number(hyper.get("n_epochs", "auto"), int, 3, "hyperparameters.n_epochs")
+    batch = _number(hyper.get("batch_size", "auto"), int, defaults.batch_size, "hyperparameters.batch_size")
+    mult = _number(hyper.get("learning_rate_multiplier", "auto"), float, 1.0,
+                   "hyperparameters.learning_rate_multiplier")  # fmt: skip
+    labels = body.get("labels")
+    task_type = body.get("task_type") or ("classify" if labels is not None else "generate")
+    seed = body.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise InvalidRequest(f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items())):  # fmt: skip
+        raise InvalidRequest("metadata is at most 16 string pairs (keys up to 64 characters, values 512)",
+                             "metadata")  # fmt: skip
+    config = {"task_type": task_type, "labels": labels, "template": body.get("template"),
+              "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
+              "epochs": epochs, "batch_size": batch, "lr": defaults.lr * mult, "seed": seed,
+              "micro_batch_size": settings.train_micro_batch_size}  # fmt: skip
+    try:
+        trainer = PromptTrainer(loaded, TrainConfig(**config, progress=False))
+    except TypeError as e:
+        raise InvalidRequest(str(e)) from None
+    cfg = trainer.config
+    if not trainer.template.fields:
+        where = "from_prompt" if cfg.from_prompt is not None else "template"
+        raise InvalidRequest(f"{where} {trainer.template_source!r} has no field such as {{input}} for the "
+                             "examples' text", where)  # fmt: skip
+    train = job_examples(files, body.get("training_file"), trainer, "training_file")
+    if body.get("validation_file") is not None:
+        job_examples(files, body["validation_file"], trainer, "validation_file")
+    else:  # a quarter of the training file is held out; it must leave both parts non-empty
+        try:
+            split_dev(train, 0.25, seed)
+        except InvalidRequest as e:
+            raise InvalidRequest(str(e), "training_file") from None
+    if epochs * len(train) > settings.max_job_example_passes:
+        limit = settings.max_job_example_passes
+        raise InvalidRequest(f"{epochs} epochs x {len(train)} examples is more than this server's limit of "
+                             f"{limit} example passes per job", "hyperparameters")  # fmt: skip
+    promote = body.get("promote", "if_better")
+    if promote not in ("if_better", "always"):
+        raise InvalidRequest(f"promote must be 'if_better' or 'always', got {promote!r}", "promote")
+    return {"model": model, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
+            "suffix": suffix, "config": config, "promote": promote, "examples": len(train),
+            "hyperparameters": {"n_epochs": epochs, "batch_size": batch,
+                                "learning_rate_multiplier": mult}}  # fmt: skip
+
+
+def job_examples(files: Files, file_id, trainer: PromptTrainer, param: str) -> list[Example]:
+    """The examples of a training or validation file, checked as the trainer (and
+    the server, at upload) would check them."""
+    config = trainer.config
+    if not isinstance(file_id, str):
+        raise InvalidRequest(f"{param} must be a file id from POST /v1/files", param)
+    try:
+        text = files.content(file_id).decode("utf-8")
+        examples = parse_examples(text.splitlines(), file_id, trainer.template, config.task_type, config.labels)
+        trainer.check(examples)
+    except NotFound:
+        raise InvalidRequest(f"{param}: no file {file_id!r}", param) from None
+    except InvalidRequest as e:
+        raise InvalidRequest(str(e), param) from None
+    return examples
+
+
+def _number(value, kind, auto, param: str):
+    if value == "auto":
+        return auto
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (kind is int and (not isinstance(value, int) or value < 1)):
+        raise InvalidRequest(f"{param} must be 'auto' or a positive {kind.__name__}, got {value!r}", param)
+    return kind(value)
