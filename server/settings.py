@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     max_labels: int = Field(256, ge=1, description="labels per classify task")
     max_classify_rows: int = Field(256, ge=1, description="(request, label) rows per classify forward pass")
     # Fine-tuning jobs (server/fine_tuning/): training on the served model between inference iterations
-    train_share: float = Field(0.5, gt=0, le=1, description="the most of the model's time training takes while "
+    train_share: float = Field(0.2, gt=0, le=1, description="the most of the model's time training takes while "
                                "inference runs (with none running, training takes all of it)")  # fmt: skip
     train_micro_batch_size: int = Field(4, ge=1, description="examples per training pass: how long one pass "
                                         "holds up the running rows")  # fmt: skip

@@ -39,7 +39,7 @@ class Scheduler:
     thread_name = "ptserve-scheduler"
 
     def __init__(self, batch: GenerateBatch | None, classifier: Classifier, max_batch_size: int, max_wait_s: float,
-                 stats: BatchStats, max_queue: int = 1024, threads: int = 0, train_share: float = 0.5):  # fmt: skip
+                 stats: BatchStats, max_queue: int = 1024, threads: int = 0, train_share: float = 0.2):  # fmt: skip
         """batch: None for a model that only classifies. max_batch_size bounds a
         classify batch, one prefill batch, and the wait for company. threads:
         the CPU threads the loop's thread computes with (ptcore/cpu_threads.py;
@@ -269,7 +269,7 @@ class Scheduler:
 
     def _train(self, run: TrainingRun) -> None:
         """One pass of the training run, if the share allows it now."""
-        busy = self.running() > 0 or bool(self._queue)
+        busy = self.share.busy(self.running() > 0 or bool(self._queue))
         if not self.share.may_run(busy):
             return
         start = time.perf_counter()

@@ -7,7 +7,8 @@ the trainer `ptserve train` uses), one forward and backward pass at a time
 runs those passes too, and decides when:
 
 - inference comes first: a pass runs after the iteration's inference work;
-- with no inference waiting or running, passes run back to back;
+- with no inference waiting or running for QUIET_S, passes run back to back
+  (the gaps between a client's requests are not idleness);
 - with inference running, training gets at most `share` of the model's time:
   each inference forward earns training `share / (1 - share)` of its own
   seconds, each pass spends what it took, and a pass runs only on credit.
@@ -18,10 +19,13 @@ wait for at most one pass.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+QUIET_S = 1.0  # inference counts as running until it has been idle this long
 
 
 @dataclass(eq=False)
@@ -47,6 +51,7 @@ class TrainingShare:
 
     share: float  # in (0, 1]
     credit: float = field(default=0.0)  # seconds of model time training may take now
+    last_inference: float = float("-inf")  # time.monotonic() at the end of the last inference forward
     # totals since startup, for /v1/stats and /metrics (written by the scheduler's thread only)
     passes: int = 0
     training_seconds: float = 0.0
@@ -55,10 +60,16 @@ class TrainingShare:
     def earned(self, inference_seconds: float) -> None:
         """An inference forward ran this long: training earns its share of it (at
         most one second of credit piles up, so an idle run cannot save for a burst)."""
+        self.inference_seconds += inference_seconds
+        self.last_inference = time.monotonic()
         if self.share >= 1:
             self.credit = 1.0
             return
         self.credit = min(1.0, self.credit + inference_seconds * self.share / (1 - self.share))
+
+    def busy(self, inference_waiting_or_running: bool) -> bool:
+        """Whether training must stay within its share now."""
+        return inference_waiting_or_running or time.monotonic() - self.last_inference < QUIET_S
 
     def may_run(self, inference_busy: bool) -> bool:
         return not inference_busy or self.credit > 0

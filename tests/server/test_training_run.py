@@ -10,6 +10,7 @@ import torch
 from ptcore.errors import Abandoned, Overloaded
 from ptuning.data import Example
 from ptuning.train import Done, EpochEnd, PromptTrainer, Step, TrainConfig
+from server.engine import training
 from server.engine.backends import make_batch
 from server.engine.classify import Classifier
 from server.engine.scheduler import Scheduler
@@ -111,15 +112,27 @@ def test_inference_is_token_exact_before_during_and_after_a_real_training_run(lo
     assert not isinstance(events[-1], Done)  # Done is the last record's result, not an event
 
 
+def test_inference_counts_as_running_until_it_has_been_quiet(monkeypatch):
+    share, now = TrainingShare(0.25), [100.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
+    assert not share.busy(False)  # no inference yet
+    share.earned(0.1)
+    assert share.busy(True) and share.busy(False)  # a client's next request is on its way
+    now[0] += training.QUIET_S
+    assert not share.busy(False) and share.busy(True)
+
+
 def test_training_gets_its_share_of_the_time_inference_runs():
     share = TrainingShare(0.25)
     assert share.may_run(inference_busy=False)  # nothing else to do: train
     assert not share.may_run(inference_busy=True)  # nothing earned yet
     share.earned(0.3)  # 0.3 s of inference earns 0.1 s of training at a quarter of the time
+    assert share.inference_seconds == pytest.approx(0.3)
     assert share.credit == pytest.approx(0.1) and share.may_run(inference_busy=True)
     share.spent(0.15, inference_busy=True)
     assert not share.may_run(inference_busy=True)  # in debt until inference earns it back
     share.spent(5.0, inference_busy=False)  # passes while idle cost nothing
+    assert (share.passes, share.training_seconds) == (2, pytest.approx(5.15))
     assert share.credit == pytest.approx(-0.05)
     share.earned(100.0)
     assert share.credit == 1.0  # at most a second piles up
