@@ -189,6 +189,9 @@ class Scheduler:
             while not self._queue and not self.running() and self._training is None and not self._stopping:
                 self._cond.wait()
                 self._apply_aborts()
+            if not self._queue and not self.running() and self._training is not None and not self._stopping:
+                self._cond.wait(self.share.idle_wait())  # training's next pass may have to wait: no spinning
+                self._apply_aborts()
             if self._stopping:
                 return None
             if not self.running() and self._queue:

@@ -71,6 +71,12 @@ class TrainingShare:
         """Whether training must stay within its share now."""
         return inference_waiting_or_running or time.monotonic() - self.last_inference < QUIET_S
 
+    def idle_wait(self) -> float:
+        """With no inference waiting or running: seconds until a pass may run (0: now)."""
+        if self.credit > 0:
+            return 0.0
+        return max(0.0, QUIET_S - (time.monotonic() - self.last_inference))
+
     def may_run(self, inference_busy: bool) -> bool:
         return not inference_busy or self.credit > 0
 

@@ -62,17 +62,19 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
         raise InvalidRequest(f"{where} {trainer.template_source!r} has no field such as {{input}} for the "
                              "examples' text", where)  # fmt: skip
     train = job_examples(files, body.get("training_file"), trainer, "training_file")
+    dev: list = []
     if body.get("validation_file") is not None:
-        job_examples(files, body["validation_file"], trainer, "validation_file")
+        dev = job_examples(files, body["validation_file"], trainer, "validation_file")
     else:  # a quarter of the training file is held out; it must leave both parts non-empty
         try:
             split_dev(train, 0.25, seed)
         except InvalidRequest as e:
             raise InvalidRequest(str(e), "training_file") from None
-    if epochs * len(train) > settings.max_job_example_passes:
+    examples = len(train) + len(dev)  # every epoch also scores the validation examples
+    if epochs * examples > settings.max_job_example_passes:
         limit = settings.max_job_example_passes
-        raise InvalidRequest(f"{epochs} epochs x {len(train)} examples is more than this server's limit of "
-                             f"{limit} example passes per job", "hyperparameters")  # fmt: skip
+        raise InvalidRequest(f"{epochs} epochs x {examples} examples (training and validation) is more than this "
+                             f"server's limit of {limit} example passes per job", "hyperparameters")  # fmt: skip
     promote = body.get("promote", "if_better")
     if promote not in ("if_better", "always"):
         raise InvalidRequest(f"promote must be 'if_better' or 'always', got {promote!r}", "promote")
@@ -102,7 +104,7 @@ def job_examples(files: Files, file_id, trainer: PromptTrainer, param: str) -> l
 def _number(value, kind, auto, param: str):
     if value == "auto":
         return auto
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1000
     if not ok or (kind is int and (not isinstance(value, int) or value < 1)):
-        raise InvalidRequest(f"{param} must be 'auto' or a positive {kind.__name__}, got {value!r}", param)
+        raise InvalidRequest(f"{param} must be 'auto' or a {kind.__name__} in (0, 1000], got {value!r}", param)
     return kind(value)

@@ -31,6 +31,7 @@ from prompt_store.fine_tuning_store import FineTuningStore
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
 from ptuning.data import split_dev
 from ptuning.train import Done, EpochEnd, PromptTrainer, TrainConfig
+from server.engine.outputs import Output
 from server.engine.training import TrainingRun
 from server.fine_tuning.files import Files
 from server.fine_tuning.job_spec import check_job, job_examples
@@ -103,13 +104,17 @@ class Jobs:
         job = self._job(job_id)
         if job["status"] not in ACTIVE:
             raise InvalidRequest(f"job {job_id} is {job['status']}; only a queued or running job can be cancelled")
-        if job_id in self._waiting:
+        try:
             self._waiting.remove(job_id)
+        except ValueError:  # not (or no longer) waiting here
+            pass
+        else:
             return public(self._finish(job, "cancelled", None, "The job was cancelled before it ran"))
-        if self._running is not None and self._running[0] == job_id:
-            self._cancelled.add(job_id)
-            if self._running[1] is not None:  # else it is being prepared, and is not submitted (_run)
-                self.inference.scheduler.abort(self._running[1])
+        running = self._running  # one read: the loop may change it meanwhile
+        if running is not None and running[0] == job_id:
+            self._cancelled.add(job_id)  # _run checks it again once the run is submitted
+            if running[1] is not None:
+                self.inference.scheduler.abort(running[1])
             return public(job)
         raise InvalidRequest(f"job {job_id} runs on another replica; cancel it there")
 
@@ -151,14 +156,24 @@ class Jobs:
                 await self._run(job_id)
             except Exception as e:  # a job's failure must not stop the worker
                 log.exception("fine-tuning job %s failed", job_id)
-                await run_in_threadpool(self._finish, self.store.job(job_id), "failed",
-                                        {"code": "internal_error", "message": str(e), "param": None})  # fmt: skip
+                try:
+                    await run_in_threadpool(self._fail, job_id, str(e))
+                except Exception:  # the store is down too: the job's lease runs out and it reads as failed
+                    log.exception("could not mark fine-tuning job %s failed", job_id)
 
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self._lease() / 3)
             held = list(self._waiting) + ([self._running[0]] if self._running else [])
-            await run_in_threadpool(self._renew_leases, held)
+            try:
+                await run_in_threadpool(self._renew_leases, held)
+            except Exception:  # a store hiccup must not end the renewals: the next round tries again
+                log.exception("renewing the leases of fine-tuning jobs failed")
+
+    def _fail(self, job_id: str, message: str) -> None:
+        job = self.store.job(job_id)
+        if job is not None:
+            self._finish(job, "failed", {"code": "internal_error", "message": message, "param": None})
 
     def _renew_leases(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
@@ -169,31 +184,31 @@ class Jobs:
 
     async def _run(self, job_id: str) -> None:
         self._running = (job_id, None)
+        run_id, out = None, None
         try:
             job = await run_in_threadpool(self._started, job_id)
             trainer, train, dev = await run_in_threadpool(self._prepare, job)
-        except BaseException:
-            self._running = None
-            raise
-        if job_id in self._cancelled:  # cancelled while it was prepared
-            self._running = None
-            self._cancelled.discard(job_id)
-            await run_in_threadpool(self._finish, self.store.job(job_id), "cancelled", None, "The job was cancelled")
-            return
-        current = await run_in_threadpool(self._current, job, trainer)
-        run_id = self.inference.scheduler.submit_training(TrainingRun(passes(trainer, train, dev, current)))
-        queue = self.inference.router.open(run_id)
-        self._running = (job_id, run_id)
-        began = time.monotonic()
-        try:
-            while True:
-                out = await queue.get()
-                if out.finished:
-                    break
-                if isinstance(out.event, EpochEnd):
-                    await run_in_threadpool(self._epoch, job_id, out.event, job, began)
+            current = await run_in_threadpool(self._current, job, trainer)
+            if job_id in self._cancelled:  # cancelled while it was prepared
+                out = Output(0, error=Abandoned("the training run was cancelled"))
+            else:
+                run_id = self.inference.scheduler.submit_training(TrainingRun(passes(trainer, train, dev, current)))
+                queue = self.inference.router.open(run_id)
+                self._running = (job_id, run_id)
+                if job_id in self._cancelled:  # cancelled between the check above and the submit
+                    self.inference.scheduler.abort(run_id)
+                began = time.monotonic()
+                while True:
+                    out = await queue.get()
+                    if out.finished:
+                        break
+                    if isinstance(out.event, EpochEnd):
+                        await run_in_threadpool(self._epoch, job_id, out.event, job, began)
         finally:
-            self.inference.router.close(run_id)
+            if run_id is not None:
+                self.inference.router.close(run_id)
+                if out is None or not out.finished:  # this side failed: the run must not go on alone
+                    self.inference.scheduler.abort(run_id)
             self._running = None
         if out.error is not None:
             cancelled = isinstance(out.error, Abandoned) and job_id in self._cancelled

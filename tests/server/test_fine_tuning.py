@@ -139,13 +139,29 @@ def test_a_bad_job_is_refused_naming_the_field(live):
         ({**base, "training_file": "file-000000000000000000000000"}, "training_file", "training_file: no file"),
         ({**base, "suffix": "bad id!"}, None, "invalid task id"),
         ({**base, "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "hyperparameters.n_epochs must"),
-        ({**base, "hyperparameters": {"n_epochs": 10_000}}, "hyperparameters", "10000 epochs x 16 examples"),
+        ({**base, "hyperparameters": {"n_epochs": 10_000}}, "hyperparameters.n_epochs", "in (0, 1000], got 10000"),
+        (
+            {**base, "hyperparameters": {"n_epochs": 1000}, "validation_file": f},
+            "hyperparameters",
+            "1000 epochs x 32 examples (training and validation) is more than this server's limit of 20000",
+        ),
+        (
+            {**base, "hyperparameters": {"learning_rate_multiplier": 1e999}},
+            "hyperparameters.learning_rate_multiplier",
+            "in (0, 1000], got inf",
+        ),
+        (
+            {**base, "hyperparameters": {"learning_rate_multiplier": 10**400}},
+            "hyperparameters.learning_rate_multiplier",
+            "must be 'auto' or a float in (0, 1000]",
+        ),
         ({**base, "training_file": c, "labels": {"pos": " good"}}, "training_file", "unknown label 'neg'"),
         ({**base, "promote": "sometimes"}, "promote", "promote must be"),
         ({**base, "colour": "red"}, None, "unknown field(s) ['colour']"),
     ]
-    for body, param, message in cases:
-        r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", json=body)
+    for body, param, message in cases:  # json.dumps writes 1e999 as Infinity, which Python's JSON reads back
+        r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", content=json.dumps(body),
+                       headers={"content-type": "application/json"})  # fmt: skip
         assert (r.status_code, r.json().get("param")) == (422, param), (body, r.json())
         assert message in r.json()["detail"], (body, r.json())
     assert httpx.post(f"{live.url}/v1/fine_tuning/jobs", content=b"[1]").status_code == 400

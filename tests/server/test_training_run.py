@@ -118,8 +118,11 @@ def test_inference_counts_as_running_until_it_has_been_quiet(monkeypatch):
     assert not share.busy(False)  # no inference yet
     share.earned(0.1)
     assert share.busy(True) and share.busy(False)  # a client's next request is on its way
+    assert share.idle_wait() == 0.0  # it has credit: a pass may run now
+    share.spent(1.0, inference_busy=True)
+    assert share.idle_wait() == pytest.approx(training.QUIET_S)  # no credit: wait for the quiet
     now[0] += training.QUIET_S
-    assert not share.busy(False) and share.busy(True)
+    assert not share.busy(False) and share.busy(True) and share.idle_wait() == 0.0
 
 
 def test_training_gets_its_share_of_the_time_inference_runs():
