@@ -283,9 +283,7 @@ class Scheduler:
             self._end_training(error=e)
             return
         finally:
-            seconds = time.perf_counter() - start
-            run.passes, run.seconds = run.passes + 1, run.seconds + seconds
-            self.share.spent(seconds, busy)
+            self.share.spent(time.perf_counter() - start, busy)
         if getattr(event, "result", None) is not None:
             self._end_training(result=event.result)
         else:

@@ -36,8 +36,6 @@ class TrainingRun:
 
     events: Iterator
     id: int = 0  # the scheduler's, as for a request: its Output records carry it
-    passes: int = 0
-    seconds: float = 0.0  # model time spent on this run's passes
 
     def step(self):
         """One pass; -> the event it yielded. Grad on: the scheduler's inference runs without."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from prompt_store.store import check_task_id
 from ptcore.errors import InvalidRequest, NotFound
 from ptuning.data import Example, parse_examples, split_dev
 from ptuning.train import PromptTrainer, TrainConfig
 from server.fine_tuning.files import Files
 
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # ptserve train's defaults
 OURS = {"task_type", "labels", "template", "from_prompt", "encoder", "promote"}  # ptserve's fields beside OpenAI's
 OPENAI = {"model", "training_file", "validation_file", "suffix", "hyperparameters", "seed", "metadata",
           "integrations", "method"}  # fmt: skip
@@ -32,9 +35,8 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
     if not isinstance(hyper, dict) or set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}:
         keys = "n_epochs, batch_size and learning_rate_multiplier"
         raise InvalidRequest(f"hyperparameters takes {keys}", "hyperparameters")
-    defaults = TrainConfig(labels={"x": " x"}, progress=False)
     epochs = _number(hyper.get("n_epochs", "auto"), int, 3, "hyperparameters.n_epochs")
-    batch = _number(hyper.get("batch_size", "auto"), int, defaults.batch_size, "hyperparameters.batch_size")
+    batch = _number(hyper.get("batch_size", "auto"), int, DEFAULTS["batch_size"], "hyperparameters.batch_size")
     mult = _number(hyper.get("learning_rate_multiplier", "auto"), float, 1.0,
                    "hyperparameters.learning_rate_multiplier")  # fmt: skip
     labels = body.get("labels")
@@ -50,7 +52,7 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
                              "metadata")  # fmt: skip
     config = {"task_type": task_type, "labels": labels, "template": body.get("template"),
               "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
-              "epochs": epochs, "batch_size": batch, "lr": defaults.lr * mult, "seed": seed,
+              "epochs": epochs, "batch_size": batch, "lr": DEFAULTS["lr"] * mult, "seed": seed,
               "micro_batch_size": settings.train_micro_batch_size}  # fmt: skip
     try:
         trainer = PromptTrainer(loaded, TrainConfig(**config, progress=False))

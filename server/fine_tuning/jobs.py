@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
 ACTIVE = ("validating_files", "queued", "running")
+SERVER_STOPPED = {"code": "server_stopped", "message": "the server running it stopped", "param": None}
 
 
 class Jobs:
@@ -71,7 +72,7 @@ class Jobs:
             "hyperparameters": spec["hyperparameters"], "seed": spec["config"]["seed"], "error": None,
             "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "estimated_finish": None,
             "result_files": [], "organization_id": "ptserve", "integrations": [], "metadata": body.get("metadata"),
-            "ptserve": {"config": spec["config"], "promote": spec["promote"], "lease_until": now + self._lease()},
+            "ptserve": {"config": spec["config"], "promote": spec["promote"], "lease_until": self._lease_until()},
         }  # fmt: skip
         if len(self._waiting) >= self.settings.max_queued_jobs:
             raise Overloaded(f"{len(self._waiting)} fine-tuning jobs already wait on this server; try again later")
@@ -86,19 +87,11 @@ class Jobs:
         return public(self._job(job_id))
 
     def list(self, after: str | None, limit: int) -> dict:
-        jobs = [self._expired(j) for j in self.store.jobs()]
-        if after is not None:
-            ids = [j["id"] for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-        return {"object": "list", "data": [public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+        return page([public(self._expired(j)) for j in self.store.jobs()], after, limit)
 
     def events(self, job_id: str, after: str | None, limit: int) -> dict:
         self._job(job_id)
-        events = list(reversed(self.store.events(job_id)))  # newest first, as OpenAI lists them
-        if after is not None:
-            ids = [e["id"] for e in events]
-            events = events[ids.index(after) + 1 :] if after in ids else []
-        return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+        return page(list(reversed(self.store.events(job_id))), after, limit)  # newest first, as OpenAI lists them
 
     def cancel(self, job_id: str) -> dict:
         job = self._job(job_id)
@@ -138,13 +131,12 @@ class Jobs:
         (their training stops with the server)."""
         for task in self._tasks:
             task.cancel()
-        held = list(self._waiting) + ([self._running[0]] if self._running else [])
+        held = self._held()
         self._waiting.clear()
-        stopped = {"code": "server_stopped", "message": "the server running it stopped", "param": None}
         for job_id in held:
             job = self.store.job(job_id)
             if job is not None and job["status"] in ACTIVE:
-                self._finish(job, "failed", stopped)
+                self._finish(job, "failed", SERVER_STOPPED)
 
     async def _work(self) -> None:
         while True:
@@ -163,12 +155,15 @@ class Jobs:
 
     async def _renew(self) -> None:
         while True:
-            await asyncio.sleep(self._lease() / 3)
-            held = list(self._waiting) + ([self._running[0]] if self._running else [])
+            await asyncio.sleep(self.settings.job_lease_s / 3)
             try:
-                await run_in_threadpool(self._renew_leases, held)
+                await run_in_threadpool(self._renew_leases, self._held())
             except Exception:  # a store hiccup must not end the renewals: the next round tries again
                 log.exception("renewing the leases of fine-tuning jobs failed")
+
+    def _held(self) -> list[str]:
+        """The jobs this replica holds: queued here, or running."""
+        return list(self._waiting) + ([self._running[0]] if self._running else [])
 
     def _fail(self, job_id: str, message: str) -> None:
         job = self.store.job(job_id)
@@ -179,7 +174,7 @@ class Jobs:
         for job_id in job_ids:
             job = self.store.job(job_id)
             if job is not None and job["status"] in ACTIVE:
-                job["ptserve"]["lease_until"] = int(time.time()) + self._lease()
+                job["ptserve"]["lease_until"] = self._lease_until()
                 self.store.put_job(job)
 
     async def _run(self, job_id: str) -> None:
@@ -223,7 +218,7 @@ class Jobs:
     def _started(self, job_id: str) -> dict:
         job = self.store.job(job_id)
         job["status"] = "running"
-        job["ptserve"]["lease_until"] = int(time.time()) + self._lease()
+        job["ptserve"]["lease_until"] = self._lease_until()
         self.store.put_job(job)
         self._event(job_id, "info", "Fine-tuning job started")
         return job
@@ -310,8 +305,7 @@ class Jobs:
     def _expired(self, job: dict) -> dict:
         """A job whose lease ran out while active: its server stopped. Marked failed here, on any replica."""
         if job["status"] in ACTIVE and job["ptserve"]["lease_until"] < time.time():
-            return self._finish(job, "failed", {"code": "server_stopped", "param": None,
-                                                "message": "the server running it stopped"})  # fmt: skip
+            return self._finish(job, "failed", SERVER_STOPPED)
         return job
 
     def _event(self, job_id: str, level: str, message: str, data: dict | None = None, kind: str = "message"):
@@ -319,8 +313,8 @@ class Jobs:
                                       "created_at": int(time.time()), "level": level, "message": message,
                                       "data": data or {}, "type": kind})  # fmt: skip
 
-    def _lease(self) -> int:
-        return self.settings.job_lease_s
+    def _lease_until(self) -> int:
+        return int(time.time()) + self.settings.job_lease_s
 
 
 @dataclass
@@ -347,6 +341,14 @@ def passes(trainer: PromptTrainer, train, dev, current):
         beats = trainer.better(best, figures)
         yield Finished((event.result, {"version": version, **figures}, beats))
         return
+
+
+def page(items: list, after: str | None, limit: int) -> dict:
+    """OpenAI's list object: up to `limit` items after the one with id `after` (none: from the first)."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
 
 
 def public(job: dict) -> dict:
