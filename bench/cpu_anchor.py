@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.engine import agreement
+from bench.engine import agreement, hf_generate
 from bench.report import report
 from bench.serve_process import start_server
 from prompt_store.artifact import artifact_bytes, make_artifact
@@ -122,26 +122,18 @@ class Workload:
 # ---- the systems: each run_* takes sequence indices and returns (wall seconds, tokens per sequence)
 
 
-def run_hf(work: Workload, indices, concurrent: bool):
+def in_turns(generate, indices, concurrent: bool):
+    """generate(indices) for all at once, or for each one alone; -> (wall seconds, tokens per sequence)."""
     groups = [indices] if concurrent else [[i] for i in indices]
     start = time.perf_counter()
     tokens = []
     for group in groups:
-        tokens += hf_tokens(work, group)
+        tokens += generate(group)
     return time.perf_counter() - start, tokens
 
 
 def hf_tokens(work: Workload, indices) -> list[list[int]]:
-    from ptcore.inputs import embed, pack, prompt_table
-
-    loaded, batch = work.loaded, work.hf_batch(indices)
-    table, offsets = prompt_table([p.rows for p, _, _ in batch])
-    ids, mask, _ = pack([i for _, i, _ in batch], offsets, loaded.vocab_size, loaded.device)
-    embeds = embed(loaded.model.get_input_embeddings(), ids, table, loaded.vocab_size)
-    with torch.inference_mode():
-        out = loaded.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=work.args.new_tokens,
-                                    min_new_tokens=work.args.new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    return out.tolist()
+    return hf_generate(work.loaded, work.hf_batch(indices), work.args.new_tokens)[2]
 
 
 class Served:
@@ -226,12 +218,8 @@ class LlamaCpp:
         return out
 
     def run(self, work: Workload, indices, concurrent: bool):
-        groups = [indices] if concurrent else [[i] for i in indices]
-        start = time.perf_counter()
-        tokens = []
-        for group in groups:
-            tokens += self.generate(work.token_prompts(group), work.args.new_tokens)
-        return time.perf_counter() - start, tokens
+        return in_turns(lambda group: self.generate(work.token_prompts(group), work.args.new_tokens), indices,
+                        concurrent)  # fmt: skip
 
 
 def quiet_llama_cpp():
@@ -292,7 +280,7 @@ def main() -> None:
             served = Served(model, str(Path(tmp) / "store"), work, log)
             runners["ptserve"] = served.run
         if "hf" in systems:
-            runners["hf"] = lambda ix, c: run_hf(work, ix, c)
+            runners["hf"] = lambda ix, c: in_turns(lambda group: hf_tokens(work, group), ix, c)
         if "llama.cpp" in systems:
             try:
                 quiet = quiet_llama_cpp()  # noqa: F841 (kept alive while llama.cpp runs)

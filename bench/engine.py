@@ -268,21 +268,21 @@ class StepClock:
         return scores
 
 
-def hf_generate(loaded, batch, new: int) -> tuple[float, list[float]]:
-    """HF generate on one left-padded batch with inputs_embeds; -> (start, step times)."""
+def hf_generate(loaded, batch, new: int) -> tuple[float, list[float], list[list[int]]]:
+    """HF generate on one left-padded batch with inputs_embeds; -> (start, step times, new tokens per row)."""
     table, offsets = prompt_table([p.rows for p, _, _ in batch])
     ids, mask, _ = pack([i for _, i, _ in batch], offsets, loaded.vocab_size, loaded.device)
     embeds = embed(loaded.model.get_input_embeddings(), ids, table, loaded.vocab_size)
     clock = StepClock()
     start = time.monotonic()
     with torch.inference_mode():
-        loaded.model.generate(
+        out = loaded.model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
             logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
         )  # fmt: skip
     sync(loaded)
     clock.times.append(time.monotonic())  # the last step's token is chosen after the last call
-    return start, clock.times
+    return start, clock.times, out.tolist()  # with inputs_embeds, generate returns only the new tokens
 
 
 def run_hf(loaded, requests, args, per_task: bool) -> dict:
@@ -292,7 +292,7 @@ def run_hf(loaded, requests, args, per_task: bool) -> dict:
     start = time.monotonic()
     ttft, tpot = [], []
     for batch in groups.values():
-        _, times = hf_generate(loaded, batch, args.new_tokens)
+        _, times, _ = hf_generate(loaded, batch, args.new_tokens)
         first = times[1] if len(times) > 1 else times[0]  # stamp after the first chosen token
         ttft += [first - start] * len(batch)
         tpot += [(times[-1] - first) / max(1, args.new_tokens - 1)] * len(batch)
