@@ -10,9 +10,12 @@ one):
     +fine_tuning/files/<file_id>.data   its bytes
     +fine_tuning/jobs/<job_id>.json     the job object
     +fine_tuning/jobs/<job_id>.events   its events, one JSON line each
+    +fine_tuning/jobs/<job_id>.lease    until when its replica holds it (Unix time)
 
 Each record is written to a temporary file and renamed, so a reader sees the
-old record or the new one, never half of one; an event is one append.
+old record or the new one, never half of one; an event is one append. A job's
+lease is a record of its own: renewing it never rewrites the job object, so a
+renewal cannot undo a status written meanwhile.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ class FineTuningStore(ABC):
     @abstractmethod
     def jobs(self) -> list[dict]:
         """Every job object, newest first."""
+
+    @abstractmethod
+    def put_lease(self, job_id: str, until: float) -> None:
+        """The replica that holds the job holds it until `until` (time.time())."""
+
+    @abstractmethod
+    def lease(self, job_id: str) -> float | None:
+        """Until when the job is held; None: no lease was written."""
 
     @abstractmethod
     def add_event(self, job_id: str, event: dict) -> None: ...
@@ -104,6 +115,15 @@ class DiskFineTuningStore(FineTuningStore):
 
     def jobs(self) -> list[dict]:
         return newest_first([r for p in self.jobs_dir.glob("*.json") if (r := _read_json(p)) is not None])
+
+    def put_lease(self, job_id: str, until: float) -> None:
+        _write(self.jobs_dir / f"{job_id}.lease", repr(float(until)).encode())
+
+    def lease(self, job_id: str) -> float | None:
+        try:
+            return float((self.jobs_dir / f"{job_id}.lease").read_text())
+        except FileNotFoundError:
+            return None
 
     def add_event(self, job_id: str, event: dict) -> None:
         line = (json.dumps(event) + "\n").encode()

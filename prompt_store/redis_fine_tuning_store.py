@@ -2,7 +2,8 @@
 the store's prefix:
 - `{p}:ft:file:{id}`   hash {record, data}; `{p}:ft:files` sorted set of file ids by creation time;
 - `{p}:ft:job:{id}`    the job object (JSON); `{p}:ft:jobs` sorted set of job ids by creation time;
-- `{p}:ft:events:{id}` list of the job's events (JSON), oldest first.
+- `{p}:ft:events:{id}` list of the job's events (JSON), oldest first;
+- `{p}:ft:lease:{id}`  until when its replica holds the job (Unix time).
 A file's hash is written in one HSET, and added to the set after it, so a
 listed file always has its bytes.
 """
@@ -67,6 +68,13 @@ class RedisFineTuningStore(FineTuningStore):
     def jobs(self) -> list[dict]:
         ids = self._call(lambda r: r.zrange(f"{self.p}:jobs", 0, -1))
         return newest_first([j for i in ids if (j := self.job(i.decode())) is not None])
+
+    def put_lease(self, job_id: str, until: float) -> None:
+        self._call(lambda r: r.set(f"{self.p}:lease:{job_id}", repr(float(until))))
+
+    def lease(self, job_id: str) -> float | None:
+        raw = self._call(lambda r: r.get(f"{self.p}:lease:{job_id}"))
+        return None if raw is None else float(raw)
 
     def add_event(self, job_id: str, event: dict) -> None:
         self._call(lambda r: r.rpush(f"{self.p}:events:{job_id}", json.dumps(event)))

@@ -72,10 +72,11 @@ class Jobs:
             "hyperparameters": spec["hyperparameters"], "seed": spec["config"]["seed"], "error": None,
             "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "estimated_finish": None,
             "result_files": [], "organization_id": "ptserve", "integrations": [], "metadata": body.get("metadata"),
-            "ptserve": {"config": spec["config"], "promote": spec["promote"], "lease_until": self._lease_until()},
+            "ptserve": {"config": spec["config"], "promote": spec["promote"]},
         }  # fmt: skip
         if len(self._waiting) >= self.settings.max_queued_jobs:
             raise Overloaded(f"{len(self._waiting)} fine-tuning jobs already wait on this server; try again later")
+        self.store.put_lease(job["id"], self._lease_until())  # first: a job is never seen without a lease
         self.store.put_job(job)
         self._event(job["id"], "info", f"Validated {spec['examples']} training examples; the job is queued")
         self._waiting.append(job["id"])
@@ -172,10 +173,7 @@ class Jobs:
 
     def _renew_leases(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
-            job = self.store.job(job_id)
-            if job is not None and job["status"] in ACTIVE:
-                job["ptserve"]["lease_until"] = self._lease_until()
-                self.store.put_job(job)
+            self.store.put_lease(job_id, self._lease_until())  # the lease only: the job object is not rewritten
 
     async def _run(self, job_id: str) -> None:
         self._running = (job_id, None)
@@ -218,7 +216,7 @@ class Jobs:
     def _started(self, job_id: str) -> dict:
         job = self.store.job(job_id)
         job["status"] = "running"
-        job["ptserve"]["lease_until"] = self._lease_until()
+        self.store.put_lease(job_id, self._lease_until())
         self.store.put_job(job)
         self._event(job_id, "info", "Fine-tuning job started")
         return job
@@ -304,7 +302,7 @@ class Jobs:
 
     def _expired(self, job: dict) -> dict:
         """A job whose lease ran out while active: its server stopped. Marked failed here, on any replica."""
-        if job["status"] in ACTIVE and job["ptserve"]["lease_until"] < time.time():
+        if job["status"] in ACTIVE and (self.store.lease(job["id"]) or 0) < time.time():
             return self._finish(job, "failed", SERVER_STOPPED)
         return job
 
@@ -313,8 +311,8 @@ class Jobs:
                                       "created_at": int(time.time()), "level": level, "message": message,
                                       "data": data or {}, "type": kind})  # fmt: skip
 
-    def _lease_until(self) -> int:
-        return int(time.time()) + self.settings.job_lease_s
+    def _lease_until(self) -> float:
+        return time.time() + self.settings.job_lease_s
 
 
 @dataclass

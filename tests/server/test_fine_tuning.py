@@ -4,6 +4,7 @@ limits, and a job whose server stopped."""
 
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from openai import OpenAI, UnprocessableEntityError
 from prompt_store.factory import open_fine_tuning_store
 from ptcore.model import load_model
 from server.api.app import create_app
+from server.fine_tuning.jobs import Jobs
 from server.settings import Settings
 from tests.helpers import LiveServer, wait_until
 
@@ -220,10 +222,27 @@ def test_a_job_whose_server_stopped_reads_as_failed_on_any_replica(kind, tiny_mo
     store = open_fine_tuning_store(store_url)
     job_id = "ftjob-" + ("%024x" % time.monotonic_ns())[-24:]
     store.put_job({"id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "status": "running",
-                   "error": None, "finished_at": None, "ptserve": {"lease_until": int(time.time()) - 1}})  # fmt: skip
+                   "error": None, "finished_at": None, "ptserve": {}})  # fmt: skip
+    store.put_lease(job_id, time.time() - 1)
     model = str(tiny_model_dirs["llama"])
     settings = Settings(model=model, store=store_url)
     with LiveServer(create_app(settings, load_model(model, device="cpu", dtype="float32"))) as server:
         job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}").json()
     assert (job["status"], job["error"]["code"]) == ("failed", "server_stopped")
     assert store.job(job_id)["status"] == "failed"  # written back, for every replica
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_renewing_a_lease_never_rewrites_the_job(kind, tmp_path, redis_url, monkeypatch):
+    """The renewer runs beside the job's own writes (a new status, the ETA): it
+    writes the lease alone. It once read the job, set its lease and wrote it
+    back, which could put back a status changed in between."""
+    store = open_fine_tuning_store(str(tmp_path) if kind == "disk" else redis_url)
+    job_id = "ftjob-" + ("%024x" % time.monotonic_ns())[-24:]
+    store.put_job({"id": job_id, "created_at": int(time.time()), "status": "running", "ptserve": {}})
+    assert store.lease(job_id) is None
+    jobs = Jobs(store, None, None, None, SimpleNamespace(info={"name_or_path": "m"}), Settings(job_lease_s=30))
+    monkeypatch.setattr(store, "put_job", lambda job: pytest.fail(f"the renewer wrote the job: {job}"))
+    before = time.time()
+    jobs._renew_leases([job_id])
+    assert before + 30 <= store.lease(job_id) <= time.time() + 30
