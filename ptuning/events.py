@@ -1,5 +1,6 @@
 """What PromptTrainer.steps yields: a Step after each forward and backward
-pass, an EpochEnd after each epoch's evaluation, and Done with the result."""
+pass, a Scored after each pass over part of the dev set, an EpochEnd after each
+epoch's evaluation, and Done with the result."""
 
 from __future__ import annotations
 
@@ -8,16 +9,26 @@ from dataclasses import dataclass
 
 @dataclass
 class Step:
-    """One forward and backward pass: micro-batch `micro` of `micros` of batch
-    `batch` of `batches` in `epoch` (the optimizer steps after the last micro-batch);
-    `loss`: the running mean over batches done (None before the first)."""
+    """One forward and backward pass: `done` of the `examples` of batch `batch` of
+    `batches` in `epoch` have been through it (the optimizer steps when done ==
+    examples); `loss`: the running mean over batches done (None before the first)."""
 
     epoch: int
     batch: int
     batches: int
-    micro: int
-    micros: int
+    done: int
+    examples: int
     loss: float | None
+
+
+@dataclass
+class Scored:
+    """One forward pass of the dev set's scoring after `epoch` (0: the starting
+    prompt, or the version a job compares with): `done` of `examples` scored."""
+
+    epoch: int
+    done: int
+    examples: int
 
 
 @dataclass

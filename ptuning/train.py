@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prompt_store.artifact import PromptArtifact, make_artifact
-from prompt_store.template import Field, Pseudo, parse_template, render, tokenize_text
+from prompt_store.template import parse_template, render, tokenize_text
 from ptcore.errors import InvalidRequest
 from ptcore.inputs import embed, on_device, pack
 from ptcore.model import LoadedModel
@@ -40,60 +40,12 @@ from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
 from .config import TrainConfig  # defined torch-free for the command line; importable from here as before
 from .data import DataError, Example
 from .encoder import PromptEncoder
-from .events import Done, EpochEnd, Step  # what steps() yields
+from .events import Done, EpochEnd, Scored, Step  # what steps() yields
+from .starting_template import default_template, prompt_from_text
+
+PassSize = Callable[[], int | None] | None  # steps()' pass_size: examples the next forward pass may take
 
 log = logging.getLogger(__name__)
-
-
-def default_template(loaded: LoadedModel) -> str:
-    """The paper's (3, x, 3) layout; masked LMs and encoders wrap it in the
-    tokenizer's own CLS and SEP tokens and read the label at its MASK token."""
-    if loaded.family == "causal":
-        return "[P:3]{input}[P:3]"
-    tok = loaded.tokenizer
-    if tok.mask_token is None:
-        raise InvalidRequest(f"the {loaded.family} model's tokenizer has no mask token: give a template")
-    cls, mask, sep = (_escape(t or "") for t in (tok.cls_token, tok.mask_token, tok.sep_token))
-    return f"{cls}[P:3]{{input}}[P:3]{mask}{sep}"
-
-
-def _escape(text: str) -> str:
-    """Literal text for a template: braces doubled."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-
-def prompt_from_text(text: str, tokenizer) -> tuple[str, list[int | None]]:
-    """A manual template -> (P-tuning template, starting token per pseudo token).
-
-    Every run of literal words becomes `[P:k]`, k its number of tokens (rule 2:
-    the run tokenized alone, as written), each pseudo token starting at its
-    token's embedding; special tokens ([CLS], [MASK]...) stay real tokens.
-    `[P:n]` holes already in `text` stay and start at random tokens (None).
-    Rendered with those starting rows, the template gives exactly the token
-    embeddings of the manual template: epoch 0 is the manual prompt."""
-    special = set(tokenizer.all_special_ids)
-    parts: list[str] = []
-    start: list[int | None] = []
-    for seg in parse_template(text).segments:
-        if isinstance(seg, Field):
-            parts.append("{" + seg.name + "}")
-        elif isinstance(seg, Pseudo):
-            parts.append(f"[P:{seg.count}]")
-            start += [None] * seg.count
-        else:
-            run: list[int] = []  # words not yet written
-            for token in tokenize_text(tokenizer, seg.text) + [None]:
-                if run and (token is None or token in special):
-                    parts.append(f"[P:{len(run)}]")
-                    start += run
-                    run = []
-                if token in special:
-                    parts.append(_escape(tokenizer.convert_ids_to_tokens(token)))
-                elif token is not None:
-                    run.append(token)
-    if not start:
-        raise InvalidRequest(f"from_prompt {text!r} has no words to start pseudo tokens from")
-    return "".join(parts), start
 
 
 @dataclass
@@ -109,9 +61,13 @@ class _Item:
 
 
 class PromptTrainer:
-    def __init__(self, loaded: LoadedModel, config: TrainConfig):
+    def __init__(self, loaded: LoadedModel, config: TrainConfig, going_on: PromptArtifact | None = None):
+        """going_on: a trained prompt to go on training (a task's stored
+        version): its rows start the table and its head the head, so epoch 0
+        is that prompt. config's template, task type and labels must be its own."""
         self.loaded = loaded
         self.config = config
+        self.going_on = going_on
         self.V = loaded.vocab_size
         start_ids: list[int | None] = []
         if config.from_prompt is not None:
@@ -134,10 +90,15 @@ class PromptTrainer:
         if start_ids:  # from_prompt: its words' own tokens (random ones for its own [P:n] holes)
             start = torch.tensor([r if t is None else t for t, r in zip(start_ids, start.tolist())])
         # start from embeddings of vocabulary tokens: the scale the model expects
-        self.encoder = PromptEncoder(config.encoder, weight[start].float()).to(loaded.device)
+        init = weight[start].float() if going_on is None else self._going_on_rows(going_on)
+        self.encoder = PromptEncoder(config.encoder, init).to(loaded.device)
         self.head = None
         if loaded.family == "encoder":
             self.head = nn.Linear(weight.shape[1], len(self.labels)).to(loaded.device)
+            if going_on is not None and going_on.head is not None:
+                with torch.no_grad():
+                    self.head.weight.copy_(going_on.head[0])
+                    self.head.bias.copy_(going_on.head[1])
         # weight decay on the encoder's networks and the head; the prompt vectors themselves keep their scale
         groups = []
         if config.train_prompt:
@@ -150,6 +111,14 @@ class PromptTrainer:
         if not groups:
             raise InvalidRequest("nothing to train: train_prompt is off and the model has no head")
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+
+    def _going_on_rows(self, artifact: PromptArtifact) -> torch.Tensor:
+        ours = (self.template_source, self.config.task_type, self.labels or None)
+        its = (artifact.meta["template"], artifact.task_type, artifact.labels)
+        if ours != its:
+            raise InvalidRequest(f"a prompt trained further keeps its template, task type and labels: {ours} "
+                                 f"differs from its {its}")  # fmt: skip
+        return artifact.embeddings.float()
 
     def _server_view(self, loaded: LoadedModel) -> TaskPrompt:
         m, H = self.template.num_virtual_tokens, loaded.info["hidden_size"]
@@ -188,7 +157,12 @@ class PromptTrainer:
 
     def score(self, rows: torch.Tensor, examples: list[Example]) -> dict:
         """Dev figures of a prompt table `rows` [m, H] with this trainer's template on `examples`."""
-        return self.evaluate(rows.to(self.loaded.device, self.loaded.dtype), self._items(examples))
+        return _last(self.scoring(rows, examples))
+
+    def scoring(self, rows: torch.Tensor, examples: list[Example], pass_size: PassSize = None):
+        """`score`, one forward pass at a time: yields a Scored after each, returns the figures."""
+        rows = rows.to(self.loaded.device, self.loaded.dtype)
+        return (yield from self._evaluating(rows, self._items(examples), 0, pass_size))
 
     def check(self, examples: list[Example]) -> None:
         """Refuse examples this trainer (and the server, at upload) would refuse,
@@ -197,6 +171,9 @@ class PromptTrainer:
 
     def _rows(self) -> torch.Tensor:
         return self.encoder().to(self.loaded.dtype)  # [m, H]
+
+    def _head_copy(self):
+        return None if self.head is None else tuple(p.detach().clone() for p in self._head())
 
     def _head(self):
         return None if self.head is None else (self.head.weight, self.head.bias)
@@ -226,18 +203,25 @@ class PromptTrainer:
         """What a batch's mean loss averages over: examples (classify) or target tokens (generate)."""
         return len(items) if self.config.task_type == "classify" else sum(len(it.target) for it in items)
 
-    @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, items: list[_Item]) -> dict:
         """dev_loss: mean over examples (classify) or over target tokens (generate),
         so it does not depend on the batch size."""
-        total, weight, correct = 0.0, 0, 0
-        for start in range(0, len(items), self.config.batch_size):
-            batch = items[start : start + self.config.batch_size]
-            loss, predicted = self._losses(rows, batch)
+        return _last(self._evaluating(rows, items, 0))
+
+    def _evaluating(self, rows: torch.Tensor, items: list[_Item], epoch: int, pass_size: PassSize = None):
+        """`evaluate`, one forward pass of up to pass_size() examples (None:
+        batch_size) at a time: yields a Scored after each, returns the figures."""
+        total, weight, correct, done = 0.0, 0, 0, 0
+        while done < len(items):
+            batch = items[done : done + ((pass_size and pass_size()) or self.config.batch_size)]
+            with torch.no_grad():
+                loss, predicted = self._losses(rows, batch)
             n = len(batch) if predicted is not None else sum(len(it.target) for it in batch)
             total, weight = total + float(loss) * n, weight + n
             if predicted is not None:
                 correct += sum(int(p) == it.target for p, it in zip(predicted.tolist(), batch))
+            done += len(batch)
+            yield Scored(epoch, done, len(items))
         metrics = {"dev_loss": total / weight}
         if self.config.task_type == "classify":
             metrics["dev_accuracy"] = correct / len(items)
@@ -263,24 +247,32 @@ class PromptTrainer:
         finally:
             torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
-    def steps(self, train: list[Example], dev: list[Example]) -> Iterator[Step | EpochEnd | Done]:
-        """The training, one optimizer step at a time: a Step after each one, an
+    def steps(self, train: list[Example], dev: list[Example],
+              pass_size: PassSize = None) -> Iterator[Step | Scored | EpochEnd | Done]:  # fmt: skip
+        """The training, one forward pass at a time: a Step after each forward and
+        backward pass, a Scored after each pass of the dev set's scoring, an
         EpochEnd after each epoch's evaluation (and first for the starting
-        prompt), Done last. Whoever drives it decides when the next step runs
-        (`fit` runs them back to back, with PyTorch's deterministic kernels on)."""
+        prompt), Done last. Whoever drives it decides when the next pass runs
+        (`fit` runs them back to back, with PyTorch's deterministic kernels on).
+
+        `pass_size()`, asked before each pass, is how many examples it may take
+        (None: micro_batch_size, or batch_size for scoring and when that is 0);
+        gradients add up over an optimizer step's batch whatever the passes."""
         cfg = self.config
+        micro = cfg.micro_batch_size or cfg.batch_size
         train_items, dev_items = self._items(train), self._items(dev)
         order_gen = self._generator(1)
         # epoch 0: the starting prompt, before any step (with from_prompt: the manual prompt itself)
         with torch.no_grad():
             rows = self._rows().detach().clone()
-        start = {"epoch": 0, **self.evaluate(rows, dev_items), "seconds": 0.0}
+        start = {"epoch": 0, **(yield from self._evaluating(rows, dev_items, 0, pass_size)), "seconds": 0.0}
         history: list[dict] = [start]
-        # the manual prompt competes with the trained ones: a trained table must beat it on dev to be kept
-        # (not with a head: an untrained head answers nothing the manual prompt says)
-        manual = cfg.from_prompt is not None and self.head is None
+        # the manual prompt, or the trained prompt this run goes on from, competes with the trained ones: a
+        # trained table must beat it on dev to be kept (not a manual prompt with a head: an untrained head
+        # answers nothing the manual prompt says)
+        manual = (cfg.from_prompt is not None and self.head is None) or self.going_on is not None
         best: dict | None = start if manual else None
-        best_rows, best_head, stale = rows, None, 0
+        best_rows, best_head, stale = rows, self._head_copy(), 0
         self._show(start, manual)
         yield EpochEnd(start, manual)
         trust_dev = len(dev_items) >= cfg.min_dev_examples
@@ -294,24 +286,26 @@ class PromptTrainer:
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
             running = None
             for n, idx in enumerate(bar, 1):
-                micro = cfg.micro_batch_size or cfg.batch_size
-                chunks = [[train_items[i] for i in idx[j : j + micro]] for j in range(0, len(idx), micro)]
-                weights = [self._loss_weight(chunk) for chunk in chunks]
+                batch = [train_items[i] for i in idx]
+                weight = self._loss_weight(batch)
                 self.optimizer.zero_grad()
-                batch_loss = 0.0
-                for j, chunk in enumerate(chunks, 1):
+                batch_loss, done = 0.0, 0
+                while done < len(batch):
+                    chunk = batch[done : done + ((pass_size and pass_size()) or micro)]
                     loss, _ = self._losses(self._rows(), chunk)
-                    share = weights[j - 1] / sum(weights)  # the batch's mean loss; one chunk: exactly 1
+                    share = self._loss_weight(chunk) / weight  # of the batch's mean loss; one chunk: exactly 1
                     (loss * share).backward()
                     batch_loss += loss.item() * share
-                    if j == len(chunks):
+                    done += len(chunk)
+                    if done == len(batch):
                         self.optimizer.step()
                         running = batch_loss if running is None else 0.9 * running + 0.1 * batch_loss
                         bar.set_postfix(loss=f"{running:.4f}")
-                    yield Step(epoch, n, len(batches), j, len(chunks), running)
+                    yield Step(epoch, n, len(batches), done, len(batch), running)
             with torch.no_grad():
                 rows = self._rows().detach().clone()  # the encoder runs once per epoch
-            metrics = {"epoch": epoch, "train_loss": running, **self.evaluate(rows, dev_items)}
+            scored = yield from self._evaluating(rows, dev_items, epoch, pass_size)
+            metrics = {"epoch": epoch, "train_loss": running, **scored}
             metrics["seconds"] = time.perf_counter() - began
             history.append(metrics)
             if trust_dev:
@@ -322,13 +316,14 @@ class PromptTrainer:
             yield EpochEnd(metrics, improved)
             if improved:
                 best, best_rows, stale = metrics, rows, 0
-                best_head = None if self.head is None else tuple(p.detach().clone() for p in self._head())
+                best_head = self._head_copy()
             elif trust_dev:
                 stale += 1
                 if stale >= cfg.patience:
                     break
         if best["epoch"] == 0:
-            self._say("no trained epoch beat the manual prompt on dev: keeping the manual prompt's table")
+            kept = "the manual prompt" if self.going_on is None else "the prompt it went on from"
+            self._say(f"no trained epoch beat {kept} on dev: keeping {kept}")
         trained = history[1:]
         figures = {k: v for k, v in best.items() if k not in ("seconds", "train_loss")}
         figures.update({f"start_{k}": v for k, v in start.items() if k.startswith("dev_")})
@@ -374,3 +369,12 @@ class PromptTrainer:
         log.info("epoch %d: %s%s", metrics["epoch"], shown, note)
         if self.config.progress:
             print(f"epoch {metrics['epoch']}: {shown}{note}", flush=True)
+
+
+def _last(passes: Generator):
+    """Run a generator of passes to its end; -> what it returns."""
+    while True:
+        try:
+            next(passes)
+        except StopIteration as end:
+            return end.value

@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     # Fine-tuning jobs (server/fine_tuning/): training on the served model between inference iterations
     train_share: float = Field(0.2, gt=0, le=1, description="the most of the model's time training takes while "
                                "inference runs (with none running, training takes all of it)")  # fmt: skip
-    train_micro_batch_size: int = Field(4, ge=1, description="examples per training pass: how long one pass "
-                                        "holds up the running rows")  # fmt: skip
+    train_micro_batch_size: int = Field(1, ge=1, description="examples per training pass while inference runs: "
+                                        "how long a pass holds up the running rows (idle: whole batches)")  # fmt: skip
     max_queued_jobs: int = Field(8, ge=1, description="fine-tuning jobs waiting on one server; beyond: 429")
     max_job_example_passes: int = Field(200_000, ge=1, description="epochs x training examples of one job, at most")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest training file")

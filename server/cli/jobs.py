@@ -18,6 +18,8 @@ def _arguments(p) -> None:
     p.add_argument("--data", help="create: the training JSONL file")
     p.add_argument("--dev", help="create: a validation JSONL file (default: a quarter of --data, held out)")
     p.add_argument("--task-id", help="create: the task to train (a new one, or a new version)")
+    go_on = "create: train the task's current version further (its template, task type and labels), not a new prompt"
+    p.add_argument("--go-on", action="store_true", help=go_on)
     p.add_argument("--task-type", choices=["classify", "generate"])
     p.add_argument("--labels", help='create, classify: JSON object label -> verbalizer, e.g. \'{"pos": " great"}\'')
     p.add_argument("--template")
@@ -48,8 +50,8 @@ def _run(args) -> None:
 def _create(client, args) -> None:
     if not args.data or not args.task_id:
         raise ValueError("jobs create needs --data and --task-id")
-    body = {"model": client.base_model(), "training_file": client.upload_file(args.data)["id"],
-            "suffix": args.task_id}  # fmt: skip
+    model = args.task_id if args.go_on else client.base_model()
+    body = {"model": model, "training_file": client.upload_file(args.data)["id"], "suffix": args.task_id}
     if args.dev:
         body["validation_file"] = client.upload_file(args.dev)["id"]
     hyper = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.lr_multiplier}

@@ -277,7 +277,7 @@ class Scheduler:
             return
         start = time.perf_counter()
         try:
-            event = run.step()
+            event = run.step(busy)
         except Exception as e:  # the run fails; inference goes on
             log.exception("training run %d failed", run.id)
             self._end_training(error=e)

@@ -13,8 +13,11 @@ runs those passes too, and decides when:
   each inference forward earns training `share / (1 - share)` of its own
   seconds, each pass spends what it took, and a pass runs only on credit.
 
-A pass is one micro-batch (TrainConfig.micro_batch_size), so the running rows
-wait for at most one pass.
+A pass is one forward (and backward) pass over a few examples, so the running
+rows wait for at most one pass. Its size follows the load: while inference is
+busy, `busy_pass_size` examples (PTSERVE_TRAIN_MICRO_BATCH_SIZE: as short a
+pass as the trainer has); when idle, the run's own size (a whole batch: fewer,
+larger passes train faster).
 """
 
 from __future__ import annotations
@@ -32,13 +35,21 @@ QUIET_S = 1.0  # inference counts as running until it has been idle this long
 class TrainingRun:
     """A training job's passes, as the scheduler runs them. `events` is a
     PromptTrainer.steps iterator (or anything that yields progress events and
-    ends with one whose `result` is set)."""
+    ends with one whose `result` is set), built with `self.pass_size` as its
+    pass_size: it asks before each pass how many examples the pass may take."""
 
-    events: Iterator
+    events: Iterator | None = None
+    busy_pass_size: int | None = None  # examples per pass while inference is busy (None: the run's own)
     id: int = 0  # the scheduler's, as for a request: its Output records carry it
+    _size: int | None = None  # the pass about to run may take this many examples
 
-    def step(self):
-        """One pass; -> the event it yielded. Grad on: the scheduler's inference runs without."""
+    def pass_size(self) -> int | None:
+        return self._size
+
+    def step(self, busy: bool = False):
+        """One pass, sized for the load; -> the event it yielded. Grad on: the
+        scheduler's inference runs without."""
+        self._size = self.busy_pass_size if busy else None
         with torch.inference_mode(False), torch.enable_grad():
             return next(self.events)
 

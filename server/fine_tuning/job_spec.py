@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from prompt_store.store import check_task_id
+from prompt_store.artifact import PromptArtifact, read_artifact
+from prompt_store.store import check_task_id, is_task_id
 from ptcore.errors import InvalidRequest, NotFound
 from ptuning.data import Example, parse_examples, split_dev
 from ptuning.train import PromptTrainer, TrainConfig
@@ -16,7 +17,7 @@ OPENAI = {"model", "training_file", "validation_file", "suffix", "hyperparameter
           "integrations", "method"}  # fmt: skip
 
 
-def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> dict:
+def check_job(body: dict, base_model: str, loaded, files: Files, tasks, settings) -> dict:
     """A job body, checked: its files parse with its template and labels, its
     size is within the limits. -> what the job record needs (a 422 names the
     field at fault)."""
@@ -24,10 +25,8 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
     if unknown:
         raise InvalidRequest(f"unknown field(s) {sorted(unknown)}")
     model = body.get("model")
-    if model != base_model:
-        raise InvalidRequest(f"model must be the served base model {base_model!r} (GET /v1/models), got {model!r}",
-                             "model")  # fmt: skip
-    suffix = body.get("suffix")
+    going_on = None if model == base_model else going_on_from(model, base_model, tasks, body)
+    suffix = body.get("suffix", model if going_on is not None else None)
     if not isinstance(suffix, str):
         raise InvalidRequest("suffix names the task to train: a task id", "suffix")
     check_task_id(suffix)
@@ -39,8 +38,10 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
     batch = _number(hyper.get("batch_size", "auto"), int, DEFAULTS["batch_size"], "hyperparameters.batch_size")
     mult = _number(hyper.get("learning_rate_multiplier", "auto"), float, 1.0,
                    "hyperparameters.learning_rate_multiplier")  # fmt: skip
-    labels = body.get("labels")
+    labels = body.get("labels") if going_on is None else going_on.labels
     task_type = body.get("task_type") or ("classify" if labels is not None else "generate")
+    if going_on is not None:
+        task_type = going_on.task_type
     seed = body.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise InvalidRequest(f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
@@ -50,12 +51,14 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
             for k, v in metadata.items())):  # fmt: skip
         raise InvalidRequest("metadata is at most 16 string pairs (keys up to 64 characters, values 512)",
                              "metadata")  # fmt: skip
-    config = {"task_type": task_type, "labels": labels, "template": body.get("template"),
+    template = body.get("template") if going_on is None else going_on.meta["template"]
+    config = {"task_type": task_type, "labels": labels, "template": template,
               "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
-              "epochs": epochs, "batch_size": batch, "lr": DEFAULTS["lr"] * mult, "seed": seed,
-              "micro_batch_size": settings.train_micro_batch_size}  # fmt: skip
+              "epochs": epochs, "batch_size": batch, "lr": DEFAULTS["lr"] * mult, "seed": seed}  # fmt: skip
+    if going_on is not None and "head_pooling" in going_on.meta:
+        config["head_pooling"] = going_on.meta["head_pooling"]
     try:
-        trainer = PromptTrainer(loaded, TrainConfig(**config, progress=False))
+        trainer = PromptTrainer(loaded, TrainConfig(**config, progress=False), going_on)
     except TypeError as e:
         raise InvalidRequest(str(e)) from None
     cfg = trainer.config
@@ -82,8 +85,27 @@ def check_job(body: dict, base_model: str, loaded, files: Files, settings) -> di
         raise InvalidRequest(f"promote must be 'if_better' or 'always', got {promote!r}", "promote")
     return {"model": model, "training_file": body["training_file"], "validation_file": body.get("validation_file"),
             "suffix": suffix, "config": config, "promote": promote, "examples": len(train),
+            "going_on": None if going_on is None else model,
             "hyperparameters": {"n_epochs": epochs, "batch_size": batch,
                                 "learning_rate_multiplier": mult}}  # fmt: skip
+
+
+def going_on_from(model, base_model: str, tasks, body: dict) -> PromptArtifact:
+    """A job whose `model` is a task: it goes on from the task's current
+    version, with that version's template, task type and labels."""
+    if not isinstance(model, str) or not is_task_id(model):
+        raise InvalidRequest(f"model must be the served base model {base_model!r} or a task id (GET /v1/models), "
+                             f"got {model!r}", "model")  # fmt: skip
+    try:
+        stored = tasks.artifact(model)
+    except NotFound:
+        raise InvalidRequest(f"model {model!r} is neither the served base model {base_model!r} nor a stored task "
+                             "(GET /v1/models)", "model") from None  # fmt: skip
+    for key in ("template", "from_prompt", "labels", "task_type"):
+        if body.get(key) is not None:
+            raise InvalidRequest(f"model {model!r} is a task: the job goes on from its version {stored.version} with "
+                                 f"its template, task type and labels; leave out {key}", key)  # fmt: skip
+    return read_artifact(stored.data)
 
 
 def job_examples(files: Files, file_id, trainer: PromptTrainer, param: str) -> list[Example]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from prompt_store.artifact import artifact_bytes
+from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.fine_tuning_store import FineTuningStore
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
 from ptuning.data import split_dev
@@ -63,7 +63,7 @@ class Jobs:
 
     def create(self, body: dict) -> dict:
         """Check a job and queue it (blocking: reads its files). -> the job object."""
-        spec = check_job(body, self.base_model, self.loaded, self.files, self.settings)
+        spec = check_job(body, self.base_model, self.loaded, self.files, self.tasks, self.settings)
         now = int(time.time())
         job = {
             "id": f"ftjob-{uuid.uuid4().hex[:24]}", "object": "fine_tuning.job", "created_at": now,
@@ -72,7 +72,7 @@ class Jobs:
             "hyperparameters": spec["hyperparameters"], "seed": spec["config"]["seed"], "error": None,
             "fine_tuned_model": None, "finished_at": None, "trained_tokens": None, "estimated_finish": None,
             "result_files": [], "organization_id": "ptserve", "integrations": [], "metadata": body.get("metadata"),
-            "ptserve": {"config": spec["config"], "promote": spec["promote"]},
+            "ptserve": {"config": spec["config"], "promote": spec["promote"], "going_on": spec["going_on"]},
         }  # fmt: skip
         if len(self._waiting) >= self.settings.max_queued_jobs:
             raise Overloaded(f"{len(self._waiting)} fine-tuning jobs already wait on this server; try again later")
@@ -185,7 +185,9 @@ class Jobs:
             if job_id in self._cancelled:  # cancelled while it was prepared
                 out = Output(0, error=Abandoned("the training run was cancelled"))
             else:
-                run_id = self.inference.scheduler.submit_training(TrainingRun(passes(trainer, train, dev, current)))
+                run = TrainingRun(busy_pass_size=self.settings.train_micro_batch_size)
+                run.events = passes(trainer, train, dev, current, run.pass_size)
+                run_id = self.inference.scheduler.submit_training(run)
                 queue = self.inference.router.open(run_id)
                 self._running = (job_id, run_id)
                 if job_id in self._cancelled:  # cancelled between the check above and the submit
@@ -223,7 +225,12 @@ class Jobs:
 
     def _prepare(self, job: dict):
         config = TrainConfig(**job["ptserve"]["config"], progress=False)
-        trainer = PromptTrainer(self.loaded, config)
+        going_on = None
+        if job["ptserve"].get("going_on") is not None:  # the task's version now, which may be newer than at creation
+            stored = self.tasks.artifact(job["ptserve"]["going_on"])
+            going_on = read_artifact(stored.data)
+            self._event(job["id"], "info", f"Going on from version {stored.version} of task {stored.task_id!r}")
+        trainer = PromptTrainer(self.loaded, config, going_on)
         train = job_examples(self.files, job["training_file"], trainer, "training_file")
         if job["validation_file"]:
             dev = job_examples(self.files, job["validation_file"], trainer, "validation_file")
@@ -322,11 +329,11 @@ class Finished:
     result: tuple
 
 
-def passes(trainer: PromptTrainer, train, dev, current):
+def passes(trainer: PromptTrainer, train, dev, current, pass_size):
     """The trainer's passes, then (when the task has a comparable current
-    version) one more that scores that version on the same validation data,
-    all on the scheduler's thread."""
-    for event in trainer.steps(train, dev):
+    version) those that score that version on the same validation data, all
+    on the scheduler's thread, each of up to pass_size() examples."""
+    for event in trainer.steps(train, dev, pass_size):
         if not isinstance(event, Done):
             yield event
             continue
@@ -334,7 +341,7 @@ def passes(trainer: PromptTrainer, train, dev, current):
             yield Finished((event.result, None, None))
             return
         version, rows = current
-        figures = trainer.score(rows, dev)
+        figures = yield from trainer.scoring(rows, dev, pass_size)
         best = {k: v for k, v in event.result.artifact.meta["metrics"].items() if k.startswith("dev_")}
         beats = trainer.better(best, figures)
         yield Finished((event.result, {"version": version, **figures}, beats))

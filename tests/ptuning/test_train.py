@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from ptcore.task_prompt import task_prompt
 from ptcore.tiny_model import write_tiny_model
 from ptuning.data import DataError, Example, load_examples, split_dev
 from ptuning.synthetic import LABELS, keyword_examples, write_jsonl
-from ptuning.train import Done, EpochEnd, PromptTrainer, Step, TrainConfig
+from ptuning.train import Done, EpochEnd, PromptTrainer, Scored, Step, TrainConfig
 from server.api.app import create_app
 from server.settings import Settings
 from tests.helpers import LiveServer, assert_same_accuracy, float_mismatch, label_near_tie, visible_padding
@@ -122,10 +123,11 @@ def test_stepping_one_step_at_a_time_is_fit(model_dirs):
         events = list(PromptTrainer(loaded, config).steps(train, dev))
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-    shape = [(type(e).__name__, e.epoch, e.batch, e.batches, e.micro, e.micros) if isinstance(e, Step)
+    shape = [(type(e).__name__, e.epoch, e.batch, e.batches, e.done, e.examples) if isinstance(e, Step)
              else type(e).__name__ for e in events]  # fmt: skip
-    steps = lambda epoch: [("Step", epoch, b, 3, 1, 1) for b in (1, 2, 3)]  # noqa: E731 (40 examples, batches of 16)
-    assert shape == ["EpochEnd", *steps(1), "EpochEnd", *steps(2), "EpochEnd", "Done"]
+    steps = lambda epoch: [("Step", epoch, b, 3, n, n) for b, n in ((1, 16), (2, 16), (3, 8))]  # noqa: E731 (40 in 16s)
+    end = ["Scored", "EpochEnd"]  # 16 dev examples: one scoring pass
+    assert shape == [*end, *steps(1), *end, *steps(2), *end, "Done"]
     ends = [e for e in events if isinstance(e, EpochEnd)]
     assert [e.metrics["epoch"] for e in ends] == [0, 1, 2]
     assert isinstance(events[-1], Done) and torch.equal(events[-1].result.artifact.embeddings, fitted.embeddings)
@@ -142,20 +144,31 @@ def test_micro_batches_add_up_to_the_batch(model_dirs, task_type):
     if task_type == "generate":  # the label as the text to generate
         data = [Example(e.fields, f" {e.target}", e.line) for e in data]
 
-    def table(micro, batch_size=8):
+    def table(micro, batch_size=8, pass_size=None):
         config = TrainConfig(template=template, epochs=1, batch_size=batch_size, micro_batch_size=micro, seed=1,
                              progress=False, **kind)  # fmt: skip
         trainer = PromptTrainer(loaded, config)
-        events = list(trainer.steps(data, data[:8]))
-        return events, events[-1].result.artifact.embeddings
+        events = list(trainer.steps(data, data[:8], pass_size))
+        return events, events[-1].result.artifact
 
     whole, a = table(0)
     split, b = table(3)  # 8 = 3 + 3 + 2
     assert sum(isinstance(e, Step) for e in whole) == 3 and sum(isinstance(e, Step) for e in split) == 9
-    assert [(e.micro, e.micros) for e in split if isinstance(e, Step)][:3] == [(1, 3), (2, 3), (3, 3)]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [(e.done, e.examples) for e in split if isinstance(e, Step)][:3] == [(3, 8), (6, 8), (8, 8)]
+    torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+    # passes sized as the driver asks, one by one (a server: small while requests run, whole batches when idle)
+    sizes = itertools.cycle([1, None, 5])
+    varied, c = table(3, pass_size=lambda: next(sizes))
+    # asked in turn: scoring epoch 0 takes 1, then None (batch_size: the 7 left); the first batch 5, 1, None
+    # (micro_batch_size 3: the 2 left); ...; scoring epoch 1 takes 5, 1, None (the 2 left)
+    assert [(e.done, e.examples) for e in varied if isinstance(e, Step)][:4] == [(5, 8), (6, 8), (8, 8), (5, 8)]
+    assert [e.done for e in varied if isinstance(e, Scored)] == [1, 8, 5, 6, 8]
+    torch.testing.assert_close(a.embeddings, c.embeddings, rtol=1e-5, atol=1e-5)
+    for key, value in a.meta["metrics"].items():
+        if key.startswith(("dev_", "start_dev_")):
+            assert c.meta["metrics"][key] == pytest.approx(value, rel=1e-5), key
     _, other = table(0, batch_size=4)  # other steps: the tolerance tells them apart
-    assert (a - other).abs().max() > 1e-3
+    assert (a.embeddings - other.embeddings).abs().max() > 1e-3
 
 
 def test_it_learns_an_input_dependent_task(model_dirs):
@@ -309,3 +322,26 @@ def test_cli_errors_are_one_line(model_dirs, tmp_path):
     for extra, message in cases:
         r = subprocess.run(base + extra, capture_output=True, text=True)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("family", ["causal", "encoder"])
+def test_training_goes_on_from_a_trained_prompt(model_dirs, family):
+    """going_on: epoch 0 is the trained prompt itself (its rows and head, bit
+    for bit, and its dev figures); a run that does not beat it keeps it."""
+    _, template, labels = FAMILIES[family]
+    loaded = load_model(str(model_dirs[family]), device="cpu", dtype="float32")
+    config = TrainConfig(labels=labels, template=template, epochs=2, progress=False)
+    train, dev = examples(32, 0), examples(16, 1)
+    first = PromptTrainer(loaded, config).fit(train, dev).artifact
+    onward = PromptTrainer(loaded, TrainConfig(labels=labels, template=template, epochs=1, lr=1e-9, head_lr=1e-9,
+                                               progress=False), going_on=first)  # fmt: skip
+    assert torch.equal(onward._rows().detach().cpu(), first.embeddings)
+    kept = onward.fit(train, dev).artifact
+    assert kept.meta["metrics"]["best_epoch"] == 0  # (all but) untrained: no epoch beats where it began
+    assert kept.meta["metrics"]["start_dev_loss"] == pytest.approx(first.meta["metrics"]["dev_loss"], rel=1e-6)
+    assert torch.equal(kept.embeddings, first.embeddings)
+    assert (kept.head is None) == (family == "causal")
+    if kept.head is not None:
+        assert all(torch.equal(a, b) for a, b in zip(kept.head, first.head))
+    with pytest.raises(InvalidRequest, match="keeps its template, task type and labels"):
+        PromptTrainer(loaded, TrainConfig(labels=labels, template=template + "[P:1]", progress=False), going_on=first)

@@ -143,6 +143,10 @@ def test_jobs_create_trains_on_the_server_and_follows_the_job_to_its_end(tmp_pat
         assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == ["epoch 0", "epoch 1", "epoch 2"]
         assert json.loads(run_cli("jobs", "list", *url))[0]["status"] == "succeeded"
         assert [t["task_id"] for t in json.loads(run_cli("tasks", *url))] == ["ab"]
+        onward = run_cli("jobs", "create", "--data", str(data), "--task-id", "ab", "--go-on", "--epochs", "1",
+                         "--promote", "always", *url).splitlines()  # fmt: skip
+        assert "Going on from version 1 of task 'ab'" in onward and onward[-1] == "succeeded: fine_tuned_model=ab"
+        assert json.loads(run_cli("tasks", *url))[0]["version"] == 2
         bad = subprocess.run([sys.executable, "-m", "server.cli", "jobs", "create", "--data", str(data), "--task-id",
                               "x", *url], capture_output=True, text=True)  # fmt: skip
         assert bad.returncode == 1 and "line 1: missing ['output']" in bad.stderr and "Traceback" not in bad.stderr

@@ -92,6 +92,34 @@ def test_a_table_that_does_not_beat_the_current_version_is_not_stored(live):
     )
 
 
+def test_a_job_on_a_task_goes_on_from_its_current_version(live):
+    """model = a task id: the table starts at that version's rows (epoch 0 scores
+    exactly what the version scored on the same data), with its template and
+    labels; the result must beat it, and becomes the next version."""
+    f = live.client.files.create(file=("cls.jsonl", CLASSIFY), purpose="fine-tune").id
+    jobs = live.client.fine_tuning.jobs
+    first = finished(live.client, jobs.create(
+        model=live.base_model, training_file=f, validation_file=f, suffix="onward", hyperparameters={"n_epochs": 2},
+        extra_body={"labels": {"pos": " good", "neg": " bad"}, "template": "[P:2]{input}[P:1]",
+                    "promote": "always"}).id)  # fmt: skip
+    assert first.fine_tuned_model == "onward"
+    for key in ("labels", "template", "from_prompt", "task_type"):  # the version fixes them
+        r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", json={"model": "onward", "training_file": f, key: "x"})
+        assert (r.status_code, r.json()["param"]) == (422, key) and "leave out " + key in r.json()["detail"]
+    job = jobs.create(model="onward", training_file=f, validation_file=f, hyperparameters={"n_epochs": 1},
+                      extra_body={"promote": "always"})  # no suffix: the task itself  # fmt: skip
+    second = finished(live.client, job.id)
+    assert (second.status, second.model, second.fine_tuned_model) == ("succeeded", "onward", "onward")
+    start = {k[len("start_") :]: v for k, v in second.model_extra["ptserve_result"].items() if k.startswith("start_")}
+    best = {k: v for k, v in first.model_extra["ptserve_result"].items() if k in ("dev_loss", "dev_accuracy")}
+    assert start == pytest.approx(best, rel=1e-5)  # epoch 0 is version 1
+    events = [e.message for e in jobs.list_events(job.id, limit=50).data]
+    assert "Going on from version 1 of task 'onward'" in events
+    summary = httpx.get(f"{live.url}/v1/tasks/onward").json()
+    assert (summary["version"], summary["template"], summary["labels"]) == (
+        2, "[P:2]{input}[P:1]", {"pos": " good", "neg": " bad"})  # fmt: skip
+
+
 def test_a_classify_job_from_openai_prompt_completion_lines(live):
     f = live.client.files.create(file=("cls.jsonl", CLASSIFY), purpose="fine-tune")
     job = live.client.fine_tuning.jobs.create(
@@ -137,7 +165,8 @@ def test_a_bad_job_is_refused_naming_the_field(live):
     c = live.client.files.create(file=("cls.jsonl", CLASSIFY), purpose="fine-tune").id
     base = {"model": live.base_model, "training_file": f, "suffix": "t"}
     cases = [
-        ({**base, "model": "gpt-4o-mini"}, "model", "model must be the served base model"),
+        ({**base, "model": "gpt-4o-mini"}, "model", "model 'gpt-4o-mini' is neither the served base model"),
+        ({**base, "model": ["x"]}, "model", "model must be the served base model"),
         ({**base, "training_file": "file-000000000000000000000000"}, "training_file", "training_file: no file"),
         ({**base, "suffix": "bad id!"}, None, "invalid task id"),
         ({**base, "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "hyperparameters.n_epochs must"),

@@ -112,6 +112,27 @@ def test_inference_is_token_exact_before_during_and_after_a_real_training_run(lo
     assert not isinstance(events[-1], Done)  # Done is the last record's result, not an event
 
 
+def test_passes_are_small_while_inference_runs_and_whole_when_idle(loaded, monkeypatch):
+    """A pass asks the run its size: busy_pass_size while requests run (they
+    wait for the pass), the run's own size (None) once inference is quiet."""
+    monkeypatch.setattr(training, "QUIET_S", 0.0)  # quiet as soon as no request runs or waits
+    s = scheduler_for(loaded, share=1.0)  # every iteration may train: the sizes alone are under test
+    collected, asked = s.collect(), []
+    run = TrainingRun(busy_pass_size=1)
+
+    def sized():
+        while True:
+            asked.append((s.running() > 0, run.pass_size()))
+            yield Tick(len(asked))
+
+    run.events = sized()
+    s.submit_training(run)
+    drive(s, generate_requests(loaded, 2), collected=collected)
+    assert {size for running, size in asked if running} == {1}
+    s.iteration()
+    assert asked[-1] == (False, None)
+
+
 def test_inference_counts_as_running_until_it_has_been_quiet(monkeypatch):
     share, now = TrainingShare(0.25), [100.0]
     monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
