@@ -1,5 +1,8 @@
 """Scale-out: two real server processes share one real redis-server."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,18 +12,19 @@ import pytest
 import redis
 
 from prompt_store.artifact import artifact_bytes
+from prompt_store.factory import open_fine_tuning_store
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.settings import Settings
-from tests.helpers import free_port, random_prompt
+from tests.helpers import free_port, random_prompt, wait_until
 
 
-def start_server(model_dir, store, tmp_path, name):
+def start_server(model_dir, store, tmp_path, name, **env):
     port = free_port()
     log = open(tmp_path / f"{name}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store", store, "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -130,3 +134,32 @@ def test_after_redis_lost_its_data_every_replica_serves_the_new_v1_at_once(gpt2_
             out = client.post(f"{replica.url}/v1/tasks/t/generate", json=body).json()
             assert (out["version"], out["token_ids"]) == (1, expected), f"{replica.url} served the lost prompt"
             assert client.get(f"{replica.url}/v1/tasks/t/artifact").content == artifact_bytes(new)
+
+
+def test_a_killed_replicas_job_turns_failed_on_the_other_within_its_lease(gpt2_dir, shared_store, tmp_path):
+    """Replica a runs a long job and renews its lease; killed (SIGKILL: no
+    shutdown code runs), the lease runs out and replica b reports the job
+    failed, "the server running it stopped"."""
+    lease = {"PTSERVE_JOB_LEASE_S": "3"}
+    (a, url_a), (b, url_b) = (start_server(gpt2_dir, shared_store, tmp_path, n, **lease) for n in ("a", "b"))
+    store = open_fine_tuning_store(shared_store)
+    try:
+        data = "".join(json.dumps({"input": f"word {i}", "output": f" answer {i % 3}"}) + "\n" for i in range(16))
+        f = httpx.post(f"{url_a}/v1/files", files={"file": ("t.jsonl", data.encode())}, data={"purpose": "fine-tune"})
+        base = httpx.get(f"{url_a}/v1/models").json()["data"][0]["id"]
+        job = httpx.post(f"{url_a}/v1/fine_tuning/jobs", json={"model": base, "training_file": f.json()["id"],
+                         "suffix": "long", "hyperparameters": {"n_epochs": 1000}}).json()  # fmt: skip
+        job_url = f"{url_b}/v1/fine_tuning/jobs/{job['id']}"
+        wait_until(lambda: httpx.get(job_url).json()["status"] == "running", "replica b to see the job running")
+        first = store.lease(job["id"])
+        wait_until(lambda: store.lease(job["id"]) > first, "replica a to renew the job's lease")
+        assert httpx.get(job_url).json()["status"] == "running"  # renewed: b does not take it for dead
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        failed = wait_until(lambda: (j := httpx.get(job_url).json())["status"] == "failed" and j, "the job to fail")
+        assert failed["error"] == {"code": "server_stopped", "message": "the server running it stopped", "param": None}
+        assert httpx.get(f"{url_b}/v1/tasks/long").status_code == 404  # nothing was stored
+    finally:
+        for proc in (a, b):
+            proc.kill()
+            proc.wait()
