@@ -59,6 +59,11 @@ class _Item:
     ids: list[int]  # rendered input
     target: int | list[int]  # label index (classify) or target token ids (generate)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens a training pass feeds the model for this item (generate: the target too)."""
+        return len(self.ids) + (len(self.target) if isinstance(self.target, list) else 0)
+
 
 class PromptTrainer:
     def __init__(self, loaded: LoadedModel, config: TrainConfig, going_on: PromptArtifact | None = None):
@@ -332,6 +337,8 @@ class PromptTrainer:
             epochs_run=len(trained),
             seconds_per_epoch=sum(h["seconds"] for h in trained) / len(trained),
             train_examples=len(train_items),
+            # tokens through the model in training passes (OpenAI's trained_tokens): every epoch sees every example
+            trained_tokens=len(trained) * sum(it.tokens for it in train_items),
             dev_examples=len(dev_items),
             selection="best dev epoch" if trust_dev else f"last epoch (dev < {cfg.min_dev_examples} examples)",
             encoder=cfg.encoder if cfg.train_prompt else "frozen",

@@ -281,6 +281,7 @@ class Jobs:
         if current is not None:
             decision["current_version"] = current
         job["ptserve"]["result"] = decision
+        job["trained_tokens"] = metrics["trained_tokens"]
         if promote:
             result.artifact.meta["task_id"] = job["suffix"]
             summary = self.tasks.upload(job["suffix"], artifact_bytes(result.artifact))

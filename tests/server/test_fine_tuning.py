@@ -11,6 +11,7 @@ import pytest
 from openai import OpenAI, UnprocessableEntityError
 
 from prompt_store.factory import open_fine_tuning_store
+from prompt_store.template import parse_template, render
 from ptcore.model import load_model
 from server.api.app import create_app
 from server.fine_tuning.jobs import Jobs
@@ -36,6 +37,7 @@ def live(tiny_model_dirs, tmp_path_factory):
     settings = Settings(model=model, store=str(tmp_path_factory.mktemp("store")), max_job_example_passes=20_000)
     with LiveServer(create_app(settings, loaded)) as server:
         server.base_model = loaded.info["name_or_path"]
+        server.loaded = loaded
         server.client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         yield server
 
@@ -103,6 +105,11 @@ def test_a_job_on_a_task_goes_on_from_its_current_version(live):
         extra_body={"labels": {"pos": " good", "neg": " bad"}, "template": "[P:2]{input}[P:1]",
                     "promote": "always"}).id)  # fmt: skip
     assert first.fine_tuned_model == "onward"
+    loaded = live.loaded  # trained_tokens: 2 epochs of the 16 rendered inputs
+    template = parse_template("[P:2]{input}[P:1]")
+    inputs = [json.loads(line)["prompt"] for line in CLASSIFY.decode().splitlines()]
+    assert first.trained_tokens == 2 * sum(len(render(template, loaded.tokenizer, {"input": x}, loaded.vocab_size))
+                                           for x in inputs)  # fmt: skip
     for key in ("labels", "template", "from_prompt", "task_type"):  # the version fixes them
         r = httpx.post(f"{live.url}/v1/fine_tuning/jobs", json={"model": "onward", "training_file": f, key: "x"})
         assert (r.status_code, r.json()["param"]) == (422, key) and "leave out " + key in r.json()["detail"]
