@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 FOLDER = "+fine_tuning"
+ACTIVE = ("validating_files", "queued", "running")  # a job's statuses before its end
 
 
 class FineTuningStore(ABC):
@@ -72,6 +74,12 @@ class FineTuningStore(ABC):
     @abstractmethod
     def events(self, job_id: str) -> list[dict]:
         """The job's events, oldest first."""
+
+
+def held(store: FineTuningStore, job: dict) -> bool:
+    """Whether a job is active and the replica that took it still holds it (its
+    lease has not run out); an active job that is not held: its server stopped."""
+    return job["status"] in ACTIVE and (store.lease(job["id"]) or 0) >= time.time()
 
 
 def newest_first(records: list[dict]) -> list[dict]:

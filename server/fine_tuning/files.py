@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 
-from prompt_store.fine_tuning_store import FineTuningStore
+from prompt_store.fine_tuning_store import FineTuningStore, held
 from ptcore.errors import InvalidRequest, NotFound
 
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
@@ -31,7 +31,8 @@ class Files:
     def upload(self, filename: str, purpose: str, data: bytes) -> dict:
         """Check every line (a JSON object with an input and a label or output,
         in ptserve's names or OpenAI's), then store. -> the file object. When
-        max_files are kept, the oldest goes."""
+        max_files are kept, the oldest goes, unless a job that has not ended
+        reads it (then the next oldest)."""
         if purpose != "fine-tune":
             raise InvalidRequest(f"purpose must be 'fine-tune', got {purpose!r}", "purpose")
         if len(data) > self.max_bytes:
@@ -40,10 +41,18 @@ class Files:
         record = {"id": f"file-{uuid.uuid4().hex[:24]}", "object": "file", "bytes": len(data),
                   "created_at": int(time.time()), "filename": filename or "upload.jsonl", "purpose": purpose,
                   "status": "processed", "lines": lines}  # fmt: skip
-        for old in self.store.files()[self.max_files - 1 :]:
+        kept = self.store.files()  # newest first
+        in_use = self.in_use()
+        expired = [f for f in reversed(kept) if f["id"] not in in_use][: max(0, len(kept) - (self.max_files - 1))]
+        for old in expired:  # the oldest, but never a file a queued or running job will read
             self.store.delete_file(old["id"])
         self.store.put_file(record, data)
         return record
+
+    def in_use(self) -> dict[str, str]:
+        """file id -> the queued or running job that reads it."""
+        return {job[key]: job["id"] for job in self.store.jobs() if held(self.store, job)
+                for key in ("training_file", "validation_file") if job.get(key)}  # fmt: skip
 
     def get(self, file_id: str) -> dict:
         record = self.store.file(check_file_id(file_id))
@@ -61,7 +70,11 @@ class Files:
         return self.store.files()
 
     def delete(self, file_id: str) -> dict:
-        if not self.store.delete_file(check_file_id(file_id)):
+        job = self.in_use().get(check_file_id(file_id))
+        if job is not None:
+            raise InvalidRequest(f"file {file_id} is read by fine-tuning job {job}, which has not ended: cancel the "
+                                 "job or wait for its end first", "file_id")  # fmt: skip
+        if not self.store.delete_file(file_id):
             raise NotFound(f"no file {file_id!r}")
         return {"id": file_id, "object": "file", "deleted": True}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.artifact import artifact_bytes, read_artifact
-from prompt_store.fine_tuning_store import FineTuningStore
+from prompt_store.fine_tuning_store import ACTIVE, FineTuningStore, held
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
 from ptuning.data import split_dev
 from ptuning.train import Done, EpochEnd, PromptTrainer, TrainConfig
@@ -39,7 +39,6 @@ from server.fine_tuning.job_spec import check_job, job_examples
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")
-ACTIVE = ("validating_files", "queued", "running")
 SERVER_STOPPED = {"code": "server_stopped", "message": "the server running it stopped", "param": None}
 
 
@@ -198,7 +197,7 @@ class Jobs:
                     if out.finished:
                         break
                     if isinstance(out.event, EpochEnd):
-                        await run_in_threadpool(self._epoch, job_id, out.event, job, began)
+                        await run_in_threadpool(self._epoch, job_id, out.event, job, began, len(train))
         finally:
             if run_id is not None:
                 self.inference.router.close(run_id)
@@ -256,18 +255,21 @@ class Jobs:
             return None
         return current.version, current.rows
 
-    def _epoch(self, job_id: str, event: EpochEnd, job: dict, began: float) -> None:
-        m = event.metrics
+    def _epoch(self, job_id: str, event: EpochEnd, job: dict, began: float, examples: int) -> None:
+        """An epoch's event: its figures, training examples per second and, after
+        a trained epoch, the job's estimated finish (also set on the job)."""
+        m = dict(event.metrics)
+        if m["epoch"] >= 1:
+            m["examples_per_s"] = examples / m["seconds"] if m["seconds"] > 0 else 0.0
+            per_epoch = (time.monotonic() - began) / m["epoch"]
+            m["estimated_finish"] = int(time.time() + per_epoch * (job["hyperparameters"]["n_epochs"] - m["epoch"]))
+            current = self.store.job(job_id)
+            current["estimated_finish"] = m["estimated_finish"]
+            self.store.put_job(current)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float))
         note = " (starting prompt)" if m["epoch"] == 0 else (" (best so far)" if event.best else "")
         self._event(job_id, "info", f"epoch {m['epoch']}: {shown}{note}",
                     {k: v for k, v in m.items() if isinstance(v, (int, float))}, "metrics")  # fmt: skip
-        epochs = job["hyperparameters"]["n_epochs"]
-        if m["epoch"] >= 1:
-            current = self.store.job(job_id)
-            per_epoch = (time.monotonic() - began) / m["epoch"]
-            current["estimated_finish"] = int(time.time() + per_epoch * (epochs - m["epoch"]))
-            self.store.put_job(current)
 
     def _store_result(self, job_id: str, finished: tuple) -> None:
         result, current, beats_current = finished
@@ -310,7 +312,7 @@ class Jobs:
 
     def _expired(self, job: dict) -> dict:
         """A job whose lease ran out while active: its server stopped. Marked failed here, on any replica."""
-        if job["status"] in ACTIVE and (self.store.lease(job["id"]) or 0) < time.time():
+        if job["status"] in ACTIVE and not held(self.store, job):
             return self._finish(job, "failed", SERVER_STOPPED)
         return job
 

@@ -61,6 +61,11 @@ def test_the_openai_client_uploads_trains_and_gets_the_new_tasks_answer(live):
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data]
     assert messages[0] == "Stored as version 1 of task 'echo'"  # newest first
     assert [m.split(":")[0] for m in messages if m.startswith("epoch")] == ["epoch 2", "epoch 1", "epoch 0"]
+    figures = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data if e.type == "metrics"]
+    assert [sorted(d) for d in figures] == [  # newest first; each trained epoch: its speed and the job's ETA
+        ["dev_loss", "epoch", "estimated_finish", "examples_per_s", "seconds", "train_loss"]] * 2 + [
+        ["dev_loss", "epoch", "seconds"]]  # fmt: skip
+    assert all(d["examples_per_s"] > 0 and d["estimated_finish"] >= job.created_at for d in figures[:2])
     assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
     stats = httpx.get(f"{live.url}/v1/stats").json()["fine_tuning"]
     assert stats["running"] is None and stats["training_passes"] > 0 and stats["training_seconds"] > 0
@@ -282,3 +287,26 @@ def test_renewing_a_lease_never_rewrites_the_job(kind, tmp_path, redis_url, monk
     before = time.time()
     jobs._renew_leases([job_id])
     assert before + 30 <= store.lease(job_id) <= time.time() + 30
+
+
+def test_old_files_expire_but_never_one_a_job_still_reads(tiny_model_dirs, tmp_path):
+    """PTSERVE_MAX_FILES: the oldest file goes when a new one comes, unless a
+    queued or running job reads it; deleting such a file is refused."""
+    model = str(tiny_model_dirs["llama"])
+    settings = Settings(model=model, store=str(tmp_path), max_files=2)
+    loaded = load_model(model, device="cpu", dtype="float32")
+    with LiveServer(create_app(settings, loaded)) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        ids = lambda: {f.id for f in client.files.list().data}  # noqa: E731
+        read = client.files.create(file=("a.jsonl", GENERATE), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model=loaded.info["name_or_path"], training_file=read, suffix="slow",
+                                             hyperparameters={"n_epochs": 1000})  # fmt: skip
+        second = client.files.create(file=("b.jsonl", GENERATE), purpose="fine-tune").id
+        third = client.files.create(file=("c.jsonl", GENERATE), purpose="fine-tune").id
+        assert ids() == {read, third}  # the second went: the first is the job's
+        r = httpx.delete(f"{server.url}/v1/files/{read}")
+        assert (r.status_code, r.json()["param"]) == (422, "file_id") and job.id in r.json()["detail"]
+        assert read in ids() and second not in ids()
+        client.fine_tuning.jobs.cancel(job.id)
+        finished(client, job.id)
+        assert client.files.delete(read).deleted and ids() == {third}
