@@ -4,14 +4,16 @@ Starts `ptserve serve` on the default model (a real server on a loopback port),
 uploads the example generate tasks (dates, language) and the sentiment
 training file. Then, for each --clients count, runs that many closed-loop
 clients (each streams one generate request after another, --max-new-tokens
-tokens past EOS, over the example tasks) for --seconds, first with no job
-and then while a fine-tuning job trains (the sentiment data, from its manual
-prompt), and reports, side by side: generated tokens/s, time per output token
+tokens past EOS, over the example tasks) for --seconds with no job, then
+(after 3 s in which the job's first passes, run while the server was idle,
+end) for --seconds while a fine-tuning job trains (the sentiment data, from
+its manual prompt); --rounds times, alternating. It reports, side by side,
+over all phases of a kind: generated tokens/s, time per output token
 (p50/p99: (last token - first token) / (tokens - 1) of each answer), and the
 job's progress (training passes per second, and the share of model time they
 took, from /v1/stats).
 
-    python -m bench.fine_tuning_interference                  # 16 and 2 clients, 40 s each
+    python -m bench.fine_tuning_interference                  # 16 and 2 clients, 2 x 30 s each
     python -m bench.fine_tuning_interference --write          # also writes bench/results/
     PTSERVE_TRAIN_SHARE=0.3 python -m bench.fine_tuning_interference --clients 16
 """
@@ -72,6 +74,7 @@ async def client_loop(client: httpx.AsyncClient, work, stop_at: float, n: int, s
 
 
 async def load(url: str, clients: int, seconds: float, n: int) -> dict:
+    """One phase: `clients` closed-loop clients for `seconds`; -> what it measured (see summary)."""
     work = inputs()
     seen: list = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
@@ -81,12 +84,20 @@ async def load(url: str, clients: int, seconds: float, n: int) -> dict:
                                for k in range(clients)))  # fmt: skip
         wall = time.monotonic() - start
         after = (await client.get("/v1/stats")).json()["fine_tuning"]
+    delta = {k: after[k] - before[k] for k in ("training_passes", "training_seconds", "inference_seconds")}
+    return {"seen": seen, "wall": wall, **delta}
+
+
+def summary(phases: list[dict]) -> dict:
+    """Phases of one kind, pooled: tokens/s over their time, TPOT percentiles over all their answers."""
+    seen = [x for p in phases for x in p["seen"]]
+    wall = sum(p["wall"] for p in phases)
     tpot = sorted(t for _, t in seen)
     q = lambda p: statistics.quantiles(tpot, n=100, method="inclusive")[p - 1]  # noqa: E731
-    trained = after["training_seconds"] - before["training_seconds"]
-    inferred = after["inference_seconds"] - before["inference_seconds"]
+    trained = sum(p["training_seconds"] for p in phases)
+    inferred = sum(p["inference_seconds"] for p in phases)
     return {"tokens_per_s": sum(k for k, _ in seen) / wall, "tpot_p50_ms": 1000 * q(50), "tpot_p99_ms": 1000 * q(99),
-            "answers": len(seen), "passes_per_s": (after["training_passes"] - before["training_passes"]) / wall,
+            "answers": len(seen), "passes_per_s": sum(p["training_passes"] for p in phases) / wall,
             "train_share": trained / (trained + inferred) if trained + inferred else 0.0}  # fmt: skip
 
 
@@ -113,7 +124,8 @@ def start_job(url: str, epochs: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[16, 2])
-    ap.add_argument("--seconds", type=float, default=40)
+    ap.add_argument("--seconds", type=float, default=30, help="length of each measured phase")
+    ap.add_argument("--rounds", type=int, default=2, help="phases of each kind per client count, alternating")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model-cache", default=os.environ.get("PTSERVE_MODEL_CACHE", DEFAULT_MODEL_CACHE))
     ap.add_argument("--write", action="store_true")
@@ -125,15 +137,19 @@ def main() -> None:
         try:
             asyncio.run(load(url, 2, 3, args.max_new_tokens))  # warm-up
             for clients in args.clients:
-                alone = asyncio.run(load(url, clients, args.seconds, args.max_new_tokens))
-                job = start_job(url, epochs=1000)
-                shared = asyncio.run(load(url, clients, args.seconds, args.max_new_tokens))
-                httpx.post(f"{url}/v1/fine_tuning/jobs/{job}/cancel").raise_for_status()
-                while httpx.get(f"{url}/v1/fine_tuning/jobs/{job}").json()["status"] != "cancelled":
-                    time.sleep(0.2)
-                rows += [(clients, "no job", alone), (clients, "a job training", shared)]
-                print(f"{clients} clients: {alone['tokens_per_s']:.1f} -> {shared['tokens_per_s']:.1f} tokens/s",
-                      flush=True)  # fmt: skip
+                alone, shared = [], []
+                for _ in range(args.rounds):  # alternating: a drift of the machine's speed hits both kinds alike
+                    alone.append(asyncio.run(load(url, clients, args.seconds, args.max_new_tokens)))
+                    job = start_job(url, epochs=1000)
+                    # the job's first passes ran on an idle server (whole batches): let them end before measuring
+                    asyncio.run(load(url, clients, 3, args.max_new_tokens))
+                    shared.append(asyncio.run(load(url, clients, args.seconds, args.max_new_tokens)))
+                    httpx.post(f"{url}/v1/fine_tuning/jobs/{job}/cancel").raise_for_status()
+                    while httpx.get(f"{url}/v1/fine_tuning/jobs/{job}").json()["status"] != "cancelled":
+                        time.sleep(0.2)
+                rows += [(clients, "no job", summary(alone)), (clients, "a job training", summary(shared))]
+                print(f"{clients} clients: {rows[-2][2]['tokens_per_s']:.1f} -> {rows[-1][2]['tokens_per_s']:.1f} "
+                      "tokens/s", flush=True)  # fmt: skip
         finally:
             proc.terminate()
             proc.wait()
@@ -142,7 +158,8 @@ def main() -> None:
     lines = [
         f"# fine-tuning interference, {date.today()}, {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
         f"default model float32; PTSERVE_TRAIN_SHARE={share}, PTSERVE_TRAIN_MICRO_BATCH_SIZE={micro}; "
-        f"{args.seconds:g} s per phase; streamed generate requests of {args.max_new_tokens} tokens over {TASKS}; "
+        f"{args.rounds} x {args.seconds:g} s per kind of phase, alternating;"
+        f" streamed generate requests of {args.max_new_tokens} tokens over {TASKS}; "
         "the job: the sentiment example",
         "",
         "| clients | phase | tokens/s | TPOT p50 ms | TPOT p99 ms | answers | training passes/s | training share |",
