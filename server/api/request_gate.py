@@ -32,7 +32,7 @@ class RequestGate:
     (POST /v1/files) max_file_bytes and its framing; any other body,
     max_json_bytes."""
 
-    def __init__(self, app, settings: Settings, respond: Callable[[PtserveError], Response]):
+    def __init__(self, app, settings: Settings, respond: Callable[[PtserveError, str], Response]):
         """respond: the app's answer to an error, so that refusals here read like the others."""
         self.app = app
         self.settings = settings
@@ -56,7 +56,7 @@ class RequestGate:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
         except PtserveError as error:
-            response = self.respond(error)
+            response = self.respond(error, route_path(scope))
             response.headers["connection"] = "close"
             return await response(scope, receive, send)
 

@@ -249,7 +249,8 @@ def test_files_and_jobs_need_the_write_token(tiny_model_dirs, tmp_path):
     settings = Settings(model=model, store=str(tmp_path), api_token="w", inference_token="i")
     with LiveServer(create_app(settings, load_model(model, device="cpu", dtype="float32"))) as server:
         for method, path in (("GET", "/v1/files"), ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs")):
-            assert httpx.request(method, server.url + path).status_code == 401
+            refused = httpx.request(method, server.url + path)
+            assert refused.status_code == 401 and refused.json()["error"]["message"] == refused.json()["detail"]
             r = httpx.request(method, server.url + path, headers={"Authorization": "Bearer i"})
             assert r.status_code == 403
         assert httpx.get(server.url + "/v1/files", headers={"Authorization": "Bearer w"}).status_code == 200
