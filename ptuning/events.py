@@ -1,6 +1,6 @@
 """What PromptTrainer.steps yields: a Step after each forward and backward
 pass, a Scored after each pass over part of the dev set, an EpochEnd after each
-epoch's evaluation, and Done with the result."""
+epoch's evaluation, a Note for the user, and Done with the result."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ class EpochEnd:
 
     metrics: dict
     best: bool
+
+
+@dataclass
+class Note:
+    """Something the user should know about the run (ptserve train prints it; a job makes it an event)."""
+
+    message: str
 
 
 @dataclass

@@ -40,7 +40,7 @@ from ptcore.task_prompt import TaskPrompt, check_classify_input, task_prompt
 from .config import TrainConfig  # defined torch-free for the command line; importable from here as before
 from .data import DataError, Example
 from .encoder import PromptEncoder
-from .events import Done, EpochEnd, Scored, Step  # what steps() yields
+from .events import Done, EpochEnd, Note, Scored, Step  # what steps() yields
 from .starting_template import default_template, prompt_from_text
 
 PassSize = Callable[[], int | None] | None  # steps()' pass_size: examples the next forward pass may take
@@ -257,7 +257,7 @@ class PromptTrainer:
         """The training, one forward pass at a time: a Step after each forward and
         backward pass, a Scored after each pass of the dev set's scoring, an
         EpochEnd after each epoch's evaluation (and first for the starting
-        prompt), Done last. Whoever drives it decides when the next pass runs
+        prompt), a Note for what the user should know, Done last. Whoever drives it decides when the next pass runs
         (`fit` runs them back to back, with PyTorch's deterministic kernels on).
 
         `pass_size()`, asked before each pass, is how many examples it may take
@@ -282,8 +282,10 @@ class PromptTrainer:
         yield EpochEnd(start, manual)
         trust_dev = len(dev_items) >= cfg.min_dev_examples
         if not trust_dev:
-            self._say(f"{len(dev_items)} dev examples are fewer than {cfg.min_dev_examples}: too few to pick an epoch; "
-                      f"all {cfg.epochs} epochs run and the last is kept")  # fmt: skip
+            note = (f"{len(dev_items)} dev examples are fewer than {cfg.min_dev_examples}: too few to pick an epoch; "
+                    f"all {cfg.epochs} epochs run and the last is kept")  # fmt: skip
+            self._say(note)
+            yield Note(note)
         for epoch in range(1, cfg.epochs + 1):
             began = time.perf_counter()
             order = torch.randperm(len(train_items), generator=order_gen).tolist()

@@ -30,7 +30,7 @@ from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.fine_tuning_store import ACTIVE, FineTuningStore, held
 from ptcore.errors import Abandoned, InvalidRequest, NotFound, Overloaded
 from ptuning.data import split_dev
-from ptuning.train import Done, EpochEnd, PromptTrainer, TrainConfig
+from ptuning.train import Done, EpochEnd, Note, PromptTrainer, TrainConfig
 from server.engine.outputs import Output
 from server.engine.training import TrainingRun
 from server.fine_tuning.files import Files
@@ -198,6 +198,8 @@ class Jobs:
                         break
                     if isinstance(out.event, EpochEnd):
                         await run_in_threadpool(self._epoch, job_id, out.event, job, began, len(train))
+                    elif isinstance(out.event, Note):
+                        await run_in_threadpool(self._event, job_id, "warn", out.event.message)
         finally:
             if run_id is not None:
                 self.inference.router.close(run_id)

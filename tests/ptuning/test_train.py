@@ -127,7 +127,7 @@ def test_stepping_one_step_at_a_time_is_fit(model_dirs):
              else type(e).__name__ for e in events]  # fmt: skip
     steps = lambda epoch: [("Step", epoch, b, 3, n, n) for b, n in ((1, 16), (2, 16), (3, 8))]  # noqa: E731 (40 in 16s)
     end = ["Scored", "EpochEnd"]  # 16 dev examples: one scoring pass
-    assert shape == [*end, *steps(1), *end, *steps(2), *end, "Done"]
+    assert shape == [*end, "Note", *steps(1), *end, *steps(2), *end, "Done"]  # Note: 16 dev examples are too few
     ends = [e for e in events if isinstance(e, EpochEnd)]
     assert [e.metrics["epoch"] for e in ends] == [0, 1, 2]
     assert isinstance(events[-1], Done) and torch.equal(events[-1].result.artifact.embeddings, fitted.embeddings)

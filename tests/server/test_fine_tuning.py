@@ -127,6 +127,8 @@ def test_a_job_on_a_task_goes_on_from_its_current_version(live):
     assert start == pytest.approx(best, rel=1e-5)  # epoch 0 is version 1
     events = [e.message for e in jobs.list_events(job.id, limit=50).data]
     assert "Going on from version 1 of task 'onward'" in events
+    note = "16 dev examples are fewer than 50: too few to pick an epoch; all 1 epochs run and the last is kept"
+    assert note in events  # the trainer's note, as an event
     summary = httpx.get(f"{live.url}/v1/tasks/onward").json()
     assert (summary["version"], summary["template"], summary["labels"]) == (
         2, "[P:2]{input}[P:1]", {"pos": " good", "neg": " bad"})  # fmt: skip
