@@ -347,4 +347,5 @@ def summarize(task_id: str, version: int, header: dict) -> dict:
         "base_model": meta["base_model"],
         "created_at": meta.get("created_at"),
         "description": meta.get("description"),
+        "metrics": meta.get("metrics"),  # a trained prompt's figures (ptuning/train.py), if any
     }

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from ptcore.errors import (
@@ -27,7 +28,7 @@ from ptcore.model import LoadedModel
 from server.api.errors import BadRequest, Forbidden, Unauthorized
 from server.api.metrics import Metrics, MetricsMiddleware
 from server.api.request_gate import RequestGate
-from server.api.routes import fine_tuning, health, inference, openai, tasks
+from server.api.routes import fine_tuning, health, inference, openai, playground, tasks
 from server.build import build_engine
 from server.preload import preload
 from server.settings import Settings
@@ -90,7 +91,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
         finally:
             engine.stop()
 
-    app = FastAPI(title="ptserve", summary="Many P-tuning soft prompts on one frozen LM", lifespan=lifespan)
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN
+    app = FastAPIOffline(title="ptserve", summary="Many P-tuning soft prompts on one frozen LM", lifespan=lifespan)
 
     @app.exception_handler(PtserveError)
     async def _ptserve_error(request: Request, exc: PtserveError):
@@ -121,4 +123,5 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(fine_tuning.router)
+    app.include_router(playground.router)
     return app

@@ -1,0 +1,269 @@
+// The playground: tasks, and a form that runs one input on two tasks side by side.
+// Every value from the server is written as text (textContent, never innerHTML);
+// the page's Content-Security-Policy allows no inline script and no eval.
+
+const $ = (selector) => document.querySelector(selector);
+const TOKEN_KEY = "ptserve-token";
+let tasks = [];
+
+// -- talking to the server -----------------------------------------------------
+
+class ServerError extends Error {}
+
+function headers(extra = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+}
+
+async function messageOf(response) {
+  try {
+    const body = await response.json();
+    const detail = body.error?.message ?? body.detail;
+    return typeof detail === "string" ? detail : JSON.stringify(detail);
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+// fetch, with the token if one is kept; a 401 or 403 asks for a token and tries once more
+async function api(path, options = {}, retried = false) {
+  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  if ((response.status === 401 || response.status === 403) && !retried) {
+    if (await askToken(await messageOf(response))) return api(path, options, true);
+  }
+  if (!response.ok) throw new ServerError(await messageOf(response));
+  return response;
+}
+
+function askToken(why) {
+  const dialog = $("#token-dialog");
+  $("#token-why").textContent = why;
+  $("#token-input").value = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      const token = $("#token-input").value.trim();
+      if (dialog.returnValue === "ok" && token) {
+        sessionStorage.setItem(TOKEN_KEY, token);
+        resolve(true);
+      } else {
+        resolve(false);
+      }
+    }, { once: true });
+    dialog.showModal();
+  });
+}
+
+function showError(error) {
+  const box = $("#error");
+  box.textContent = error instanceof ServerError ? error.message : `Error: ${error.message ?? error}`;
+  box.hidden = false;
+}
+
+function clearError() {
+  $("#error").hidden = true;
+}
+
+// -- tasks ---------------------------------------------------------------------
+
+function element(tag, text, attributes = {}) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+
+async function loadTasks() {
+  tasks = await (await api("/v1/tasks")).json();
+  const list = $("#tasks");
+  list.replaceChildren(...tasks.map((task) => {
+    const button = element("button", task.task_id, { type: "button", "data-task": task.task_id });
+    button.addEventListener("click", () => showTask(task));
+    const item = element("li");
+    item.append(button, element("span", ` ${task.task_type}, version ${task.version}`, { class: "muted" }));
+    return item;
+  }));
+  $("#tasks-empty").hidden = tasks.length > 0;
+  for (const select of document.querySelectorAll("select[name=task]")) {
+    const keep = select.value;
+    const blank = [...select.options].filter((option) => option.value === "");
+    select.replaceChildren(...blank, ...tasks.map((task) => element("option", task.task_id, { value: task.task_id })));
+    if ([...select.options].some((option) => option.value === keep)) select.value = keep;
+  }
+  buildFields();
+}
+
+function taskNamed(id) {
+  return tasks.find((task) => task.task_id === id);
+}
+
+function showTask(task) {
+  $("#task-detail").hidden = false;
+  $("#detail-title").textContent = task.task_id;
+  const rows = [
+    ["Type", task.task_type],
+    ["Version", task.version],
+    ["Template", task.template],
+    ["Virtual tokens", task.num_virtual_tokens],
+    ["Base model", task.base_model?.name_or_path ?? ""],
+  ];
+  if (task.labels) {
+    rows.push(["Labels", Object.entries(task.labels).map(([label, word]) => `${label} → ${JSON.stringify(word)}`).join("; ")]);
+  }
+  if (task.description) rows.push(["Description", task.description]);
+  const m = task.metrics;
+  if (m) {
+    const key = "dev_accuracy" in m ? "dev_accuracy" : "dev_loss";
+    rows.push([`Dev ${key.slice(4)}`, `${fmt(m[`start_${key}`])} at the start → ${fmt(m[key])} (epoch ${m.best_epoch} of ${m.epochs_run})`]);
+    rows.push(["Data", `${m.train_examples} training and ${m.dev_examples} dev examples`]);
+  }
+  $("#detail-fields").replaceChildren(...rows.flatMap(([name, value]) => [element("dt", name), element("dd", value)]));
+  $("#delete-task").dataset.task = task.task_id;
+}
+
+function fmt(value) {
+  return typeof value === "number" ? value.toFixed(3) : String(value ?? "?");
+}
+
+async function deleteTask() {
+  const id = $("#delete-task").dataset.task;
+  if (!id || !window.confirm(`Delete task ${id} and its stored prompt?`)) return;
+  try {
+    await api(`/v1/tasks/${encodeURIComponent(id)}`, { method: "DELETE" });
+    $("#task-detail").hidden = true;
+    await loadTasks();
+  } catch (error) {
+    showError(error);
+  }
+}
+
+// -- trying ----------------------------------------------------------------------
+
+// a template's fields, in order: {name} holes ({{ and }} are literal braces)
+function templateFields(template) {
+  const plain = template.replaceAll("{{", "").replaceAll("}}", "");
+  return [...new Set([...plain.matchAll(/\{([A-Za-z0-9_]+)\}/g)].map((match) => match[1]))];
+}
+
+function buildFields() {
+  const chosen = [...document.querySelectorAll("select[name=task]")].map((s) => taskNamed(s.value)).filter(Boolean);
+  const names = [...new Set(chosen.flatMap((task) => templateFields(task.template)))];
+  const box = $("#fields");
+  const before = Object.fromEntries([...box.querySelectorAll("textarea")].map((area) => [area.name, area.value]));
+  box.replaceChildren(...names.map((name) => {
+    const label = element("label", name);
+    const area = element("textarea", null, { name, rows: "2", required: "" });
+    area.value = before[name] ?? "";
+    label.append(area);
+    return label;
+  }));
+}
+
+function sampling(form) {
+  const out = {};
+  for (const name of ["max_new_tokens", "top_k", "seed"]) {
+    if (form[name].value !== "") out[name] = Number.parseInt(form[name].value, 10);
+  }
+  for (const name of ["temperature", "top_p"]) {
+    if (form[name].value !== "") out[name] = Number.parseFloat(form[name].value);
+  }
+  const stop = form.stop.value.split("\n").filter((line) => line !== "");
+  if (stop.length) out.stop = stop;
+  return out;
+}
+
+async function run(event) {
+  event.preventDefault();
+  clearError();
+  const form = event.target;
+  const inputs = Object.fromEntries([...$("#fields").querySelectorAll("textarea")].map((a) => [a.name, a.value]));
+  const sides = [...document.querySelectorAll("fieldset.side")].map((side) => ({
+    task: taskNamed(side.querySelector("select").value),
+    out: $(`#answer-${side.dataset.side}`),
+  }));
+  $("#run").disabled = true;
+  try {
+    await Promise.all(sides.map(({ task, out }) => task ? answer(task, inputs, sampling(form), out) : out.replaceChildren()));
+  } finally {
+    $("#run").disabled = false;
+  }
+}
+
+async function answer(task, allInputs, params, out) {
+  const fields = Object.fromEntries(templateFields(task.template).map((name) => [name, allInputs[name] ?? ""]));
+  out.replaceChildren(element("h3", `${task.task_id} (version ${task.version})`));
+  out.classList.add("busy");
+  try {
+    if (task.task_type === "classify") {
+      await classify(task, fields, out);
+    } else {
+      await generate(task, fields, params, out);
+    }
+  } catch (error) {
+    out.append(element("p", error instanceof ServerError ? error.message : `Error: ${error.message}`, { class: "failed" }));
+  } finally {
+    out.classList.remove("busy");
+  }
+}
+
+async function classify(task, fields, out) {
+  const response = await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/classify`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ inputs: fields }),
+  });
+  const result = await response.json();
+  out.append(element("p", `label: ${result.label}`, { class: "label" }));
+  const bars = element("ul", null, { class: "bars" });
+  for (const [label, p] of Object.entries(result.scores).sort((x, y) => y[1] - x[1])) {
+    const bar = element("span", null, { class: "bar" });
+    bar.style.width = `${(100 * p).toFixed(1)}%`;
+    const item = element("li", null, { "data-label": label, "data-score": String(p) });
+    item.append(element("span", label, { class: "name" }), bar, element("span", p.toFixed(4), { class: "value" }));
+    bars.append(item);
+  }
+  out.append(bars);
+}
+
+async function generate(task, fields, params, out) {
+  const response = await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/generate`, {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ inputs: fields, ...params, stream: true }),
+  });
+  const text = element("p", "", { class: "text" });
+  const status = element("p", "generating…", { class: "muted status" });
+  out.append(text, status);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    const events = buffer.split("\n\n");
+    buffer = events.pop();
+    for (const line of events) {
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const event = JSON.parse(line.slice(6));
+      if (event.error) throw new ServerError(event.error);
+      text.textContent += event.text;
+      if (event.done) status.textContent = `${event.token_ids.length} tokens, ${event.finish_reason}`;
+    }
+  }
+}
+
+// -- the page ------------------------------------------------------------------
+
+async function showModel() {
+  try {
+    const models = await (await api("/v1/models")).json();
+    const base = models.data.find((model) => model.ptserve_base_model);
+    if (base) $("#model").textContent = `model: ${base.id}`;
+  } catch (error) {
+    showError(error);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#try-form").addEventListener("submit", run);
+  for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", buildFields);
+  $("#delete-task").addEventListener("click", deleteTask);
+  loadTasks().catch(showError);
+  showModel();
+});

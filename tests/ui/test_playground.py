@@ -1,0 +1,164 @@
+"""The playground (GET /) in a real browser: Debian's chromium driven by
+Playwright, against a real server on loopback with a tiny model.
+
+Needs the `chromium` executable (Debian: `apt-get install chromium`), or its
+path in PTSERVE_CHROMIUM; Playwright downloads no browser."""
+
+import json
+import os
+import shutil
+
+import httpx
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from prompt_store.artifact import artifact_bytes
+from server.api.routes.playground import CSP
+from tests.helpers import live_server, random_prompt
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "</script><script>alert(1)</script>", "javascript:alert(1)"]
+LABELS = {"pos": " good", "neg": " bad"}
+
+
+def chromium_path() -> str:
+    path = os.environ.get("PTSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("tests/ui need Chromium: apt-get install chromium (or set PTSERVE_CHROMIUM to its path)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start
+        b = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def put(server, task_id, artifact):
+    r = httpx.put(f"{server.url}/v1/tasks/{task_id}", content=artifact_bytes(artifact))
+    assert r.status_code == 201, r.text
+
+
+@pytest.fixture(scope="module")
+def live(gpt2, tmp_path_factory):
+    with live_server(gpt2, str(tmp_path_factory.mktemp("store"))) as server:
+        put(server, "gen", random_prompt(gpt2, "[P:2]{input}", seed=1))
+        put(server, "cls", random_prompt(gpt2, "[P:2]{input}[P:1] It was", "classify", LABELS, seed=2))
+        hostile = random_prompt(gpt2, f"[P:1]{HOSTILE[0]} {{input}} {HOSTILE[1]} {HOSTILE[2]}[P:1]", "classify",
+                                {h: f" {h}" for h in HOSTILE}, seed=3, description=" ".join(HOSTILE))  # fmt: skip
+        put(server, "hostile", hostile)
+        yield server
+
+
+@pytest.fixture
+def page(browser, live):
+    """A fresh page on the playground; every console error and uncaught error is kept in page.problems."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.problems = []
+    page.on("console", lambda m: page.problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.dialogs = []
+    page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+    page.goto(live.url + "/")
+    expect(page.locator("#tasks li")).to_have_count(3)
+    yield page
+    context.close()
+
+
+def run(page, a, b="", **fields):
+    page.select_option("fieldset[data-side=a] select", a)
+    page.select_option("fieldset[data-side=b] select", b)
+    for name, value in fields.items():
+        page.fill(f"#fields textarea[name={name}]", value)
+    page.click("#run")
+    expect(page.locator("#run")).to_be_enabled()
+
+
+def test_the_page_loads_with_a_strict_csp_and_no_console_errors(live, page):
+    r = httpx.get(live.url + "/")
+    assert r.headers["content-security-policy"] == CSP
+    assert "default-src 'self'" in CSP and "unsafe-inline" not in CSP and "unsafe-eval" not in CSP
+    assert httpx.get(live.url + "/ui/app.js").headers["content-security-policy"] == CSP
+    assert httpx.get(live.url + "/ui/../settings.py").status_code == 404
+    expect(page.locator("#tasks li button")).to_have_text(["cls", "gen", "hostile"])
+    expect(page.locator("#model")).to_have_text("model: " + live.app.state.engine.jobs.base_model)
+    assert page.problems == []
+
+
+def test_a_streamed_answer_grows_and_ends_as_the_rest_answer(live, page):
+    page.evaluate("""() => { window.changes = 0;
+        new MutationObserver(() => window.changes++).observe(document.querySelector('#answer-a'),
+            {subtree: true, characterData: true, childList: true}); }""")
+    page.click("#sampling summary")  # the sampling controls fold out
+    page.fill("#sampling input[name=max_new_tokens]", "24")
+    run(page, "gen", input="json parse")
+    expect(page.locator("#answer-a .status")).to_contain_text("24 tokens")
+    rest = httpx.post(f"{live.url}/v1/tasks/gen/generate", json={"input": "json parse", "max_new_tokens": 24}).json()
+    assert page.locator("#answer-a .text").text_content() == rest["text"]
+    assert page.evaluate("window.changes") >= 3  # the heading, then text in more than one piece
+    assert page.problems == []
+
+
+def test_classify_bars_show_the_rest_scores_and_two_tasks_answer_side_by_side(live, page):
+    run(page, "cls", "gen", input="a sunny day")
+    expect(page.locator("#answer-a .bars li")).to_have_count(2)
+    rest = httpx.post(f"{live.url}/v1/tasks/cls/classify", json={"input": "a sunny day"}).json()
+    shown = {li.get_attribute("data-label"): float(li.get_attribute("data-score"))
+             for li in page.locator("#answer-a .bars li").all()}  # fmt: skip
+    assert shown == pytest.approx(rest["scores"], rel=1e-9)  # the same request: the same probabilities
+    expect(page.locator("#answer-a .label")).to_have_text(f"label: {rest['label']}")
+    expect(page.locator("#answer-b h3")).to_have_text("gen (version 1)")
+    expect(page.locator("#answer-b .status")).to_contain_text("tokens")
+
+
+def test_hostile_strings_from_the_server_show_as_text_and_run_nothing(live, page):
+    page.click("#tasks button[data-task=hostile]")
+    detail = page.locator("#task-detail").text_content()
+    for text in HOSTILE:
+        assert text in detail
+    run(page, "hostile", input="hello")
+    expect(page.locator("#answer-a .bars li")).to_have_count(3)
+    assert sorted(li.get_attribute("data-label") for li in page.locator("#answer-a .bars li").all()) == sorted(HOSTILE)
+    assert page.locator("#answer-a .bars .name").all_text_contents() != []
+    assert page.locator("img").count() == 0 and page.locator("script").count() == 1  # the page's own module
+    assert page.dialogs == [] and page.problems == []
+
+
+def test_a_401_asks_for_the_token_and_then_succeeds(browser, gpt2, tmp_path):
+    with live_server(gpt2, str(tmp_path), inference_token="secret-i", api_token="secret-w") as server:
+        put_headers = {"Authorization": "Bearer secret-w"}
+        body = artifact_bytes(random_prompt(gpt2, "[P:2]{input}", seed=1))
+        assert httpx.put(f"{server.url}/v1/tasks/gen", content=body, headers=put_headers).status_code == 201
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.locator("#token-dialog")).to_be_visible()  # GET /v1/models answered 401
+        page.fill("#token-input", "secret-i")
+        page.click("#token-form button[value=ok]")
+        expect(page.locator("#model")).to_contain_text("model: ")
+        run(page, "gen", input="json parse")
+        expect(page.locator("#answer-a .status")).to_contain_text("tokens")
+        assert page.evaluate("sessionStorage.getItem('ptserve-token')") == "secret-i"
+        context.close()
+
+
+def test_docs_render_with_no_request_off_the_host(live, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    elsewhere = []
+
+    def only_here(route):
+        if route.request.url.startswith(live.url):
+            return route.continue_()
+        elsewhere.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_here)
+    page.goto(live.url + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("ptserve")
+    assert elsewhere == []
+    context.close()
+    assert json.loads(httpx.get(live.url + "/openapi.json").text)["info"]["title"] == "ptserve"
