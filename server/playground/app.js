@@ -243,7 +243,10 @@ async function generate(task, fields, params, out) {
       const event = JSON.parse(line.slice(6));
       if (event.error) throw new ServerError(event.error);
       text.textContent += event.text;
-      if (event.done) status.textContent = `${event.token_ids.length} tokens, ${event.finish_reason}`;
+      if (event.done) {
+        const n = event.token_ids.length;
+        status.textContent = `${n} ${n === 1 ? "token" : "tokens"}, ${event.finish_reason}`;
+      }
     }
   }
 }

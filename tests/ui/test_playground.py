@@ -111,7 +111,7 @@ def test_classify_bars_show_the_rest_scores_and_two_tasks_answer_side_by_side(li
     assert shown == pytest.approx(rest["scores"], rel=1e-9)  # the same request: the same probabilities
     expect(page.locator("#answer-a .label")).to_have_text(f"label: {rest['label']}")
     expect(page.locator("#answer-b h3")).to_have_text("gen (version 1)")
-    expect(page.locator("#answer-b .status")).to_contain_text("tokens")
+    expect(page.locator("#answer-b .status")).to_contain_text("token")
 
 
 def test_hostile_strings_from_the_server_show_as_text_and_run_nothing(live, page):
@@ -140,7 +140,7 @@ def test_a_401_asks_for_the_token_and_then_succeeds(browser, gpt2, tmp_path):
         page.click("#token-form button[value=ok]")
         expect(page.locator("#model")).to_contain_text("model: ")
         run(page, "gen", input="json parse")
-        expect(page.locator("#answer-a .status")).to_contain_text("tokens")
+        expect(page.locator("#answer-a .status")).to_contain_text("token")
         assert page.evaluate("sessionStorage.getItem('ptserve-token')") == "secret-i"
         context.close()
 
@@ -162,3 +162,51 @@ def test_docs_render_with_no_request_off_the_host(live, browser):
     assert elsewhere == []
     context.close()
     assert json.loads(httpx.get(live.url + "/openapi.json").text)["info"]["title"] == "ptserve"
+
+
+def test_screenshots_of_the_default_model_at_desktop_and_phone_width(browser, smollm2, default_model_dir, tmp_path):
+    """The README's server (the default model, the example tasks), with the
+    P-tuned `language` task beside its hand-written prompt uploaded as a task
+    (the manual words as pseudo tokens at their own embeddings: epoch 0 of
+    `--from-prompt`). The pictures go to PTSERVE_SCREENSHOTS when it is set
+    (docs/screenshots/ is made that way), else to a temporary folder."""
+    from ptuning.train import PromptTrainer, TrainConfig
+    from server.api.app import create_app
+    from server.settings import Settings
+    from tests.helpers import LiveServer
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "prompts")
+    settings = Settings(model=default_model_dir, store=str(tmp_path / "store"), preload=examples)
+    manual = PromptTrainer(smollm2, TrainConfig(task_type="generate", from_prompt="The official language of {input} is",
+                                                progress=False))  # fmt: skip
+    artifact = make_manual_artifact(manual, smollm2)
+    out = os.environ.get("PTSERVE_SCREENSHOTS") or str(tmp_path / "shots")
+    os.makedirs(out, exist_ok=True)
+    with LiveServer(create_app(settings, smollm2)) as server:
+        put(server, "language-handwritten", artifact)
+        for name, size in (("desktop", {"width": 1280, "height": 900}), ("phone", {"width": 390, "height": 844})):
+            context = browser.new_context(viewport=size)
+            page = context.new_page()
+            page.goto(server.url + "/")
+            expect(page.locator("#tasks li")).to_have_count(4)
+            page.click("#tasks button[data-task=language]")
+            page.click("#sampling summary")
+            page.fill("#sampling input[name=max_new_tokens]", "4")
+            run(page, "language", "language-handwritten", input="Brazil")
+            expect(page.locator("#answer-a .status")).to_contain_text("token")
+            expect(page.locator("#answer-b .status")).to_contain_text("token")
+            path = os.path.join(out, f"playground-{name}.png")
+            page.screenshot(path=path, full_page=True)
+            with open(path, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+            context.close()
+
+
+def make_manual_artifact(trainer, loaded):
+    """A hand-written prompt as a task: the trainer's starting table (from_prompt), untrained."""
+    from prompt_store.artifact import make_artifact
+
+    rows = trainer._rows().detach().float()
+    about = "the hand-written prompt 'The official language of {input} is', as a task"
+    return make_artifact(rows, template=trainer.template_source, task_type="generate", base_model=loaded.info,
+                         description=about)  # fmt: skip
