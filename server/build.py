@@ -7,6 +7,7 @@ prefix cache).
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from dataclasses import dataclass
 
@@ -75,7 +76,20 @@ class Engine:
             "prefix_cache": backend.prefixes.stats() if slots else None,
             "queue_depth": self.scheduler.queue_depth(),
             "fine_tuning": self.jobs.stats(),
+            "server": {"model": self.loaded.info["name_or_path"], "family": self.loaded.family,
+                       "device": str(self.loaded.device), "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                       "version": VERSION},  # fmt: skip
         }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ptserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+VERSION = _version()
 
 
 def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engine:

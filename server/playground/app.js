@@ -251,6 +251,113 @@ async function generate(task, fields, params, out) {
   }
 }
 
+// -- uploading -------------------------------------------------------------------
+
+async function upload(event) {
+  event.preventDefault();
+  const form = event.target;
+  const id = form.task.value.trim();
+  const files = [...form.files.files];
+  const result = $("#upload-result");
+  result.className = "";
+  result.textContent = "uploading…";
+  try {
+    const config = files.find((file) => file.name.endsWith(".json"));
+    let response;
+    if (config) { // a PEFT adapter: its config and its weights, as multipart
+      const weights = files.find((file) => file.name.endsWith(".safetensors"));
+      if (!weights || files.length !== 2) throw new Error("a PEFT adapter is two files: adapter_config.json and adapter_model.safetensors");
+      const body = new FormData();
+      body.append("adapter_config", config);
+      body.append("adapter_model", weights);
+      response = await api(`/v1/tasks/${encodeURIComponent(id)}/peft`, { method: "PUT", body });
+    } else {
+      if (files.length !== 1) throw new Error("choose one .safetensors artifact, or a PEFT adapter's two files");
+      response = await api(`/v1/tasks/${encodeURIComponent(id)}`, {
+        method: "PUT", headers: { "Content-Type": "application/octet-stream" }, body: files[0],
+      });
+    }
+    const summary = await response.json();
+    result.textContent = `Stored as version ${summary.version} of task ${summary.task_id}.`;
+    await loadTasks();
+  } catch (error) {
+    result.className = "failed";
+    result.textContent = error instanceof ServerError ? `Refused: ${error.message}` : `Error: ${error.message}`;
+  }
+}
+
+// -- the server's load, the last five minutes -------------------------------------
+
+const POLL_MS = 2000;
+const POINTS = 150;
+const series = {
+  "tokens/s": [], "running rows": [], "queue": [], "prompt-cache hits %": [], "prefix-cache hits %": [],
+};
+let last = null;
+
+function rate(now, before) {
+  const hits = (now?.hits ?? 0) - (before?.hits ?? 0);
+  const misses = (now?.misses ?? 0) - (before?.misses ?? 0);
+  return hits + misses > 0 ? (100 * hits) / (hits + misses) : null;
+}
+
+async function poll() {
+  if (document.hidden) return;
+  let stats;
+  try {
+    stats = await (await api("/v1/stats")).json();
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  const now = performance.now();
+  const tokens = Object.values(stats.batches.generated_tokens ?? {}).reduce((a, b) => a + b, 0);
+  if (last) {
+    const seconds = (now - last.at) / 1000;
+    push("tokens/s", (tokens - last.tokens) / seconds);
+    push("running rows", stats.running ?? 0);
+    push("queue", stats.queue_depth);
+    push("prompt-cache hits %", rate(stats.prompt_cache, last.stats.prompt_cache));
+    push("prefix-cache hits %", rate(stats.prefix_cache, last.stats.prefix_cache));
+  }
+  last = { at: now, tokens, stats };
+  const info = stats.server ?? {};
+  const rows = [["Model", info.model], ["Device", info.device], ["Precision", info.dtype], ["Engine", stats.engine],
+    ["Version", info.version], ["Fine-tuning", stats.fine_tuning?.running ?? `idle (${stats.fine_tuning?.queued ?? 0} queued)`]];
+  $("#server-info").replaceChildren(...rows.flatMap(([name, value]) => [element("dt", name), element("dd", value ?? "")]));
+  drawCharts();
+}
+
+function push(name, value) {
+  const points = series[name];
+  points.push(value);
+  if (points.length > POINTS) points.shift();
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function drawCharts() {
+  $("#charts").replaceChildren(...Object.entries(series).map(([name, points]) => {
+    const known = points.filter((p) => p !== null);
+    const top = Math.max(1, ...known);
+    const figure = element("figure", null, { class: "chart" });
+    const current = known.length ? known[known.length - 1] : null;
+    figure.append(element("figcaption", `${name}: ${current === null ? "–" : current.toFixed(1)} (max ${top.toFixed(1)})`));
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("viewBox", `0 0 ${POINTS} 40`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", name);
+    const line = document.createElementNS(SVG, "polyline");
+    const offset = POINTS - points.length;
+    line.setAttribute("points", points.map((p, i) => p === null ? null : `${offset + i},${(40 - (38 * p) / top).toFixed(2)}`)
+      .filter(Boolean).join(" "));
+    svg.append(line);
+    figure.append(svg);
+    return figure;
+  }));
+}
+
 // -- the page ------------------------------------------------------------------
 
 async function showModel() {
@@ -267,6 +374,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#try-form").addEventListener("submit", run);
   for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", buildFields);
   $("#delete-task").addEventListener("click", deleteTask);
+  $("#upload-form").addEventListener("submit", upload);
   loadTasks().catch(showError);
   showModel();
+  poll();
+  setInterval(poll, POLL_MS);
 });

@@ -6,6 +6,7 @@ path in PTSERVE_CHROMIUM; Playwright downloads no browser."""
 
 import json
 import os
+import re
 import shutil
 
 import httpx
@@ -14,7 +15,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from prompt_store.artifact import artifact_bytes
 from server.api.routes.playground import CSP
-from tests.helpers import live_server, random_prompt
+from tests.helpers import live_server, make_adapter, random_prompt
 
 HOSTILE = ["<img src=x onerror=alert(1)>", "</script><script>alert(1)</script>", "javascript:alert(1)"]
 LABELS = {"pos": " good", "neg": " bad"}
@@ -127,6 +128,41 @@ def test_hostile_strings_from_the_server_show_as_text_and_run_nothing(live, page
     assert page.dialogs == [] and page.problems == []
 
 
+def test_uploads_appear_in_the_list_and_a_bad_one_shows_the_servers_words(live, page, gpt2, gpt2_dir, tmp_path):
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(artifact_bytes(random_prompt(gpt2, "[P:3]{input}", seed=7)))
+    page.fill("#upload-form input[name=task]", "uploaded")
+    page.set_input_files("#upload-form input[type=file]", str(good))
+    page.click("#upload-form button")
+    expect(page.locator("#upload-result")).to_have_text("Stored as version 1 of task uploaded.")
+    expect(page.locator("#tasks button[data-task=uploaded]")).to_have_count(1)
+    make_adapter(gpt2_dir, "PROMPT_TUNING", tmp_path / "peft")
+    page.fill("#upload-form input[name=task]", "from-peft")
+    page.set_input_files("#upload-form input[type=file]", [str(tmp_path / "peft" / name) for name in (
+        "adapter_config.json", "adapter_model.safetensors")])  # fmt: skip
+    page.click("#upload-form button")
+    expect(page.locator("#upload-result")).to_have_text("Stored as version 1 of task from-peft.")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    said = httpx.put(f"{live.url}/v1/tasks/broken", content=bad.read_bytes()).json()["detail"]
+    page.set_input_files("#upload-form input[type=file]", str(bad))
+    page.fill("#upload-form input[name=task]", "broken")
+    page.click("#upload-form button")
+    expect(page.locator("#upload-result")).to_have_text(f"Refused: {said}")
+    expect(page.locator("#tasks button[data-task=broken]")).to_have_count(0)
+    for task in ("uploaded", "from-peft"):  # the module's other tests count three tasks
+        assert httpx.delete(f"{live.url}/v1/tasks/{task}").status_code == 204
+
+
+def test_the_server_panel_shows_the_model_and_the_load(live, page):
+    expect(page.locator("#server-info")).to_contain_text("float32")
+    expect(page.locator("#server-info")).to_contain_text(live.app.state.engine.loaded.info["name_or_path"])
+    run(page, "gen", input="json parse")
+    caption = page.locator("#charts figcaption").first
+    expect(caption).to_have_text(re.compile(r"tokens/s: \d+\.\d"), timeout=30_000)  # polled every 2 s
+    assert page.locator("#charts polyline").count() == 5 and page.problems == []
+
+
 def test_a_401_asks_for_the_token_and_then_succeeds(browser, gpt2, tmp_path):
     with live_server(gpt2, str(tmp_path), inference_token="secret-i", api_token="secret-w") as server:
         put_headers = {"Authorization": "Bearer secret-w"}
@@ -195,6 +231,7 @@ def test_screenshots_of_the_default_model_at_desktop_and_phone_width(browser, sm
             run(page, "language", "language-handwritten", input="Brazil")
             expect(page.locator("#answer-a .status")).to_contain_text("token")
             expect(page.locator("#answer-b .status")).to_contain_text("token")
+            expect(page.locator("#charts figcaption").first).to_have_text(re.compile(r"tokens/s: \d"), timeout=30_000)
             path = os.path.join(out, f"playground-{name}.png")
             page.screenshot(path=path, full_page=True)
             with open(path, "rb") as f:
