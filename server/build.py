@@ -76,9 +76,13 @@ class Engine:
             "prefix_cache": backend.prefixes.stats() if slots else None,
             "queue_depth": self.scheduler.queue_depth(),
             "fine_tuning": self.jobs.stats(),
-            "server": {"model": self.loaded.info["name_or_path"], "family": self.loaded.family,
-                       "device": str(self.loaded.device), "dtype": str(self.loaded.dtype).removeprefix("torch."),
-                       "version": VERSION},  # fmt: skip
+            "server": {
+                "model": self.loaded.info["name_or_path"],
+                "family": self.loaded.family,
+                "device": str(self.loaded.device),
+                "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "version": VERSION,
+            },  # fmt: skip
         }
 
 
