@@ -35,13 +35,17 @@ async function api(path, options = {}, retried = false) {
   return response;
 }
 
+let asking = null; // the open token dialog's answer: requests refused meanwhile wait for the same one
+
 function askToken(why) {
+  if (asking) return asking;
   const dialog = $("#token-dialog");
   $("#token-why").textContent = why;
   $("#token-input").value = "";
-  return new Promise((resolve) => {
+  asking = new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       const token = $("#token-input").value.trim();
+      asking = null;
       if (dialog.returnValue === "ok" && token) {
         sessionStorage.setItem(TOKEN_KEY, token);
         resolve(true);
@@ -51,6 +55,7 @@ function askToken(why) {
     }, { once: true });
     dialog.showModal();
   });
+  return asking;
 }
 
 function showError(error) {
@@ -286,6 +291,117 @@ async function upload(event) {
   }
 }
 
+// -- training on the server --------------------------------------------------------
+
+let job = null; // the job this page started and follows
+
+async function uploadFile(file) {
+  const body = new FormData();
+  body.append("purpose", "fine-tune");
+  body.append("file", file);
+  return (await (await api("/v1/files", { method: "POST", body })).json()).id;
+}
+
+async function startTraining(event) {
+  event.preventDefault();
+  const form = event.target;
+  const status = $("#train-status");
+  status.className = "";
+  try {
+    let labels = null;
+    if (form.labels.value.trim()) {
+      try {
+        labels = JSON.parse(form.labels.value);
+      } catch {
+        throw new Error("the labels are not JSON: write an object of label → verbalizer");
+      }
+    }
+    status.textContent = "uploading the examples…";
+    const models = await (await api("/v1/models")).json();
+    const body = {
+      model: models.data.find((model) => model.ptserve_base_model).id,
+      suffix: form.task.value.trim(),
+      training_file: await uploadFile(form.train.files[0]),
+      hyperparameters: { n_epochs: Number.parseInt(form.epochs.value, 10), learning_rate_multiplier: Number.parseFloat(form.lr.value) },
+    };
+    if (form.dev.files.length) body.validation_file = await uploadFile(form.dev.files[0]);
+    if (labels) body.labels = labels;
+    else body.task_type = "generate";
+    if (form.from_prompt.value.trim()) body.from_prompt = form.from_prompt.value;
+    job = await (await api("/v1/fine_tuning/jobs", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    })).json();
+    $("#train-start").disabled = true;
+    $("#train-cancel").hidden = false;
+    followJob();
+  } catch (error) {
+    status.className = "failed";
+    status.textContent = error instanceof ServerError ? `Refused: ${error.message}` : `Error: ${error.message}`;
+  }
+}
+
+async function followJob() {
+  if (!job) return;
+  try {
+    job = await (await api(`/v1/fine_tuning/jobs/${job.id}`)).json();
+    const events = (await (await api(`/v1/fine_tuning/jobs/${job.id}/events?limit=100`)).json()).data;
+    $("#train-events").replaceChildren(...events.map((e) => element("li", e.message, { class: e.level })));
+    drawTraining(events.filter((e) => e.type === "metrics").map((e) => e.data).reverse());
+    const status = $("#train-status");
+    status.className = job.status === "failed" ? "failed" : "";
+    status.textContent = `job ${job.id}: ${job.status}` + (job.fine_tuned_model ? `, stored as task ${job.fine_tuned_model}` : "")
+      + (job.status === "succeeded" && !job.fine_tuned_model ? ", nothing stored (see the last event)" : "")
+      + (job.error ? `: ${job.error.message}` : "");
+    if (["succeeded", "failed", "cancelled"].includes(job.status)) {
+      $("#train-start").disabled = false;
+      $("#train-cancel").hidden = true;
+      job = null;
+      await loadTasks();
+      return;
+    }
+  } catch (error) {
+    showError(error);
+  }
+  setTimeout(followJob, POLL_MS);
+}
+
+async function cancelJob() {
+  if (!job) return;
+  try {
+    await api(`/v1/fine_tuning/jobs/${job.id}/cancel`, { method: "POST" });
+  } catch (error) {
+    showError(error);
+  }
+}
+
+// per epoch: train loss and dev loss as lines, dev accuracy (classify) in the caption
+function drawTraining(epochs) {
+  const figure = $("#train-chart");
+  figure.hidden = epochs.length === 0;
+  if (!epochs.length) return;
+  const top = Math.max(...epochs.flatMap((m) => [m.train_loss ?? 0, m.dev_loss ?? 0]), 1e-9);
+  const width = Math.max(1, epochs[epochs.length - 1].epoch);
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} 40`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", "train loss and dev loss per epoch");
+  for (const [key, css] of [["train_loss", "train"], ["dev_loss", "dev"]]) {
+    const line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("class", css);
+    line.setAttribute("data-points", String(epochs.filter((m) => m[key] != null).length));
+    line.setAttribute("points", epochs.filter((m) => m[key] != null)
+      .map((m) => `${m.epoch},${(40 - (38 * m[key]) / top).toFixed(2)}`).join(" "));
+    svg.append(line);
+  }
+  const lastEpoch = epochs[epochs.length - 1];
+  const accuracy = "dev_accuracy" in lastEpoch ? `, dev accuracy ${lastEpoch.dev_accuracy.toFixed(3)}` : "";
+  $("#train-caption").textContent = `epoch ${lastEpoch.epoch}: train loss ${fmt(lastEpoch.train_loss)} (blue), `
+    + `dev loss ${fmt(lastEpoch.dev_loss)} (orange)${accuracy}`;
+  figure.querySelector("svg")?.remove();
+  figure.append(svg);
+}
+
 // -- the server's load, the last five minutes -------------------------------------
 
 const POLL_MS = 2000;
@@ -353,6 +469,13 @@ function drawCharts() {
     line.setAttribute("points", points.map((p, i) => p === null ? null : `${offset + i},${(40 - (38 * p) / top).toFixed(2)}`)
       .filter(Boolean).join(" "));
     svg.append(line);
+    if (current !== null) { // the latest point, so that one point shows too
+      const dot = document.createElementNS(SVG, "circle");
+      dot.setAttribute("cx", String(POINTS - 1 - (points.length - 1 - points.lastIndexOf(current))));
+      dot.setAttribute("cy", (40 - (38 * current) / top).toFixed(2));
+      dot.setAttribute("r", "1.5");
+      svg.append(dot);
+    }
     figure.append(svg);
     return figure;
   }));
@@ -375,6 +498,8 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", buildFields);
   $("#delete-task").addEventListener("click", deleteTask);
   $("#upload-form").addEventListener("submit", upload);
+  $("#train-form").addEventListener("submit", startTraining);
+  $("#train-cancel").addEventListener("click", cancelJob);
   loadTasks().catch(showError);
   showModel();
   poll();

@@ -163,6 +163,41 @@ def test_the_server_panel_shows_the_model_and_the_load(live, page):
     assert page.locator("#charts polyline").count() == 5 and page.problems == []
 
 
+def test_a_training_job_runs_to_its_end_with_its_chart_and_another_is_cancelled(browser, gpt2, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"input": f"a {'good' if i % 2 else 'bad'} day {i}",
+                                        "label": "pos" if i % 2 else "neg"}) + "\n" for i in range(16)))  # fmt: skip
+    with live_server(gpt2, str(tmp_path / "store"), api_token="w") as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.on("dialog", lambda d: d.dismiss())
+        page.goto(server.url + "/")
+        page.fill("#train-form input[name=task]", "mood")
+        page.set_input_files("#train-form input[name=train]", str(data))
+        page.fill("#train-form textarea[name=labels]", json.dumps(LABELS))
+        page.fill("#train-form input[name=epochs]", "2")
+        page.click("#train-start")
+        expect(page.locator("#token-dialog")).to_be_visible()  # files and jobs need the write token
+        page.fill("#token-input", "w")
+        page.click("#token-form button[value=ok]")
+        expect(page.locator("#train-status")).to_contain_text("succeeded", timeout=120_000)
+        expect(page.locator("#train-chart polyline.train")).to_have_attribute("data-points", "2")
+        expect(page.locator("#train-chart polyline.dev")).to_have_attribute("data-points", "3")  # and epoch 0
+        expect(page.locator("#train-caption")).to_contain_text("epoch 2:")
+        # no manual prompt to beat, and too few dev examples to pick an epoch: the last epoch is stored
+        expect(page.locator("#tasks button[data-task=mood]")).to_have_count(1)
+        job = httpx.get(f"{server.url}/v1/fine_tuning/jobs", headers={"Authorization": "Bearer w"}).json()["data"][0]
+        assert page.locator("#train-status").text_content() == f"job {job['id']}: succeeded, stored as task mood"
+        page.fill("#train-form input[name=task]", "forever")
+        page.fill("#train-form input[name=epochs]", "1000")
+        page.click("#train-start")
+        expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
+        page.click("#train-cancel")
+        expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=60_000)
+        expect(page.locator("#tasks button[data-task=forever]")).to_have_count(0)
+        context.close()
+
+
 def test_a_401_asks_for_the_token_and_then_succeeds(browser, gpt2, tmp_path):
     with live_server(gpt2, str(tmp_path), inference_token="secret-i", api_token="secret-w") as server:
         put_headers = {"Authorization": "Bearer secret-w"}
