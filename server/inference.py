@@ -22,6 +22,7 @@ from ptcore.task_prompt import TaskPrompt, check_classify_input
 from server.engine.outputs import Output
 from server.engine.request import SAMPLING_KEYS, Request, SamplingParams
 from server.engine.scheduler import Scheduler
+from server.handwritten import HandWritten, handwritten_prompt
 from server.input_lanes import InputLanes, input_chars
 from server.output_router import OutputRouter
 from server.prompt_cache import PromptCache
@@ -32,6 +33,8 @@ from server.settings import Settings
 # max_input_tokens * CHARS_PER_TOKEN_BOUND cannot fit and is refused before
 # tokenizing, which would cost far more than the refusal.
 CHARS_PER_TOKEN_BOUND = 16
+
+TaskOrHand = str | HandWritten  # what a request runs: a stored task, by id, or a hand-written prompt
 
 
 class Inference:
@@ -58,7 +61,7 @@ class Inference:
         self.router = OutputRouter(asyncio.get_running_loop())
         self.scheduler.start(self.router)
 
-    async def generate(self, task_id: str, fields: dict[str, str], overrides: dict,
+    async def generate(self, task_id: TaskOrHand, fields: dict[str, str], overrides: dict,
                        stream: bool = False) -> AsyncIterator[Output]:  # fmt: skip
         """Prepare and submit a generate request (refusals raise here, before any
         record); -> its records: with `stream`, one per piece of settled text, and
@@ -66,7 +69,7 @@ class Inference:
         work = await self.lanes.prepare(self.prepare_generate, task_id, fields, overrides, stream)
         return self._records(work)
 
-    async def classify(self, task_id: str, fields: dict[str, str]) -> AsyncIterator[Output]:
+    async def classify(self, task_id: TaskOrHand, fields: dict[str, str]) -> AsyncIterator[Output]:
         """Prepare and submit a classify request; -> its one record (ClassifyResult or error)."""
         work = await self.lanes.prepare(self.prepare_classify, task_id, fields)
         return self._records(work)
@@ -110,9 +113,12 @@ class Inference:
             if not finished:
                 self.scheduler.abort(request_id)
 
-    def resolve(self, task_id: str, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
-        """The task's prompt and the rendered input ids, within the input limits."""
-        prompt = self.prompts.get(task_id)
+    def resolve(self, task_id: TaskOrHand, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
+        """The task's prompt (or a hand-written one's) and the rendered input ids, within the input limits."""
+        if isinstance(task_id, HandWritten):
+            prompt = handwritten_prompt(task_id, self.loaded)
+        else:
+            prompt = self.prompts.get(task_id)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
         chars, limit = input_chars(fields), self.settings.max_input_tokens
@@ -127,7 +133,9 @@ class Inference:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {limit}")
         return prompt, ids
 
-    def prepare_generate(self, task_id: str, fields: dict[str, str], overrides: dict, stream: bool = False) -> Request:
+    def prepare_generate(
+        self, task_id: TaskOrHand, fields: dict[str, str], overrides: dict, stream: bool = False
+    ) -> Request:
         if self.loaded.family != "causal":
             raise InvalidRequest(
                 f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
@@ -143,7 +151,7 @@ class Inference:
             )
         return Request.generate(prompt, ids, params, stream)
 
-    def prepare_classify(self, task_id: str, fields: dict[str, str]) -> Request:
+    def prepare_classify(self, task_id: TaskOrHand, fields: dict[str, str]) -> Request:
         prompt, ids = self.resolve(task_id, "classify", fields)
         check_classify_input(prompt, ids, self.loaded)
         return Request.classify(prompt, ids)

@@ -31,6 +31,8 @@ POLICY = {
     ("GET", "/v1/tasks/{task_id}/artifact"): Access.WRITE,  # the trained prompt is its owner's asset
     ("POST", "/v1/tasks/{task_id}/generate"): Access.INFERENCE,
     ("POST", "/v1/tasks/{task_id}/classify"): Access.INFERENCE,
+    ("POST", "/v1/handwritten/generate"): Access.INFERENCE,
+    ("POST", "/v1/handwritten/classify"): Access.INFERENCE,
     ("POST", "/v1/completions"): Access.INFERENCE,
     ("GET", "/v1/models"): Access.INFERENCE,
     # fine-tuning: files and jobs write tasks, and training data is its owner's asset

@@ -121,6 +121,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(inference.router)
+    app.include_router(inference.handwritten)
     app.include_router(openai.router)
     app.include_router(fine_tuning.router)
     app.include_router(playground.router)

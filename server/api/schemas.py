@@ -52,6 +52,16 @@ class ClassifyRequest(InferenceInputs):
     pass
 
 
+class HandWrittenGenerateRequest(GenerateRequest):
+    template: str = Field(description="the hand-written prompt: words and {field} holes, e.g. "
+                          "'The official language of {input} is'")  # fmt: skip
+
+
+class HandWrittenClassifyRequest(ClassifyRequest):
+    template: str = Field(description="the hand-written prompt: words and {field} holes")
+    labels: dict[str, str] = Field(description="label -> verbalizer, scored after the rendered prompt")
+
+
 class GenerateResponse(BaseModel):
     task_id: str
     version: int

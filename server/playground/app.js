@@ -90,7 +90,7 @@ async function loadTasks() {
   $("#tasks-empty").hidden = tasks.length > 0;
   for (const select of document.querySelectorAll("select[name=task]")) {
     const keep = select.value;
-    const blank = [...select.options].filter((option) => option.value === "");
+    const blank = [...select.options].filter((option) => option.hasAttribute("data-static"));
     select.replaceChildren(...blank, ...tasks.map((task) => element("option", task.task_id, { value: task.task_id })));
     if ([...select.options].some((option) => option.value === keep)) select.value = keep;
   }
@@ -149,8 +149,31 @@ function templateFields(template) {
   return [...new Set([...plain.matchAll(/\{([A-Za-z0-9_]+)\}/g)].map((match) => match[1]))];
 }
 
+const HAND = "(hand-written)"; // side B's choice of a hand-written prompt instead of a task
+
+// side B as a task-like object: a stored task, a hand-written prompt (run like A's task type), or none
+function sideB() {
+  const value = $("fieldset[data-side=b] select").value;
+  if (value !== HAND) return taskNamed(value);
+  const a = taskNamed($("fieldset[data-side=a] select").value);
+  const template = $("#hand input").value;
+  return { task_id: HAND, version: 0, template, handwritten: true,
+    task_type: a?.task_type === "classify" ? "classify" : "generate", labels: a?.task_type === "classify" ? a.labels : null };
+}
+
+function showHand() {
+  const on = $("fieldset[data-side=b] select").value === HAND;
+  $("#hand").hidden = !on;
+  const input = $("#hand input");
+  const a = taskNamed($("fieldset[data-side=a] select").value);
+  // A's own hand-written start (a prompt trained --from-prompt keeps it): the comparison it was trained for
+  if (on && !input.value && a?.metrics?.from_prompt) input.value = a.metrics.from_prompt;
+  buildFields();
+}
+
 function buildFields() {
-  const chosen = [...document.querySelectorAll("select[name=task]")].map((s) => taskNamed(s.value)).filter(Boolean);
+  const a = taskNamed($("fieldset[data-side=a] select").value);
+  const chosen = [a, sideB()].filter((task) => task && task.template);
   const names = [...new Set(chosen.flatMap((task) => templateFields(task.template)))];
   const box = $("#fields");
   const before = Object.fromEntries([...box.querySelectorAll("textarea")].map((area) => [area.name, area.value]));
@@ -181,10 +204,10 @@ async function run(event) {
   clearError();
   const form = event.target;
   const inputs = Object.fromEntries([...$("#fields").querySelectorAll("textarea")].map((a) => [a.name, a.value]));
-  const sides = [...document.querySelectorAll("fieldset.side")].map((side) => ({
-    task: taskNamed(side.querySelector("select").value),
-    out: $(`#answer-${side.dataset.side}`),
-  }));
+  const sides = [
+    { task: taskNamed($("fieldset[data-side=a] select").value), out: $("#answer-a") },
+    { task: sideB(), out: $("#answer-b") },
+  ];
   $("#run").disabled = true;
   try {
     await Promise.all(sides.map(({ task, out }) => task ? answer(task, inputs, sampling(form), out) : out.replaceChildren()));
@@ -195,7 +218,7 @@ async function run(event) {
 
 async function answer(task, allInputs, params, out) {
   const fields = Object.fromEntries(templateFields(task.template).map((name) => [name, allInputs[name] ?? ""]));
-  out.replaceChildren(element("h3", `${task.task_id} (version ${task.version})`));
+  out.replaceChildren(element("h3", task.handwritten ? `hand-written: ${task.template}` : `${task.task_id} (version ${task.version})`));
   out.classList.add("busy");
   try {
     if (task.task_type === "classify") {
@@ -210,9 +233,16 @@ async function answer(task, allInputs, params, out) {
   }
 }
 
+// where a task's requests go, and what they add to the body: a hand-written prompt sends its words
+function route(task, kind) {
+  if (task.handwritten) return [`/v1/handwritten/${kind}`, { template: task.template, ...(task.labels ? { labels: task.labels } : {}) }];
+  return [`/v1/tasks/${encodeURIComponent(task.task_id)}/${kind}`, {}];
+}
+
 async function classify(task, fields, out) {
-  const response = await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/classify`, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ inputs: fields }),
+  const [path, extra] = route(task, "classify");
+  const response = await api(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ inputs: fields, ...extra }),
   });
   const result = await response.json();
   out.append(element("p", `label: ${result.label}`, { class: "label" }));
@@ -228,9 +258,10 @@ async function classify(task, fields, out) {
 }
 
 async function generate(task, fields, params, out) {
-  const response = await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/generate`, {
+  const [path, extra] = route(task, "generate");
+  const response = await api(path, {
     method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ inputs: fields, ...params, stream: true }),
+    body: JSON.stringify({ inputs: fields, ...params, ...extra, stream: true }),
   });
   const text = element("p", "", { class: "text" });
   const status = element("p", "generating…", { class: "muted status" });
@@ -495,7 +526,8 @@ async function showModel() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#try-form").addEventListener("submit", run);
-  for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", buildFields);
+  for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", showHand);
+  $("#hand input").addEventListener("input", buildFields);
   $("#delete-task").addEventListener("click", deleteTask);
   $("#upload-form").addEventListener("submit", upload);
   $("#train-form").addEventListener("submit", startTraining);

@@ -42,6 +42,8 @@ API = [
     ("POST", "/v1/files"),
     ("POST", "/v1/fine_tuning/jobs"),
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"),
+    ("POST", "/v1/handwritten/classify"),
+    ("POST", "/v1/handwritten/generate"),
     ("POST", "/v1/tasks/{task_id}/classify"),
     ("POST", "/v1/tasks/{task_id}/generate"),
     ("PUT", "/v1/tasks/{task_id}"),

@@ -115,6 +115,20 @@ def test_classify_bars_show_the_rest_scores_and_two_tasks_answer_side_by_side(li
     expect(page.locator("#answer-b .status")).to_contain_text("token")
 
 
+def test_a_task_beside_a_hand_written_prompt(live, page):
+    """Side B runs words typed in the page (POST /v1/handwritten/generate): its
+    answer is the REST answer for the same words."""
+    page.select_option("fieldset[data-side=b] select", "(hand-written)")
+    page.fill("#hand input", "Question: what is {input}? Answer:")
+    run(page, "gen", "(hand-written)", input="json parse")
+    expect(page.locator("#answer-b h3")).to_have_text("hand-written: Question: what is {input}? Answer:")
+    expect(page.locator("#answer-b .status")).to_contain_text("token")
+    body = {"input": "json parse", "template": "Question: what is {input}? Answer:", "max_new_tokens": 32}
+    rest = httpx.post(f"{live.url}/v1/handwritten/generate", json=body).json()
+    assert page.locator("#answer-b .text").text_content() == rest["text"]
+    assert page.problems == []
+
+
 def test_hostile_strings_from_the_server_show_as_text_and_run_nothing(live, page):
     page.click("#tasks button[data-task=hostile]")
     detail = page.locator("#task-detail").text_content()
@@ -236,34 +250,32 @@ def test_docs_render_with_no_request_off_the_host(live, browser):
 
 
 def test_screenshots_of_the_default_model_at_desktop_and_phone_width(browser, smollm2, default_model_dir, tmp_path):
-    """The README's server (the default model, the example tasks), with the
-    P-tuned `language` task beside its hand-written prompt uploaded as a task
-    (the manual words as pseudo tokens at their own embeddings: epoch 0 of
-    `--from-prompt`). The pictures go to PTSERVE_SCREENSHOTS when it is set
-    (docs/screenshots/ is made that way), else to a temporary folder."""
-    from ptuning.train import PromptTrainer, TrainConfig
+    """The README's server (the default model, the example tasks): the P-tuned
+    `language` task beside its hand-written prompt, which the page fills in
+    from the task's training figures (it was trained --from-prompt). The
+    pictures go to PTSERVE_SCREENSHOTS when it is set (docs/screenshots/ is
+    made that way), else to a temporary folder."""
     from server.api.app import create_app
     from server.settings import Settings
     from tests.helpers import LiveServer
 
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "prompts")
     settings = Settings(model=default_model_dir, store=str(tmp_path / "store"), preload=examples)
-    manual = PromptTrainer(smollm2, TrainConfig(task_type="generate", from_prompt="The official language of {input} is",
-                                                progress=False))  # fmt: skip
-    artifact = make_manual_artifact(manual, smollm2)
     out = os.environ.get("PTSERVE_SCREENSHOTS") or str(tmp_path / "shots")
     os.makedirs(out, exist_ok=True)
     with LiveServer(create_app(settings, smollm2)) as server:
-        put(server, "language-handwritten", artifact)
         for name, size in (("desktop", {"width": 1280, "height": 900}), ("phone", {"width": 390, "height": 844})):
             context = browser.new_context(viewport=size)
             page = context.new_page()
             page.goto(server.url + "/")
-            expect(page.locator("#tasks li")).to_have_count(4)
+            expect(page.locator("#tasks li")).to_have_count(3)
             page.click("#tasks button[data-task=language]")
             page.click("#sampling summary")
             page.fill("#sampling input[name=max_new_tokens]", "4")
-            run(page, "language", "language-handwritten", input="Brazil")
+            page.select_option("fieldset[data-side=a] select", "language")
+            page.select_option("fieldset[data-side=b] select", "(hand-written)")  # prefilled: language's start
+            expect(page.locator("#hand input")).to_have_value("The official language of {input} is")
+            run(page, "language", "(hand-written)", input="Brazil")
             expect(page.locator("#answer-a .status")).to_contain_text("token")
             expect(page.locator("#answer-b .status")).to_contain_text("token")
             expect(page.locator("#charts figcaption").first).to_have_text(re.compile(r"tokens/s: \d"), timeout=30_000)
@@ -272,13 +284,3 @@ def test_screenshots_of_the_default_model_at_desktop_and_phone_width(browser, sm
             with open(path, "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
             context.close()
-
-
-def make_manual_artifact(trainer, loaded):
-    """A hand-written prompt as a task: the trainer's starting table (from_prompt), untrained."""
-    from prompt_store.artifact import make_artifact
-
-    rows = trainer._rows().detach().float()
-    about = "the hand-written prompt 'The official language of {input} is', as a task"
-    return make_artifact(rows, template=trainer.template_source, task_type="generate", base_model=loaded.info,
-                         description=about)  # fmt: skip

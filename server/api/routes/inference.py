@@ -4,9 +4,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import InferenceDep
-from server.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from server.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HandWrittenClassifyRequest,
+    HandWrittenGenerateRequest,
+)
 from server.api.streaming import sse_events
 from server.api.waiting import result_of
+from server.handwritten import TASK_ID, HandWritten
 
 router = APIRouter(prefix="/v1/tasks", tags=["inference"])  # inference token: server/api/access.py
 
@@ -17,7 +25,12 @@ router = APIRouter(prefix="/v1/tasks", tags=["inference"])  # inference token: s
     responses={200: {"content": {"text/event-stream": {}}, "description": "the answer, or events if stream"}},
 )
 async def generate(task_id: str, body: GenerateRequest, request: Request, inference: InferenceDep):
-    records = await inference.generate(task_id, body.fields(), body.sampling_overrides(), stream=body.stream)
+    return await _generate(task_id, task_id, body, request, inference)
+
+
+async def _generate(task_id: str, prompt: str | HandWritten, body: GenerateRequest, request: Request, inference):
+    """One generate answer, streamed or whole; `prompt`: the task id, or a hand-written prompt."""
+    records = await inference.generate(prompt, body.fields(), body.sampling_overrides(), stream=body.stream)
     if body.stream:
 
         def final(rest: str, result) -> list:
@@ -36,3 +49,25 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, infere
 async def classify(task_id: str, body: ClassifyRequest, request: Request, inference: InferenceDep):
     result = await result_of(request, await inference.classify(task_id, body.fields()))
     return ClassifyResponse(task_id=task_id, version=result.version, label=result.label, scores=result.scores)
+
+
+# A hand-written prompt, run on the served model with no stored prompt (server/handwritten.py): what a
+# P-tuned task is compared with. Its answers name the task "(hand-written)", version 0.
+handwritten = APIRouter(prefix="/v1/handwritten", tags=["inference"])
+
+
+@handwritten.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "the answer, or events if stream"}},
+)
+async def generate_handwritten(body: HandWrittenGenerateRequest, request: Request, inference: InferenceDep):
+    prompt = HandWritten(body.template, "generate")
+    return await _generate(TASK_ID, prompt, body, request, inference)
+
+
+@handwritten.post("/classify", response_model=ClassifyResponse)
+async def classify_handwritten(body: HandWrittenClassifyRequest, request: Request, inference: InferenceDep):
+    prompt = HandWritten(body.template, "classify", tuple(body.labels.items()))
+    result = await result_of(request, await inference.classify(prompt, body.fields()))
+    return ClassifyResponse(task_id=TASK_ID, version=result.version, label=result.label, scores=result.scores)
