@@ -37,6 +37,11 @@ CHARS_PER_TOKEN_BOUND = 16
 TaskOrHand = str | HandWritten  # what a request runs: a stored task, by id, or a hand-written prompt
 
 
+def chars_of(task_id: TaskOrHand, fields: dict[str, str]) -> int:
+    """A request's size before tokenizing: its fields' characters, and a hand-written prompt's."""
+    return input_chars(fields) + (len(task_id.template) if isinstance(task_id, HandWritten) else 0)
+
+
 class Inference:
     def __init__(
         self,
@@ -66,12 +71,13 @@ class Inference:
         """Prepare and submit a generate request (refusals raise here, before any
         record); -> its records: with `stream`, one per piece of settled text, and
         always a last one holding the GenerateResult or the error."""
-        work = await self.lanes.prepare(self.prepare_generate, task_id, fields, overrides, stream)
+        work = await self.lanes.prepare(self.prepare_generate, chars_of(task_id, fields), task_id, fields, overrides,
+                                        stream)  # fmt: skip
         return self._records(work)
 
     async def classify(self, task_id: TaskOrHand, fields: dict[str, str]) -> AsyncIterator[Output]:
         """Prepare and submit a classify request; -> its one record (ClassifyResult or error)."""
-        work = await self.lanes.prepare(self.prepare_classify, task_id, fields)
+        work = await self.lanes.prepare(self.prepare_classify, chars_of(task_id, fields), task_id, fields)
         return self._records(work)
 
     def _records(self, work: Request) -> AsyncIterator[Output]:
@@ -115,19 +121,19 @@ class Inference:
 
     def resolve(self, task_id: TaskOrHand, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
         """The task's prompt (or a hand-written one's) and the rendered input ids, within the input limits."""
+        chars, limit = chars_of(task_id, fields), self.settings.max_input_tokens
+        if chars > limit * CHARS_PER_TOKEN_BOUND:  # before anything is tokenized
+            raise InvalidRequest(
+                f"input is {chars} characters; the limit is {limit * CHARS_PER_TOKEN_BOUND} "
+                f"({CHARS_PER_TOKEN_BOUND} characters per token of the {limit}-token input limit), "
+                "checked before tokenizing"
+            )
         if isinstance(task_id, HandWritten):
             prompt = handwritten_prompt(task_id, self.loaded)
         else:
             prompt = self.prompts.get(task_id)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
-        chars, limit = input_chars(fields), self.settings.max_input_tokens
-        if chars > limit * CHARS_PER_TOKEN_BOUND:
-            raise InvalidRequest(
-                f"input is {chars} characters; the limit is {limit * CHARS_PER_TOKEN_BOUND} "
-                f"({CHARS_PER_TOKEN_BOUND} characters per token of the {limit}-token input limit), "
-                "checked before tokenizing"
-            )
         ids = prompt.render(self.loaded.tokenizer, fields, self.loaded.vocab_size)
         if len(ids) > limit:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {limit}")

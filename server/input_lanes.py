@@ -25,11 +25,12 @@ class InputLanes:
         self.long = anyio.Lock()  # held while a long input is prepared
         self.wait_s = wait_s  # the longest a long input waits for its lane
 
-    async def prepare(self, prepare_fn, task_id: str, fields: dict[str, str], *more):
-        """prepare_fn(task_id, fields, *more) in a worker thread; in the long lane
-        when the fields hold more than LONG_INPUT_CHARS characters."""
-        call = partial(prepare_fn, task_id, fields, *more)
-        if input_chars(fields) <= LONG_INPUT_CHARS:
+    async def prepare(self, prepare_fn, chars: int, *args):
+        """prepare_fn(*args) in a worker thread; in the long lane when the request
+        holds more than LONG_INPUT_CHARS characters (`chars`: its fields', and
+        a hand-written prompt's words)."""
+        call = partial(prepare_fn, *args)
+        if chars <= LONG_INPUT_CHARS:
             return await anyio.to_thread.run_sync(call)
         with anyio.move_on_after(self.wait_s) as waited:
             await self.long.acquire()

@@ -61,3 +61,6 @@ def test_answers_equal_the_stored_twins_and_bad_prompts_are_422(gpt2, tmp_path):
         assert r.status_code == 422 and "verbalizer" in r.text
         r = httpx.post(f"{server.url}/v1/handwritten/classify", json={"input": "x", "template": MANUAL})
         assert r.status_code == 422  # labels are required
+        huge = "word " * 20_000 + "{input}"  # 100,007 characters, and the input's 1: refused before tokenizing
+        r = httpx.post(f"{server.url}/v1/handwritten/generate", json={"input": "x", "template": huge})
+        assert r.status_code == 422 and r.json()["detail"].startswith("input is 100008 characters; the limit is")

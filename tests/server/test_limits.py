@@ -396,7 +396,7 @@ def test_a_long_input_that_waits_too_long_for_its_lane_is_a_504():
     import anyio
 
     from ptcore.errors import DeadlineExceeded
-    from server.input_lanes import LONG_INPUT_CHARS, InputLanes
+    from server.input_lanes import LONG_INPUT_CHARS, InputLanes, input_chars
 
     lanes = InputLanes(wait_s=0.2)
     long_fields = {"input": "x" * (LONG_INPUT_CHARS + 1)}
@@ -412,9 +412,10 @@ def test_a_long_input_that_waits_too_long_for_its_lane_is_a_504():
             tg.start_soon(hold_the_lane, held, done)
             await held.wait()
             with pytest.raises(DeadlineExceeded, match="waited 0.2 s"):
-                await lanes.prepare(lambda task, fields: "prepared", "t", long_fields)
-            assert await lanes.prepare(lambda task, fields: "prepared", "t", {"input": "short"}) == "prepared"
+                await lanes.prepare(lambda task, fields: "prepared", input_chars(long_fields), "t", long_fields)
+            assert await lanes.prepare(lambda task, fields: "prepared", 5, "t", {"input": "short"}) == "prepared"
             done.set()
-        assert await lanes.prepare(lambda task, fields: "prepared", "t", long_fields) == "prepared"
+        assert await lanes.prepare(lambda task, fields: "prepared", input_chars(long_fields), "t", long_fields) == (
+            "prepared")  # fmt: skip
 
     anyio.run(main)
