@@ -212,6 +212,23 @@ def test_a_training_job_runs_to_its_end_with_its_chart_and_another_is_cancelled(
         context.close()
 
 
+def test_deleting_a_task_asks_first(live, browser, gpt2):
+    put(live, "doomed", random_prompt(gpt2, "[P:2]{input}", seed=9))
+    context = browser.new_context()
+    page = context.new_page()
+    answers = iter([False, True])  # the first confirmation is declined, the second accepted
+    page.on("dialog", lambda d: d.accept() if next(answers) else d.dismiss())
+    page.goto(live.url + "/")
+    page.click("#tasks button[data-task=doomed]")
+    page.click("#delete-task")
+    expect(page.locator("#tasks button[data-task=doomed]")).to_have_count(1)
+    assert httpx.get(f"{live.url}/v1/tasks/doomed").status_code == 200  # declined: nothing deleted
+    page.click("#delete-task")
+    expect(page.locator("#tasks button[data-task=doomed]")).to_have_count(0)
+    assert httpx.get(f"{live.url}/v1/tasks/doomed").status_code == 404
+    context.close()
+
+
 def test_a_401_asks_for_the_token_and_then_succeeds(browser, gpt2, tmp_path):
     with live_server(gpt2, str(tmp_path), inference_token="secret-i", api_token="secret-w") as server:
         put_headers = {"Authorization": "Bearer secret-w"}
