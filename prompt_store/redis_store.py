@@ -46,8 +46,9 @@ redis.call('PUBLISH', ARGV[5], ARGV[3])
 return v
 """
 
-# KEYS: task hash, task set; ARGV: task id, channel
-_DELETE = """#!lua
+# KEYS: task hash, task set; ARGV: task id, channel. allow-oom: a Redis over its maxmemory refuses every
+# script that may use memory, but a delete is what frees it
+_DELETE = """#!lua flags=allow-oom
 local n = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
@@ -55,9 +56,15 @@ return n
 """
 
 
+OUT_OF_MEMORY = ("prompt store (Redis) is out of memory (its maxmemory): it refuses new prompts until memory "
+                 "is freed; deleting tasks frees it, or raise maxmemory (docs/operations.md)")  # fmt: skip
+
+
 def _unavailable(e: Exception) -> StoreUnavailable:
     # the client reads this: name the kind of failure, not addresses or socket paths
     log.error("prompt store (Redis): %s", e)
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        return StoreUnavailable(OUT_OF_MEMORY)
     return StoreUnavailable(f"prompt store (Redis) is unreachable ({type(e).__name__}); the server log has details")
 
 

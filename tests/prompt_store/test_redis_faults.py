@@ -73,3 +73,19 @@ def test_an_upload_redis_does_not_answer_is_unknown_and_a_retry_makes_one_versio
     assert store.put("t", filled_artifact(1.0))["version"] == 1
     assert store.version("t") == 1 and fill_of(store.get("t")) == 1.0
     assert int(raw.get("ptserve:version:t")) == 1
+
+
+def test_a_full_redis_refuses_uploads_saying_so_and_still_deletes(own_redis):
+    """Over its maxmemory, Redis refuses a write that may use memory: the upload
+    is a 503 that says Redis is out of memory, and a delete, which frees memory,
+    goes through (its script is declared allow-oom)."""
+    _, url = own_redis
+    store = RedisStore(url)
+    raw = redis.Redis.from_url(url)
+    store.put("kept", filled_artifact(1.0))
+    store.put("freed", filled_artifact(2.0))
+    raw.config_set("maxmemory", 1)  # below what is used: every write that may use memory is refused
+    with pytest.raises(StoreUnavailable, match=r"out of memory \(its maxmemory\)"):
+        store.put("new", filled_artifact(3.0))
+    assert store.delete("freed") is True
+    assert store.get("freed") is None and fill_of(store.get("kept")) == 1.0 and store.get("new") is None
