@@ -33,6 +33,9 @@ class RedisFineTuningStore(FineTuningStore):
             return fn(self._redis)
         except redis.RedisError as e:
             log.error("fine-tuning store (Redis): %s", e)
+            if isinstance(e, redis.exceptions.OutOfMemoryError):
+                raise StoreUnavailable("the fine-tuning store (Redis) is out of memory (its maxmemory): delete "
+                                       "files or tasks, or raise maxmemory (docs/operations.md)") from None  # fmt: skip
             raise StoreUnavailable(f"the fine-tuning store (Redis) failed ({type(e).__name__}); "
                                    "the server log has details") from None  # fmt: skip
 

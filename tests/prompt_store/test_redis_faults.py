@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from prompt_store.errors import StoreOutcomeUnknown, StoreUnavailable
+from prompt_store.redis_fine_tuning_store import RedisFineTuningStore
 from prompt_store.redis_store import RedisStore
 from tests.helpers import fill_of, filled_artifact, start_redis, wait_until
 
@@ -89,3 +90,6 @@ def test_a_full_redis_refuses_uploads_saying_so_and_still_deletes(own_redis):
         store.put("new", filled_artifact(3.0))
     assert store.delete("freed") is True
     assert store.get("freed") is None and fill_of(store.get("kept")) == 1.0 and store.get("new") is None
+    files = RedisFineTuningStore(url)
+    with pytest.raises(StoreUnavailable, match=r"fine-tuning store \(Redis\) is out of memory"):
+        files.put_file({"id": "file-x", "created_at": 0}, b"{}")
