@@ -57,7 +57,8 @@ def _status_of(error: PtserveError) -> int:
     return 500
 
 
-OPENAI_SHAPED = ("/v1/files", "/v1/fine_tuning/")  # errors also in OpenAI's shape, which its clients show
+# errors also in OpenAI's shape, which its clients show
+OPENAI_SHAPED = ("/v1/files", "/v1/fine_tuning/", "/v1/completions")
 
 
 def error_response(error: PtserveError, path: str = "") -> JSONResponse:
@@ -102,8 +103,13 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     async def _invalid_body(request: Request, exc: RequestValidationError):
         # FastAPI's own 422, ASCII-escaped: its errors quote the input, and a lone
         # surrogate sent as "\\ud800" has no UTF-8 encoding (a 500 otherwise)
-        body = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
-        return Response(body, status_code=422, media_type="application/json")
+        errors = jsonable_encoder(exc.errors())
+        out = {"detail": errors}
+        if request.url.path.startswith(OPENAI_SHAPED):  # also a message OpenAI's clients show
+            where = lambda e: ".".join(str(part) for part in e.get("loc", ())[1:])  # noqa: E731 (without "body")
+            message = "; ".join(f"{where(e)}: {e.get('msg')}" if where(e) else str(e.get("msg")) for e in errors)
+            out["error"] = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+        return Response(json.dumps(out, ensure_ascii=True), status_code=422, media_type="application/json")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

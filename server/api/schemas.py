@@ -100,21 +100,33 @@ class CompletionRequest(BaseModel):
     max_tokens: Int | None = Field(16, description="OpenAI's default is 16")
     temperature: Float | None = None
     top_p: Float | None = None
+    top_k: Int | None = Field(None, description="not OpenAI's, as vLLM takes it: keep the k most likely tokens")
     stop: str | list[str] | None = None
     seed: Int | None = None
     stream: Bool = False
     n: Int = 1
     echo: Bool = False
     logprobs: Int | None = None
+    # OpenAI's, without an engine counterpart: refused unless neutral, never dropped silently
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[str, Float] | None = None
+    best_of: Int | None = None
+    suffix: str | None = None
 
     @model_validator(mode="after")
     def _supported(self):
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("one prompt per request: send 'prompt' as a string or a list of one string")
         if self.n != 1:
-            raise ValueError("n > 1 is not supported; send one request per completion")
+            raise ValueError(f"n must be 1 (one completion per request; send several requests), got {self.n}")
         if self.echo or self.logprobs is not None:
             raise ValueError("echo and logprobs are not supported")
+        neutral = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+                   "best_of": (None, 1), "suffix": (None,)}  # fmt: skip
+        for name, values in neutral.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"{name} is not supported by this server; leave it out")
         return self
 
     def text(self) -> str:
@@ -122,4 +134,4 @@ class CompletionRequest(BaseModel):
 
     def sampling_overrides(self) -> dict:
         return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": self.stop, "seed": self.seed}  # fmt: skip
+                "top_k": self.top_k, "stop": self.stop, "seed": self.seed}  # fmt: skip

@@ -25,6 +25,8 @@ def live(request, gpt2_dir, tmp_path_factory):
             )
         httpx.put(f"{server.url}/v1/tasks/cls", content=artifact_bytes(
             random_prompt(loaded, "[P:2]{input}", "classify", {"a": " a", "b": " b"})))  # fmt: skip
+        pair = random_prompt(loaded, "[P:2]{premise} so {hypothesis}")  # two fields: not for /v1/completions
+        httpx.put(f"{server.url}/v1/tasks/pair", content=artifact_bytes(pair))
         yield server
 
 
@@ -67,7 +69,8 @@ def test_streaming_never_sends_text_past_a_stop_string(live):
 def test_openai_client_models_and_completions(live):
     client = OpenAI(base_url=f"{live.url}/v1", api_key="unused")
     base, *tasks = client.models.list().data
-    assert base.ptserve_base_model and sorted(m.id for m in tasks) == ["other", "story"]  # not classify tasks
+    # not classify tasks, nor a template whose fields a prompt cannot fill
+    assert base.ptserve_base_model and sorted(m.id for m in tasks) == ["other", "story"]
     ours = httpx.post(f"{live.url}/v1/tasks/story/generate", json={"input": "hello", "max_new_tokens": 12}).json()
     done = client.completions.create(model="story", prompt="hello", max_tokens=12)
     assert done.choices[0].text == ours["text"] and done.choices[0].finish_reason == ours["finish_reason"]
@@ -94,6 +97,28 @@ def test_openai_errors_are_4xx(live):
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(**kwargs)
         assert err.value.status_code == status, kwargs
+    for kwargs, field in [  # OpenAI's fields the engine has nothing for: named, never dropped silently
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(frequency_penalty=-1.0), "frequency_penalty"),
+        (dict(logit_bias={"50256": -100}), "logit_bias"),
+        (dict(best_of=2), "best_of"),
+        (dict(suffix="!"), "suffix"),
+        (dict(n=0), "n must be 1"),
+    ]:
+        with pytest.raises(openai.UnprocessableEntityError, match=field):
+            client.completions.create(model="story", prompt="x", **kwargs)
+    neutral = client.completions.create(model="story", prompt="x", max_tokens=4, presence_penalty=0, best_of=1)
+    assert neutral.choices[0].text == client.completions.create(model="story", prompt="x", max_tokens=4).choices[0].text
+
+
+def test_top_k_is_applied_not_dropped(live):
+    """top_k 1 samples the most likely token at any temperature: greedy."""
+    client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    greedy = client.completions.create(model="story", prompt="hello", max_tokens=12).choices[0].text
+    for seed in (1, 2, 3):
+        sampled = client.completions.create(model="story", prompt="hello", max_tokens=12, temperature=1.0, seed=seed,
+                                            extra_body={"top_k": 1})  # fmt: skip
+        assert sampled.choices[0].text == greedy
 
 
 def test_the_routing_header_must_name_the_model(live):
@@ -105,4 +130,5 @@ def test_the_routing_header_must_name_the_model(live):
     assert same.json()["choices"] == plain.json()["choices"]
     other = httpx.post(f"{live.url}/v1/completions", json=body, headers={"X-Ptserve-Task": "other"}, timeout=60)
     assert other.status_code == 400
-    assert other.json() == {"detail": "header X-Ptserve-Task is 'other' but model is 'story'; they must be equal"}
+    said = "header X-Ptserve-Task is 'other' but model is 'story'; they must be equal"
+    assert other.json()["detail"] == said and other.json()["error"]["message"] == said  # OpenAI's clients show it

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from prompt_store.template import parse_template
 from server.api.deps import InferenceDep, JobsDep, TasksDep
 from server.api.errors import BadRequest
 from server.api.schemas import CompletionRequest
@@ -34,9 +35,14 @@ async def list_models(tasks: TasksDep, jobs: JobsDep):
         + [
             {"id": t["task_id"], "object": "model", "created": 0, "owned_by": "ptserve"}
             for t in summaries
-            if t["task_type"] == "generate"
+            if t["task_type"] == "generate" and completable(t["template"])
         ],
     }
+
+
+def completable(template: str) -> bool:
+    """Whether /v1/completions can serve a template: its `prompt` fills the one field {input}."""
+    return parse_template(template).fields == ("input",)
 
 
 RoutedTask = Annotated[
