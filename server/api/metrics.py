@@ -8,6 +8,7 @@ for them.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,13 +28,49 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.registry.register(_EngineCollector(engine_of))
 
+        self.engine_of = engine_of
+        self._tasks: set[str] = set()  # task labels the request series were given
+        self._lock = threading.Lock()  # _tasks: the event loop adds, a scrape's worker thread reads
+
+    def count(self, route: str, task: str, code: int, seconds: float) -> None:
+        """One HTTP request, as the middleware saw it."""
+        if task:
+            with self._lock:
+                self._tasks.add(task)
+        self.requests.labels(route, task, str(code)).inc()
+        self.latency.labels(route).observe(seconds)
+
     def forget_task(self, task_id: str) -> None:
         """Drop every series labelled with this task (it was deleted), so that
         /metrics does not grow with tasks that no longer exist."""
-        self.requests.remove_by_labels({"task": task_id})  # its generated tokens: TaskManager.delete
+        with self._lock:
+            self._tasks.discard(task_id)
+        self.requests.remove_by_labels({"task": task_id})
+        engine = self.engine_of()
+        if engine is not None:
+            engine.batch_stats.forget(task_id)  # its generated tokens
 
     def render(self) -> bytes:
+        """The scrape (blocking: it asks the store which labelled tasks still exist)."""
+        self._prune()
         return generate_latest(self.registry)
+
+    def _prune(self) -> None:
+        """The series of tasks that no longer exist go, on every replica: whichever
+        replica took the DELETE, and even when a request of the task finished
+        (and counted) after it. Costs one store lookup per task with series."""
+        engine = self.engine_of()
+        if engine is None:
+            return
+        with self._lock:
+            labelled = set(self._tasks)
+        for task in labelled | set(engine.batch_stats.snapshot()["generated_tokens"]):
+            try:
+                gone = engine.store.identity(task) is None
+            except Exception:  # the store is down: keep them; a later scrape prunes
+                return
+            if gone:
+                self.forget_task(task)
 
 
 class _EngineCollector:
@@ -112,5 +149,4 @@ class MetricsMiddleware:
             if scope["method"] == "DELETE" and task:  # the task is gone: so are its series
                 self.metrics.forget_task(task)
                 task = ""
-            self.metrics.requests.labels(path, task, str(code)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            self.metrics.count(path, task, code, time.perf_counter() - start)

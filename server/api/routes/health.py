@@ -35,4 +35,4 @@ async def stats(engine: EngineDep):
 async def metrics(metrics: MetricsDep):
     """Prometheus metrics: requests by route/task/status, latencies, generated tokens,
     queue depth, running rows, batch sizes, prompt- and prefix-cache counters."""
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE_LATEST)
