@@ -14,6 +14,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from prompt_store.store import is_task_id
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -65,6 +67,8 @@ class Metrics:
         with self._lock:
             labelled = set(self._tasks)
         for task in labelled | set(engine.batch_stats.snapshot()["generated_tokens"]):
+            if not is_task_id(task):  # "(hand-written)": not a stored task, one series at most
+                continue
             try:
                 gone = engine.store.identity(task) is None
             except Exception:  # the store is down: keep them; a later scrape prunes

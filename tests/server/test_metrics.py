@@ -49,6 +49,8 @@ def test_series_of_a_task_deleted_elsewhere_or_finished_after_its_delete_go(gpt2
         for task in ("elsewhere", "late", "kept"):
             assert c.put(f"/v1/tasks/{task}", content=data).status_code == 201
             assert c.post(f"/v1/tasks/{task}/generate", json={"input": "x", "max_new_tokens": 2}).status_code == 200
+        hand = {"input": "x", "template": "Say {input}", "max_new_tokens": 2}  # counted as "(hand-written)"
+        assert c.post("/v1/handwritten/generate", json=hand).status_code == 200
         assert 'task="elsewhere"' in c.get("/metrics").text
         assert open_store(str(tmp_path / "store")).delete("elsewhere")  # another replica deleted it
         body = {"input": "x", "max_new_tokens": 64, "ignore_eos": True, "stream": True}
@@ -61,3 +63,4 @@ def test_series_of_a_task_deleted_elsewhere_or_finished_after_its_delete_go(gpt2
         after = c.get("/metrics").text
     assert [line for line in after.splitlines() if 'task="elsewhere"' in line or 'task="late"' in line] == []
     assert 'ptserve_generated_tokens_total{task="kept"} 2.0' in after
+    assert 'ptserve_generated_tokens_total{task="(hand-written)"} 2.0' in after
