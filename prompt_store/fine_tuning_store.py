@@ -79,7 +79,10 @@ class FineTuningStore(ABC):
 def held(store: FineTuningStore, job: dict) -> bool:
     """Whether a job is active and the replica that took it still holds it (its
     lease has not run out); an active job that is not held: its server stopped."""
-    return job["status"] in ACTIVE and (store.lease(job["id"]) or 0) >= time.time()
+    lease = store.lease(job["id"])
+    if lease is None:  # a job written before leases were records of their own kept its lease in the job
+        lease = job.get("ptserve", {}).get("lease_until", 0)
+    return job["status"] in ACTIVE and lease >= time.time()
 
 
 def newest_first(records: list[dict]) -> list[dict]:

@@ -351,6 +351,11 @@ class PromptTrainer:
             figures.update(head_lr=cfg.head_lr)
         if cfg.from_prompt is not None:
             figures.update(from_prompt=cfg.from_prompt)
+        kept = {}  # going on: what the version said about itself stays (its sampling defaults, its description)
+        if self.going_on is not None:
+            kept = {k: self.going_on.meta[k] for k in ("generation", "description") if k in self.going_on.meta}
+            if "from_prompt" in self.going_on.meta.get("metrics", {}):
+                figures.setdefault("from_prompt", self.going_on.meta["metrics"]["from_prompt"])
         artifact = make_artifact(
             best_rows.float(),
             template=self.template_source,
@@ -360,6 +365,7 @@ class PromptTrainer:
             head=None if best_head is None else tuple(t.float() for t in best_head),
             metrics=figures,
             **(self._pooling_meta() if best_head is not None else {}),
+            **kept,
         )
         yield Done(TrainResult(artifact=artifact, history=history))
 

@@ -32,8 +32,9 @@ class HandWritten:
     labels: tuple[tuple[str, str], ...] = ()  # classify: (label, verbalizer) pairs
 
 
-def handwritten_prompt(hand: HandWritten, loaded: LoadedModel) -> TaskPrompt:
-    """The prompt of a hand-written template, checked as an upload is."""
+def handwritten_prompt(hand: HandWritten, loaded: LoadedModel, max_labels: int, max_rows: int) -> TaskPrompt:
+    """The prompt of a hand-written template, checked as an upload is (the
+    server's label and prompt-row limits too)."""
     try:
         template = parse_template(hand.template)
     except InvalidRequest as e:
@@ -44,7 +45,18 @@ def handwritten_prompt(hand: HandWritten, loaded: LoadedModel) -> TaskPrompt:
         raise InvalidRequest("the template has no field such as {input} for the request's text", "template")
     if hand.task_type == "classify" and not hand.labels:
         raise InvalidRequest("a classify prompt needs labels: label -> verbalizer", "labels")
-    source, start = prompt_from_text(hand.template, loaded.tokenizer)
+    if len(hand.labels) > max_labels:
+        raise InvalidRequest(f"{len(hand.labels)} labels; this server allows at most {max_labels}", "labels")
+    try:
+        source, start = prompt_from_text(hand.template, loaded.tokenizer)
+    except InvalidRequest:
+        raise InvalidRequest("the template has no words besides its fields", "template") from None
+    if len(start) > max_rows:
+        raise InvalidRequest(f"the template's words are {len(start)} tokens; this server allows at most {max_rows} "
+                             "prompt rows", "template")  # fmt: skip
+    if max(start) >= loaded.vocab_size:  # a tokenizer with ids past the embedding rows
+        raise InvalidRequest(f"the template tokenizes to id {max(start)}, outside the model's {loaded.vocab_size} "
+                             "rows", "template")  # fmt: skip
     weight = loaded.model.get_input_embeddings().weight
     rows = weight[list(start)].detach().float().cpu()
     # checked as an upload is (labels and verbalizers, the model's limits): refusals are 422s

@@ -129,7 +129,8 @@ class Inference:
                 "checked before tokenizing"
             )
         if isinstance(task_id, HandWritten):
-            prompt = handwritten_prompt(task_id, self.loaded)
+            limits = self.settings.max_labels, self.settings.max_virtual_tokens
+            prompt = handwritten_prompt(task_id, self.loaded, *limits)
         else:
             prompt = self.prompts.get(task_id)
         if prompt.task_type != task_type:

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
                                "inference runs (with none running, training takes all of it)")  # fmt: skip
     train_micro_batch_size: int = Field(1, ge=1, description="examples per training pass while inference runs: "
                                         "how long a pass holds up the running rows (idle: whole batches)")  # fmt: skip
+    train_idle_pass_size: int = Field(16, ge=1, description="examples per training pass while no inference "
+                                      "runs, at most (a whole batch up to this: memory grows with it)")  # fmt: skip
     max_queued_jobs: int = Field(8, ge=1, description="fine-tuning jobs waiting on one server; beyond: 429")
     max_job_example_passes: int = Field(200_000, ge=1, description="epochs x training examples of one job, at most")
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest training file")

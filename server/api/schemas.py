@@ -100,7 +100,8 @@ class CompletionRequest(BaseModel):
     max_tokens: Int | None = Field(16, description="OpenAI's default is 16")
     temperature: Float | None = None
     top_p: Float | None = None
-    top_k: Int | None = Field(None, description="not OpenAI's, as vLLM takes it: keep the k most likely tokens")
+    top_k: Int | None = Field(None, description="not OpenAI's, as vLLM takes it: keep the k most likely tokens "
+                              "(0 or -1: off)")  # fmt: skip
     stop: str | list[str] | None = None
     seed: Int | None = None
     stream: Bool = False
@@ -134,4 +135,4 @@ class CompletionRequest(BaseModel):
 
     def sampling_overrides(self) -> dict:
         return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "stop": self.stop, "seed": self.seed}  # fmt: skip
+                "top_k": 0 if self.top_k == -1 else self.top_k, "stop": self.stop, "seed": self.seed}  # fmt: skip

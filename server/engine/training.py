@@ -16,8 +16,9 @@ runs those passes too, and decides when:
 A pass is one forward (and backward) pass over a few examples, so the running
 rows wait for at most one pass. Its size follows the load: while inference is
 busy, `busy_pass_size` examples (PTSERVE_TRAIN_MICRO_BATCH_SIZE: as short a
-pass as the trainer has); when idle, the run's own size (a whole batch: fewer,
-larger passes train faster).
+pass as the trainer has); when idle, a whole batch up to `idle_pass_size`
+(PTSERVE_TRAIN_IDLE_PASS_SIZE: fewer, larger passes train faster, and take
+more memory).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TrainingRun:
 
     events: Iterator | None = None
     busy_pass_size: int | None = None  # examples per pass while inference is busy (None: the run's own)
+    idle_pass_size: int | None = None  # examples per pass when idle, at most (None: the run's own, a whole batch)
     id: int = 0  # the scheduler's, as for a request: its Output records carry it
     _size: int | None = None  # the pass about to run may take this many examples
 
@@ -49,7 +51,7 @@ class TrainingRun:
     def step(self, busy: bool = False):
         """One pass, sized for the load; -> the event it yielded. Grad on: the
         scheduler's inference runs without."""
-        self._size = self.busy_pass_size if busy else None
+        self._size = self.busy_pass_size if busy else self.idle_pass_size
         with torch.inference_mode(False), torch.enable_grad():
             return next(self.events)
 

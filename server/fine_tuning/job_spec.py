@@ -55,8 +55,8 @@ def check_job(body: dict, base_model: str, loaded, files: Files, tasks, settings
     config = {"task_type": task_type, "labels": labels, "template": template,
               "from_prompt": body.get("from_prompt"), "encoder": body.get("encoder") or "lstm",
               "epochs": epochs, "batch_size": batch, "lr": DEFAULTS["lr"] * mult, "seed": seed}  # fmt: skip
-    if going_on is not None and "head_pooling" in going_on.meta:
-        config["head_pooling"] = going_on.meta["head_pooling"]
+    if going_on is not None and going_on.head is not None:
+        config["head_pooling"] = going_on.head_pooling  # as the version is served (absent: "mask")
     try:
         trainer = PromptTrainer(loaded, TrainConfig(**config, progress=False), going_on)
     except TypeError as e:
@@ -94,13 +94,13 @@ def going_on_from(model, base_model: str, tasks, body: dict) -> PromptArtifact:
     """A job whose `model` is a task: it goes on from the task's current
     version, with that version's template, task type and labels."""
     if not isinstance(model, str) or not is_task_id(model):
-        raise InvalidRequest(f"model must be the served base model {base_model!r} or a task id (GET /v1/models), "
+        raise InvalidRequest(f"model must be the served base model {base_model!r} or a task id (GET /v1/tasks), "
                              f"got {model!r}", "model")  # fmt: skip
     try:
         stored = tasks.artifact(model)
     except NotFound:
-        raise InvalidRequest(f"model {model!r} is neither the served base model {base_model!r} nor a stored task "
-                             "(GET /v1/models)", "model") from None  # fmt: skip
+        raise InvalidRequest(f"model {model!r} is neither the served base model {base_model!r} (GET /v1/models) nor "
+                             "a stored task (GET /v1/tasks)", "model") from None  # fmt: skip
     for key in ("template", "from_prompt", "labels", "task_type"):
         if body.get(key) is not None:
             raise InvalidRequest(f"model {model!r} is a task: the job goes on from its version {stored.version} with "

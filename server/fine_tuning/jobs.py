@@ -114,7 +114,8 @@ class Jobs:
     def stats(self) -> dict:
         """This replica's jobs now, and what training has cost the model since startup."""
         share = self.inference.scheduler.share
-        return {"running": self._running[0] if self._running else None, "queued": len(self._waiting),
+        running = self._running  # one read: the event loop may clear it meanwhile (a scrape runs on a worker)
+        return {"running": running[0] if running else None, "queued": len(self._waiting),
                 "training_passes": share.passes, "training_seconds": share.training_seconds,
                 "inference_seconds": share.inference_seconds}  # fmt: skip
 
@@ -184,7 +185,10 @@ class Jobs:
             if job_id in self._cancelled:  # cancelled while it was prepared
                 out = Output(0, error=Abandoned("the training run was cancelled"))
             else:
-                run = TrainingRun(busy_pass_size=self.settings.train_micro_batch_size)
+                run = TrainingRun(
+                    busy_pass_size=self.settings.train_micro_batch_size,
+                    idle_pass_size=self.settings.train_idle_pass_size,
+                )
                 run.events = passes(trainer, train, dev, current, run.pass_size)
                 run_id = self.inference.scheduler.submit_training(run)
                 queue = self.inference.router.open(run_id)

@@ -461,7 +461,8 @@ async function poll() {
   const tokens = Object.values(stats.batches.generated_tokens ?? {}).reduce((a, b) => a + b, 0);
   if (last) {
     const seconds = (now - last.at) / 1000;
-    push("tokens/s", (tokens - last.tokens) / seconds);
+    // a deleted task's count leaves the sum: no rate for that interval rather than a negative one
+    push("tokens/s", tokens >= last.tokens ? (tokens - last.tokens) / seconds : null);
     push("running rows", stats.running ?? 0);
     push("queue", stats.queue_depth);
     push("prompt-cache hits %", rate(stats.prompt_cache, last.stats.prompt_cache));

@@ -333,6 +333,7 @@ def test_training_goes_on_from_a_trained_prompt(model_dirs, family):
     config = TrainConfig(labels=labels, template=template, epochs=2, progress=False)
     train, dev = examples(32, 0), examples(16, 1)
     first = PromptTrainer(loaded, config).fit(train, dev).artifact
+    first.meta.update(generation={"max_new_tokens": 8}, description="the first version")  # what it says of itself
     # a rate so small that no step changes a float32 value: the epoch scores exactly as epoch 0 (1e-9 moved the
     # dev loss by rounding, either way depending on the thread count)
     tiny = 1e-45
@@ -343,6 +344,7 @@ def test_training_goes_on_from_a_trained_prompt(model_dirs, family):
     assert kept.meta["metrics"]["best_epoch"] == 0  # an epoch that only ties does not beat where it began
     assert kept.meta["metrics"]["start_dev_loss"] == pytest.approx(first.meta["metrics"]["dev_loss"], rel=1e-6)
     assert torch.equal(kept.embeddings, first.embeddings)
+    assert (kept.meta["generation"], kept.meta["description"]) == ({"max_new_tokens": 8}, "the first version")
     assert (kept.head is None) == (family == "causal")
     if kept.head is not None:
         assert all(torch.equal(a, b) for a, b in zip(kept.head, first.head))

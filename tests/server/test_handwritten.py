@@ -26,7 +26,7 @@ def words_artifact(loaded, task_type, labels=None):
 
 
 def test_the_rows_are_the_words_own_embeddings(gpt2):
-    prompt = handwritten_prompt(HandWritten(MANUAL, "generate"), gpt2)
+    prompt = handwritten_prompt(HandWritten(MANUAL, "generate"), gpt2, max_labels=256, max_rows=512)
     twin = words_artifact(gpt2, "generate")
     assert prompt.template.source == twin.meta["template"]
     assert torch.equal(prompt.rows.float(), twin.embeddings)
@@ -34,7 +34,7 @@ def test_the_rows_are_the_words_own_embeddings(gpt2):
 
 
 def test_answers_equal_the_stored_twins_and_bad_prompts_are_422(gpt2, tmp_path):
-    with live_server(gpt2, str(tmp_path)) as server:
+    with live_server(gpt2, str(tmp_path), max_labels=2) as server:
         for task, artifact in (("gen", words_artifact(gpt2, "generate")),
                                ("cls", words_artifact(gpt2, "classify", LABELS))):  # fmt: skip
             assert httpx.put(f"{server.url}/v1/tasks/{task}", content=artifact_bytes(artifact)).status_code == 201
@@ -61,6 +61,11 @@ def test_answers_equal_the_stored_twins_and_bad_prompts_are_422(gpt2, tmp_path):
         assert r.status_code == 422 and "verbalizer" in r.text
         r = httpx.post(f"{server.url}/v1/handwritten/classify", json={"input": "x", "template": MANUAL})
         assert r.status_code == 422  # labels are required
+        many = {"input": "x", "template": MANUAL, "labels": {"a": " a", "b": " b", "c": " c"}}  # the upload limits hold
+        r = httpx.post(f"{server.url}/v1/handwritten/classify", json=many)
+        assert r.status_code == 422 and r.json()["detail"] == "3 labels; this server allows at most 2"
+        r = httpx.post(f"{server.url}/v1/handwritten/generate", json={"input": "x", "template": "{input}"})
+        assert r.status_code == 422 and r.json()["detail"] == "the template has no words besides its fields"
         huge = "word " * 20_000 + "{input}"  # 100,007 characters, and the input's 1: refused before tokenizing
         r = httpx.post(f"{server.url}/v1/handwritten/generate", json={"input": "x", "template": huge})
         assert r.status_code == 422 and r.json()["detail"].startswith("input is 100008 characters; the limit is")

@@ -114,11 +114,11 @@ def test_inference_is_token_exact_before_during_and_after_a_real_training_run(lo
 
 def test_passes_are_small_while_inference_runs_and_whole_when_idle(loaded, monkeypatch):
     """A pass asks the run its size: busy_pass_size while requests run (they
-    wait for the pass), the run's own size (None) once inference is quiet."""
+    wait for the pass), idle_pass_size (a whole batch up to it) once inference is quiet."""
     monkeypatch.setattr(training, "QUIET_S", 0.0)  # quiet as soon as no request runs or waits
     s = scheduler_for(loaded, share=1.0)  # every iteration may train: the sizes alone are under test
     collected, asked = s.collect(), []
-    run = TrainingRun(busy_pass_size=1)
+    run = TrainingRun(busy_pass_size=1, idle_pass_size=8)
 
     def sized():
         while True:
@@ -130,7 +130,7 @@ def test_passes_are_small_while_inference_runs_and_whole_when_idle(loaded, monke
     drive(s, generate_requests(loaded, 2), collected=collected)
     assert {size for running, size in asked if running} == {1}
     s.iteration()
-    assert asked[-1] == (False, None)
+    assert asked[-1] == (False, 8)  # a whole batch, up to the idle cap
 
 
 def test_inference_counts_as_running_until_it_has_been_quiet(monkeypatch):
