@@ -221,7 +221,7 @@ class PromptTrainer:
             batch = items[done : done + ((pass_size and pass_size()) or self.config.batch_size)]
             with torch.no_grad():
                 loss, predicted = self._losses(rows, batch)
-            n = len(batch) if predicted is not None else sum(len(it.target) for it in batch)
+            n = self._loss_weight(batch)
             total, weight = total + float(loss) * n, weight + n
             if predicted is not None:
                 correct += sum(int(p) == it.target for p, it in zip(predicted.tolist(), batch))
