@@ -79,10 +79,12 @@ class FineTuningStore(ABC):
 def held(store: FineTuningStore, job: dict) -> bool:
     """Whether a job is active and the replica that took it still holds it (its
     lease has not run out); an active job that is not held: its server stopped."""
+    if job["status"] not in ACTIVE:  # an ended job: no lease to read
+        return False
     lease = store.lease(job["id"])
     if lease is None:  # a job written before leases were records of their own kept its lease in the job
         lease = job.get("ptserve", {}).get("lease_until", 0)
-    return job["status"] in ACTIVE and lease >= time.time()
+    return lease >= time.time()
 
 
 def newest_first(records: list[dict]) -> list[dict]:
