@@ -55,6 +55,15 @@ class TaskPrompt:
         return (self.task_id, self.version, self.digest)
 
 
+def check_limits(rows: int, labels: int, max_rows: int, max_labels: int) -> None:
+    """A prompt within a server's limits (PTSERVE_MAX_VIRTUAL_TOKENS, PTSERVE_MAX_LABELS):
+    checked before its verbalizers are tokenized or its rows placed."""
+    if rows > max_rows:
+        raise InvalidRequest(f"{rows} prompt rows; this server allows at most {max_rows}")
+    if labels > max_labels:
+        raise InvalidRequest(f"{labels} labels; this server allows at most {max_labels}")
+
+
 def task_prompt(
     task_id: str, version: int, artifact: PromptArtifact, loaded: LoadedModel, digest: str = ""
 ) -> TaskPrompt:

@@ -19,7 +19,7 @@ from prompt_store.artifact import make_artifact
 from prompt_store.template import parse_template
 from ptcore.errors import InvalidRequest
 from ptcore.model import LoadedModel
-from ptcore.task_prompt import TaskPrompt, task_prompt
+from ptcore.task_prompt import TaskPrompt, check_limits, task_prompt
 from ptuning.starting_template import prompt_from_text
 
 TASK_ID = "(hand-written)"  # what answers and records name it: no stored task can have this id
@@ -45,15 +45,11 @@ def handwritten_prompt(hand: HandWritten, loaded: LoadedModel, max_labels: int, 
         raise InvalidRequest("the template has no field such as {input} for the request's text", "template")
     if hand.task_type == "classify" and not hand.labels:
         raise InvalidRequest("a classify prompt needs labels: label -> verbalizer", "labels")
-    if len(hand.labels) > max_labels:
-        raise InvalidRequest(f"{len(hand.labels)} labels; this server allows at most {max_labels}", "labels")
     try:
         source, start = prompt_from_text(hand.template, loaded.tokenizer)
     except InvalidRequest:
         raise InvalidRequest("the template has no words besides its fields", "template") from None
-    if len(start) > max_rows:
-        raise InvalidRequest(f"the template's words are {len(start)} tokens; this server allows at most {max_rows} "
-                             "prompt rows", "template")  # fmt: skip
+    check_limits(len(start), len(hand.labels), max_rows, max_labels)  # the words are its rows, as an upload's
     if max(start) >= loaded.vocab_size:  # a tokenizer with ids past the embedding rows
         raise InvalidRequest(f"the template tokenizes to id {max(start)}, outside the model's {loaded.vocab_size} "
                              "rows", "template")  # fmt: skip

@@ -10,9 +10,9 @@ import logging
 from prompt_store.artifact import artifact_bytes, read_artifact
 from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, StoredPrompt, check_task_id
-from ptcore.errors import InvalidRequest, TaskNotFound
+from ptcore.errors import TaskNotFound
 from ptcore.model import LoadedModel, default_bos_token
-from ptcore.task_prompt import task_prompt
+from ptcore.task_prompt import check_limits, task_prompt
 from server.engine.stats import BatchStats
 from server.inference import Inference
 from server.prompt_cache import PromptCache
@@ -38,12 +38,9 @@ class TaskManager:
         Anything wrong raises before the store is touched. -> the task's summary."""
         check_task_id(task_id)
         artifact = read_artifact(data, self.settings.max_artifact_bytes)
-        rows, limit = artifact.embeddings.shape[0], self.settings.max_virtual_tokens
-        if rows > limit:
-            raise InvalidRequest(f"{rows} prompt rows; this server allows at most {limit}")
+        check_limits(artifact.embeddings.shape[0], len(artifact.labels or {}), self.settings.max_virtual_tokens,
+                     self.settings.max_labels)  # fmt: skip
         prompt = task_prompt(task_id, 0, artifact, self.loaded)  # fits the model; verbalizers tokenize
-        if prompt.labels and len(prompt.labels) > self.settings.max_labels:
-            raise InvalidRequest(f"{len(prompt.labels)} labels; this server allows at most {self.settings.max_labels}")
         if prompt.task_type == "generate":
             self.inference.check_generation_defaults(prompt)
         summary = self.store.put(task_id, data)
