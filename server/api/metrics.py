@@ -29,7 +29,6 @@ class Metrics:
         self.latency = Histogram("ptserve_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.registry.register(_EngineCollector(engine_of))
-
         self.engine_of = engine_of
         self._tasks: set[str] = set()  # task labels the request series were given
         self._lock = threading.Lock()  # _tasks: the event loop adds, a scrape's worker thread reads

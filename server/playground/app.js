@@ -58,9 +58,14 @@ function askToken(why) {
   return asking;
 }
 
+// an error as the page shows it: the server's own words (after `refused`), or what failed here
+function describe(error, refused = "") {
+  return error instanceof ServerError ? `${refused}${error.message}` : `Error: ${error.message ?? error}`;
+}
+
 function showError(error) {
   const box = $("#error");
-  box.textContent = error instanceof ServerError ? error.message : `Error: ${error.message ?? error}`;
+  box.textContent = describe(error);
   box.hidden = false;
 }
 
@@ -227,7 +232,7 @@ async function answer(task, allInputs, params, out) {
       await generate(task, fields, params, out);
     }
   } catch (error) {
-    out.append(element("p", error instanceof ServerError ? error.message : `Error: ${error.message}`, { class: "failed" }));
+    out.append(element("p", describe(error), { class: "failed" }));
   } finally {
     out.classList.remove("busy");
   }
@@ -318,7 +323,7 @@ async function upload(event) {
     await loadTasks();
   } catch (error) {
     result.className = "failed";
-    result.textContent = error instanceof ServerError ? `Refused: ${error.message}` : `Error: ${error.message}`;
+    result.textContent = describe(error, "Refused: ");
   }
 }
 
@@ -367,7 +372,7 @@ async function startTraining(event) {
     followJob();
   } catch (error) {
     status.className = "failed";
-    status.textContent = error instanceof ServerError ? `Refused: ${error.message}` : `Error: ${error.message}`;
+    status.textContent = describe(error, "Refused: ");
   }
 }
 
