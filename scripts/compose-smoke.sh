@@ -17,7 +17,11 @@
 #      prompts: quicker (no download, no conversion);
 #   5. restart the server container: the prompts are still served (from Redis),
 #      with the same answers, and the default model is not converted again;
-#   6. tear down its own containers, volumes, images, and the dockerd it started.
+#   6. a fine-tuning job through nginx (`ptserve jobs create`, one epoch of the
+#      sentiment example): the container trains on the model it serves, stores
+#      the task in Redis, and classifies with it; the playground (GET /) and
+#      /docs' files are served from the installed package;
+#   7. tear down its own containers, volumes, images, and the dockerd it started.
 #
 #   sudo bash scripts/compose-smoke.sh [--tiny]   # 5-15 minutes; needs `ptserve` on PATH (README install)
 set -euo pipefail
@@ -170,6 +174,23 @@ echo "$after"
 curl -sS "$url/v1/tasks" | python3 -c 'import json,sys; print([(t["task_id"], t["version"]) for t in json.load(sys.stdin)])'
 if [ "$before" != "$after" ]; then echo "FAIL: the answers changed across the restart"; exit 1; fi
 echo "OK: same answers from the same stored prompts after the restart"
+
+say "a fine-tuning job in the container, through nginx (ptserve jobs create: one epoch of the sentiment example)"
+job=$(ptserve jobs create --url "$url" --data examples/sentiment/train.jsonl --dev examples/sentiment/dev.jsonl \
+    --task-id smoke-job --labels '{"positive": " positive", "negative": " negative"}' \
+    --from-prompt "Review: {input} Sentiment:" --epochs 1 --lr-multiplier 0.1 --promote always 2>&1 | tail -n 1)
+echo "$job"
+if [ "$job" != "succeeded: fine_tuned_model=smoke-job" ]; then echo "FAIL: the fine-tuning job did not store its task"; exit 1; fi
+curl -fsS -X POST "$url/v1/tasks/smoke-job/classify" -H 'content-type: application/json' \
+    -d '{"input": "A fine film"}' | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["version"] == 1, r; print(r)'
+echo "OK: the image trains a prompt on the model it serves and serves the new task"
+
+say "the playground and /docs, from the installed package"
+curl -fsS -D - -o /dev/null "$url/" | grep -qi "^content-security-policy: default-src 'self'" \
+    || { echo "FAIL: GET / has no strict Content-Security-Policy"; exit 1; }
+curl -fsS -o /dev/null "$url/ui/app.js" && curl -fsS -o /dev/null "$url/static-offline-docs/swagger-ui-bundle.js" \
+    || { echo "FAIL: the playground's or /docs' files are missing from the image"; exit 1; }
+echo "OK: GET / (with its CSP), its script and Swagger UI's are served by the image"
 if [ "$model" = default ]; then
     conversions=$("${compose[@]}" logs ptserve | grep -c "ptcore.model_source: converting " || true)
     if [ "$conversions" != 1 ]; then echo "FAIL: the default model was converted $conversions times, not once"; exit 1; fi
