@@ -169,10 +169,14 @@ class PromptTrainer:
         rows = rows.to(self.loaded.device, self.loaded.dtype)
         return (yield from self._evaluating(rows, self._items(examples), 0, pass_size))
 
-    def check(self, examples: list[Example]) -> None:
+    def check(self, examples: list[Example], max_tokens: int | None = None) -> None:
         """Refuse examples this trainer (and the server, at upload) would refuse,
-        naming the line, before any training runs."""
-        self._items(examples)
+        naming the line, before any training runs; with `max_tokens`, also an
+        example whose training pass would feed the model more tokens."""
+        for ex, item in zip(examples, self._items(examples)):
+            if max_tokens is not None and item.tokens > max_tokens:
+                raise DataError(f"line {ex.line}: {item.tokens} tokens (input and output, rendered); the limit is "
+                                f"{max_tokens}")  # fmt: skip
 
     def _rows(self) -> torch.Tensor:
         return self.encoder().to(self.loaded.dtype)  # [m, H]

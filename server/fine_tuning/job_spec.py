@@ -66,10 +66,10 @@ def check_job(body: dict, base_model: str, loaded, files: Files, tasks, settings
         where = "from_prompt" if cfg.from_prompt is not None else "template"
         raise InvalidRequest(f"{where} {trainer.template_source!r} has no field such as {{input}} for the "
                              "examples' text", where)  # fmt: skip
-    train = job_examples(files, body.get("training_file"), trainer, "training_file")
+    train = job_examples(files, body.get("training_file"), trainer, "training_file", settings.max_input_tokens)
     dev: list = []
     if body.get("validation_file") is not None:
-        dev = job_examples(files, body["validation_file"], trainer, "validation_file")
+        dev = job_examples(files, body["validation_file"], trainer, "validation_file", settings.max_input_tokens)
     else:  # a quarter of the training file is held out; it must leave both parts non-empty
         try:
             split_dev(train, 0.25, seed)
@@ -108,16 +108,17 @@ def going_on_from(model, base_model: str, tasks, body: dict) -> PromptArtifact:
     return read_artifact(stored.data)
 
 
-def job_examples(files: Files, file_id, trainer: PromptTrainer, param: str) -> list[Example]:
+def job_examples(files: Files, file_id, trainer: PromptTrainer, param: str, max_tokens: int) -> list[Example]:
     """The examples of a training or validation file, checked as the trainer (and
-    the server, at upload) would check them."""
+    the server, at upload) would check them, each at most `max_tokens` tokens
+    (PTSERVE_MAX_INPUT_TOKENS, as a request)."""
     config = trainer.config
     if not isinstance(file_id, str):
         raise InvalidRequest(f"{param} must be a file id from POST /v1/files", param)
     try:
         text = files.content(file_id).decode("utf-8")
         examples = parse_examples(text.splitlines(), file_id, trainer.template, config.task_type, config.labels)
-        trainer.check(examples)
+        trainer.check(examples, max_tokens)
     except NotFound:
         raise InvalidRequest(f"{param}: no file {file_id!r}", param) from None
     except InvalidRequest as e:

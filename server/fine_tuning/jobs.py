@@ -236,9 +236,10 @@ class Jobs:
             going_on = read_artifact(stored.data)
             self._event(job["id"], "info", f"Going on from version {stored.version} of task {stored.task_id!r}")
         trainer = PromptTrainer(self.loaded, config, going_on)
-        train = job_examples(self.files, job["training_file"], trainer, "training_file")
+        limit = self.settings.max_input_tokens
+        train = job_examples(self.files, job["training_file"], trainer, "training_file", limit)
         if job["validation_file"]:
-            dev = job_examples(self.files, job["validation_file"], trainer, "validation_file")
+            dev = job_examples(self.files, job["validation_file"], trainer, "validation_file", limit)
         else:
             train, dev = split_dev(train, 0.25, config.seed)
         return trainer, train, dev

@@ -313,3 +313,19 @@ def test_old_files_expire_but_never_one_a_job_still_reads(tiny_model_dirs, tmp_p
         client.fine_tuning.jobs.cancel(job.id)
         finished(client, job.id)
         assert client.files.delete(read).deleted and ids() == {third}
+
+
+def test_an_example_longer_than_a_request_may_be_is_refused_naming_its_line(tiny_model_dirs, tmp_path):
+    """PTSERVE_MAX_INPUT_TOKENS bounds a training example as it bounds a request."""
+    model = str(tiny_model_dirs["llama"])
+    settings = Settings(model=model, store=str(tmp_path), max_input_tokens=12)
+    loaded = load_model(model, device="cpu", dtype="float32")
+    rows = [{"input": "w", "output": " a"}, {"input": "w " * 30, "output": " a"}] * 4
+    with LiveServer(create_app(settings, loaded)) as server:
+        upload = {"file": ("t.jsonl", jsonl(rows))}
+        f = httpx.post(f"{server.url}/v1/files", files=upload, data={"purpose": "fine-tune"})
+        body = {"model": loaded.info["name_or_path"], "training_file": f.json()["id"], "suffix": "long"}
+        r = httpx.post(f"{server.url}/v1/fine_tuning/jobs", json=body)
+    assert (r.status_code, r.json()["param"]) == (422, "training_file")
+    detail = r.json()["detail"]
+    assert detail.startswith("line 2: ") and detail.endswith(" tokens (input and output, rendered); the limit is 12")
