@@ -1,8 +1,9 @@
 """The embedded default store: one directory on disk.
 
 Layout, per task `ROOT/<task_id>/`:
-- `<version>.<digest>.safetensors`: the latest version (digest: sha256 of its
-  bytes, see store.py), so one directory listing tells a prompt's identity;
+- `<version>.<digest>.safetensors`: one file per kept version, the highest
+  the latest (digest: sha256 of its bytes, see store.py), so one directory
+  listing tells every kept prompt's identity;
   stores written before digests were named `<version>.safetensors`, and those
   files are still read (their digest is computed from their bytes);
 - `.version`: the highest version given before the last delete, so versions
@@ -14,7 +15,7 @@ Layout, per task `ROOT/<task_id>/`:
 A put publishes with ONE rename: the bytes go to a temporary file (`.tmp-*`),
 which is fsynced, renamed to its final name, and the directory fsynced. Any
 failure before the end removes what it made, so the previous version stays
-whole and served; older versions are removed only afterwards. Temporary files
+whole and served; versions past keep_versions are removed only afterwards. Temporary files
 left by a killed server are removed when the store is next opened.
 """
 
@@ -30,7 +31,16 @@ from pathlib import Path
 
 from .artifact import read_header, summarize
 from .errors import ArtifactError, StoreOutcomeUnknown, StoreUnavailable
-from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of, is_task_id
+from .store import (
+    DEFAULT_KEEP_VERSIONS,
+    PromptIdentity,
+    PromptStore,
+    StoredPrompt,
+    check_keep_versions,
+    check_task_id,
+    digest_of,
+    is_task_id,
+)
 
 _SUFFIX = ".safetensors"
 _TEMPORARY = ".tmp-"
@@ -64,6 +74,13 @@ def _files(d: Path) -> list[_File]:
     return sorted((f for f in map(_parse, names) if f is not None), key=lambda f: f.version)
 
 
+def _pick(files: list[_File], version: int | None) -> _File | None:
+    """The latest of `files` (None: version), or the one of `version`; None if absent."""
+    if version is None:
+        return files[-1] if files else None
+    return next((f for f in files if f.version == version), None)
+
+
 def _write_file(path: Path, data: bytes) -> None:
     """`path` ends up either unchanged or holding all of `data`, fsynced; no
     temporary file is left either way."""
@@ -92,8 +109,9 @@ def _sync_dir(d: Path) -> None:
 
 
 class DiskStore(PromptStore):
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, keep_versions: int = DEFAULT_KEEP_VERSIONS):
         self.root = Path(root)
+        self.keep_versions = check_keep_versions(keep_versions)
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
 
@@ -180,11 +198,12 @@ class DiskStore(PromptStore):
             except OSError:
                 self._take_back(path)
                 raise
-            for old in files:  # newest last: a failure here leaves the new version served
-                try:
+            for old in files[: max(0, len(files) - (self.keep_versions - 1))]:  # oldest first: what is left is
+                try:  # always the newest
                     (d / old.name).unlink(missing_ok=True)
                 except OSError as e:
                     log.warning("prompt store: cannot remove the old version %s: %s", d / old.name, e)
+                    break
         return {**summary, "version": version}
 
     @staticmethod
@@ -223,40 +242,55 @@ class DiskStore(PromptStore):
 
     # -- reads -------------------------------------------------------------
 
-    def _read(self, task_id: str) -> StoredPrompt | None:
+    def _read(self, task_id: str, version: int | None = None) -> tuple[StoredPrompt | None, list[_File]]:
+        """The latest version (or `version`), and the listing it was found in."""
         d = self._dir(task_id)
         # A concurrent put may remove the file between listing and reading: retry.
         for _ in range(5):
             files = _files(d)
-            if not files:
-                return None
-            latest = files[-1]
+            found = _pick(files, version)
+            if found is None:
+                return None, files
             try:
-                data = (d / latest.name).read_bytes()
+                data = (d / found.name).read_bytes()
             except FileNotFoundError:
                 continue
-            return StoredPrompt(task_id, latest.version, data, latest.digest or digest_of(data))
+            return StoredPrompt(task_id, found.version, data, found.digest or digest_of(data)), files
         raise StoreUnavailable(f"task {task_id!r} kept changing while being read")
 
-    def get(self, task_id: str) -> StoredPrompt | None:
+    def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
         with self._faults("read the task"):
-            return self._read(task_id)
+            return self._read(task_id, version)[0]
 
-    def identity(self, task_id: str) -> PromptIdentity | None:
+    def identity(self, task_id: str, version: int | None = None) -> PromptIdentity | None:
         with self._faults("read the task"):
-            files = _files(self._dir(task_id))
-            if files and files[-1].digest is not None:
-                return PromptIdentity(files[-1].version, files[-1].digest)
-            stored = self._read(task_id)  # no file, or one named before digests were
+            found = _pick(_files(self._dir(task_id)), version)
+            if found is not None and found.digest is not None:
+                return PromptIdentity(found.version, found.digest)
+            stored = self._read(task_id, version)[0]  # no file, or one named before digests were
             return None if stored is None else stored.identity
 
     def _summary(self, task_id: str) -> dict | None:
-        stored = self._read(task_id)
-        return summarize(task_id, stored.version, read_header(stored.data)) if stored else None
+        stored, files = self._read(task_id)
+        if stored is None:
+            return None
+        versions = [f.version for f in reversed(files) if f.version <= stored.version]
+        return {**summarize(task_id, stored.version, read_header(stored.data)), "versions": versions}
 
     def summary(self, task_id: str) -> dict | None:
         with self._faults("read the task"):
             return self._summary(task_id)
+
+    def versions(self, task_id: str) -> list[dict] | None:
+        """A version removed while this reads (pushed out by a put) is left out."""
+        out = []
+        with self._faults("read the task"):
+            files = _files(self._dir(task_id))
+            for f in reversed(files):
+                stored = self._read(task_id, f.version)[0]
+                if stored is not None:
+                    out.append(summarize(task_id, f.version, read_header(stored.data)))
+        return out or None
 
     def list(self) -> list[dict]:
         """Every task; entries that are not task directories (lost+found, a

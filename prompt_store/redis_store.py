@@ -1,14 +1,18 @@
 """The shared store: Redis (redis-py), for several servers or docker-compose.
 
 Keys, under a prefix (default `ptserve`):
-- `{p}:task:{id}`    hash {version, digest, artifact, summary}: the latest version;
+- `{p}:task:{id}`    hash {version, digest, artifact, summary, kept}: the latest
+                     version, and `kept`, the older versions kept (newest
+                     first, comma-separated), each as fields `v{N}:digest`,
+                     `v{N}:artifact`, `v{N}:summary`: one key holds the whole
+                     task, so a delete is one DEL;
 - `{p}:version:{id}` counter of versions ever given (kept after a delete);
 - `{p}:tasks`        set of task ids that exist;
 - `{p}:changed`      a channel: each put that makes a version, and each
                      delete, publishes the task id (see redis_invalidation).
-A put is one Lua script (bump counter + write hash + add to set), so concurrent
-puts from many servers get distinct versions and the hash always holds the
-highest one. The script is declared with a shebang, so Redis refuses it whole
+A put is one Lua script (bump counter + move the latest to the kept fields +
+write hash + add to set), so concurrent puts from many servers get distinct
+versions and the hash always holds the highest one. The script is declared with a shebang, so Redis refuses it whole
 when out of memory instead of failing halfway, and it makes no new version when
 the hash already holds the same bytes (digest).
 
@@ -30,17 +34,42 @@ from .artifact import read_header, summarize
 from .errors import StoreOutcomeUnknown, StoreUnavailable
 from .redis_connect import connect
 from .redis_invalidation import IdentityWatcher
-from .store import PromptIdentity, PromptStore, StoredPrompt, check_task_id, digest_of
+from .store import (
+    DEFAULT_KEEP_VERSIONS,
+    PromptIdentity,
+    PromptStore,
+    StoredPrompt,
+    check_keep_versions,
+    check_task_id,
+    digest_of,
+)
 
 log = logging.getLogger(__name__)
 
-# KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest, channel
+# KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest, channel, versions to keep
 _PUT = """#!lua
-if redis.call('HGET', KEYS[2], 'digest') == ARGV[4] then
-  return tonumber(redis.call('HGET', KEYS[2], 'version'))
+local h = KEYS[2]
+if redis.call('HGET', h, 'digest') == ARGV[4] then
+  return tonumber(redis.call('HGET', h, 'version'))
 end
 local v = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[2], 'version', v, 'digest', ARGV[4], 'artifact', ARGV[1], 'summary', ARGV[2])
+local old = redis.call('HMGET', h, 'version', 'digest', 'artifact', 'summary', 'kept')
+local kept = {}
+if old[5] then
+  for n in string.gmatch(old[5], '%d+') do table.insert(kept, n) end
+end
+local older = tonumber(ARGV[6]) - 1
+if old[1] and older > 0 then
+  local p = 'v' .. old[1] .. ':'
+  redis.call('HSET', h, p .. 'digest', old[2] or '', p .. 'artifact', old[3], p .. 'summary', old[4])
+  table.insert(kept, 1, old[1])
+end
+while #kept > older do
+  local p = 'v' .. table.remove(kept) .. ':'
+  redis.call('HDEL', h, p .. 'digest', p .. 'artifact', p .. 'summary')
+end
+redis.call('HSET', h, 'version', v, 'digest', ARGV[4], 'artifact', ARGV[1], 'summary', ARGV[2],
+           'kept', table.concat(kept, ','))
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return v
@@ -53,6 +82,21 @@ local n = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1])
 return n
+"""
+
+
+# KEYS: task hash; ARGV: version, "1" to include the artifact. -> {version, digest, artifact?}, or nil
+# when the task does not keep that version. A digest is false in records written before digests were
+_READ_VERSION = """#!lua flags=no-writes
+local h = KEYS[1]
+local latest = redis.call('HGET', h, 'version')
+if not latest then return false end
+local p = ''
+if latest ~= ARGV[1] then p = 'v' .. ARGV[1] .. ':' end
+local found = redis.call('HMGET', h, p .. 'digest', p .. (ARGV[2] == '1' and 'artifact' or 'digest'))
+if p ~= '' and not found[1] then return false end
+if ARGV[2] ~= '1' then found[2] = false end
+return {ARGV[1], found[1], found[2]}
 """
 
 
@@ -69,11 +113,14 @@ def _unavailable(e: Exception) -> StoreUnavailable:
 
 
 class RedisStore(PromptStore):
-    def __init__(self, url: str, prefix: str = "ptserve", identity_max_lag: float = 0.5):
+    def __init__(self, url: str, prefix: str = "ptserve", identity_max_lag: float = 0.5,
+                 keep_versions: int = DEFAULT_KEEP_VERSIONS):  # fmt: skip
         """`url` may set `socket_timeout` / `socket_connect_timeout` (seconds, default 5).
-        `identity_max_lag`: see redis_invalidation; 0 reads every identity from Redis."""
+        `identity_max_lag`: see redis_invalidation (the latest version's identity
+        only); 0 reads every identity from Redis."""
         self.url = url
         self.prefix = prefix
+        self.keep_versions = check_keep_versions(keep_versions)
         self._redis = connect(url, socket_timeout=5, socket_connect_timeout=5)
         self._watcher = (
             IdentityWatcher(self._redis.connection_pool, f"{prefix}:changed", identity_max_lag)
@@ -142,7 +189,8 @@ class RedisStore(PromptStore):
         summary = summarize(task_id, 0, header)
         keys = [f"{self.prefix}:version:{check_task_id(task_id)}", self._task_key(task_id), f"{self.prefix}:tasks"]
         channel = f"{self.prefix}:changed"
-        version = self._run_write(task_id, _PUT, keys, [data, json.dumps(summary), task_id, digest_of(data), channel])
+        args = [data, json.dumps(summary), task_id, digest_of(data), channel, self.keep_versions]
+        version = self._run_write(task_id, _PUT, keys, args)
         return {**summary, "version": version}
 
     def _hmget(self, task_id: str, *fields: str) -> list:
@@ -151,16 +199,36 @@ class RedisStore(PromptStore):
         except redis.RedisError as e:
             raise _unavailable(e) from None
 
-    def get(self, task_id: str) -> StoredPrompt | None:
-        version, digest, data = self._hmget(task_id, "version", "digest", "artifact")
+    def _read_version(self, task_id: str, version: int, artifact: bool) -> list | None:
+        """[version, digest or None, artifact or None] of a kept version, or None, in one call."""
+        try:
+            found = self._redis.eval(_READ_VERSION, 1, self._task_key(task_id), str(version), "1" if artifact else "0")
+        except redis.RedisError as e:
+            raise _unavailable(e) from None
+        return found or None
+
+    def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
+        if version is None:
+            version, digest, data = self._hmget(task_id, "version", "digest", "artifact")
+        else:
+            version, digest, data = self._read_version(task_id, version, artifact=True) or (None, None, None)
         if version is None:
             return None
         return StoredPrompt(task_id, int(version), data, digest.decode() if digest else digest_of(data))
 
-    def identity(self, task_id: str) -> PromptIdentity | None:
-        """From memory while the invalidation channel allows it
-        (redis_invalidation says when), else one HMGET."""
+    def identity(self, task_id: str, version: int | None = None) -> PromptIdentity | None:
+        """The latest's from memory while the invalidation channel allows it
+        (redis_invalidation says when), else one HMGET; a kept version's, one
+        script call."""
         check_task_id(task_id)
+        if version is not None:
+            found = self._read_version(task_id, version, artifact=False)
+            if found is None:
+                return None
+            if not found[1]:  # written before digests were stored
+                stored = self.get(task_id, version)
+                return None if stored is None else stored.identity
+            return PromptIdentity(version, found[1].decode())
         if self._watcher is None:
             return self._read_identity(task_id)
         found, identity, ticket = self._watcher.lookup(task_id)
@@ -179,20 +247,35 @@ class RedisStore(PromptStore):
             return None if stored is None else stored.identity
         return PromptIdentity(int(version), digest.decode())
 
+    @staticmethod
+    def _summary(version, summary, kept) -> dict:
+        older = [int(n) for n in kept.decode().split(",") if n] if kept else []
+        return {**json.loads(summary), "version": int(version), "versions": [int(version), *older]}
+
     def summary(self, task_id: str) -> dict | None:
-        version, summary = self._hmget(task_id, "version", "summary")
-        return None if version is None else {**json.loads(summary), "version": int(version)}
+        version, summary, kept = self._hmget(task_id, "version", "summary", "kept")
+        return None if version is None else self._summary(version, summary, kept)
+
+    def versions(self, task_id: str) -> list[dict] | None:
+        """Two reads: a version pushed out by a put in between is left out."""
+        latest = self.summary(task_id)
+        if latest is None:
+            return None
+        older = latest["versions"][1:]
+        rows = self._hmget(task_id, *(f"v{n}:summary" for n in older)) if older else []
+        latest = {k: v for k, v in latest.items() if k != "versions"}
+        return [latest] + [{**json.loads(s), "version": n} for n, s in zip(older, rows) if s is not None]
 
     def list(self) -> list[dict]:
         try:
             ids = sorted(m.decode() for m in self._redis.smembers(f"{self.prefix}:tasks"))
             pipe = self._redis.pipeline(transaction=False)
             for task_id in ids:
-                pipe.hmget(self._task_key(task_id), ("version", "summary"))
+                pipe.hmget(self._task_key(task_id), ("version", "summary", "kept"))
             rows = pipe.execute()
         except redis.RedisError as e:
             raise _unavailable(e) from None
-        return [{**json.loads(s), "version": int(v)} for v, s in rows if v is not None]
+        return [self._summary(*row) for row in rows if row[0] is not None]
 
     def delete(self, task_id: str) -> bool:
         keys = [self._task_key(task_id), f"{self.prefix}:tasks"]

@@ -1,7 +1,10 @@
 """The prompt store interface, shared by the disk and Redis backends.
 
 A store keeps artifact bytes per task id. Every `put` of new bytes makes a new
-version; versions of a task only grow, even across a delete. A store that lost
+version; versions of a task only grow, even across a delete. A store keeps the
+latest `keep_versions` versions of each task (the latest included; older ones
+are removed by the put that pushes them out), so a request may name an older
+one, and a page may compare two. A delete removes every version. A store that lost
 its data (an emptied Redis, a re-created task folder) restarts at version 1, so
 a stored prompt is identified by (version, digest of its bytes): every cache
 keys on that pair, never on the version alone.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidTaskId
 
+DEFAULT_KEEP_VERSIONS = 5  # the latest and four before it: a few KB to a few MB per task
 _TASK_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
@@ -35,6 +39,12 @@ def check_task_id(task_id: str) -> str:
             f"invalid task id {shown!r}: use 1-128 characters of A-Z a-z 0-9 . _ - (and not '.' or '..')"
         )
     return task_id
+
+
+def check_keep_versions(keep: int) -> int:
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep_versions must be an integer >= 1 (1: only the latest), got {keep!r}")
+    return keep
 
 
 def digest_of(data: bytes) -> str:
@@ -63,20 +73,22 @@ class StoredPrompt:
 
 
 class PromptStore(ABC):
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # versions kept per task, the latest included
+
     @abstractmethod
     def put(self, task_id: str, data: bytes) -> dict:
         """Store a new version; return the task summary (with its new version).
         When `data` is exactly the latest version's bytes, store nothing and
-        return that version's summary."""
+        return that version's summary. Versions past `keep_versions` go."""
 
     @abstractmethod
-    def get(self, task_id: str) -> StoredPrompt | None:
-        """The latest version, or None."""
+    def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
+        """The latest version (or the kept `version`), or None."""
 
     @abstractmethod
-    def identity(self, task_id: str) -> PromptIdentity | None:
-        """The latest version's identity (cheap: no artifact bytes), or None when
-        the task does not exist."""
+    def identity(self, task_id: str, version: int | None = None) -> PromptIdentity | None:
+        """The latest version's identity (or the kept `version`'s; cheap: no
+        artifact bytes), or None when there is no such task or version."""
 
     def version(self, task_id: str) -> int | None:
         """The latest version number, or None when the task does not exist."""
@@ -85,15 +97,20 @@ class PromptStore(ABC):
 
     @abstractmethod
     def summary(self, task_id: str) -> dict | None:
-        """The latest version's summary (see artifact.summarize), or None."""
+        """The latest version's summary (see artifact.summarize), with `versions`:
+        the numbers of the kept versions, newest first; or None."""
+
+    @abstractmethod
+    def versions(self, task_id: str) -> list[dict] | None:
+        """The summary of every kept version, newest first; None when the task does not exist."""
 
     @abstractmethod
     def list(self) -> list[dict]:
-        """Summaries of all tasks, sorted by task id."""
+        """Summaries of all tasks (as `summary`), sorted by task id."""
 
     @abstractmethod
     def delete(self, task_id: str) -> bool:
-        """Remove a task; False when it did not exist."""
+        """Remove a task, every version; False when it did not exist."""
 
     @abstractmethod
     def ping(self) -> None:

@@ -86,6 +86,10 @@ class PtserveClient:
     def task(self, task_id: str) -> dict:
         return self._call("GET", f"/v1/tasks/{task_id}")
 
+    def versions(self, task_id: str) -> list[dict]:
+        """The summaries of the task's kept versions, newest first."""
+        return self._call("GET", f"/v1/tasks/{task_id}/versions")
+
     def delete(self, task_id: str) -> None:
         self._call("DELETE", f"/v1/tasks/{task_id}")
 
@@ -128,8 +132,11 @@ class PtserveClient:
     # -- inference -----------------------------------------------------------
 
     def generate(self, task_id: str, input: str | None = None, inputs: dict | None = None, **params) -> dict:
-        """params: max_new_tokens, temperature, top_p, top_k, stop, seed."""
+        """params: version (a kept one; default the latest), max_new_tokens, temperature, top_p, top_k, stop, seed."""
         return self._json(f"/v1/tasks/{task_id}/generate", {**self._inputs(input, inputs), **params})
 
-    def classify(self, task_id: str, input: str | None = None, inputs: dict | None = None) -> dict:
-        return self._json(f"/v1/tasks/{task_id}/classify", self._inputs(input, inputs))
+    def classify(self, task_id: str, input: str | None = None, inputs: dict | None = None,
+                 version: int | None = None) -> dict:  # fmt: skip
+        """version: a kept one; default the latest."""
+        pinned = {} if version is None else {"version": version}
+        return self._json(f"/v1/tasks/{task_id}/classify", {**self._inputs(input, inputs), **pinned})

@@ -110,7 +110,7 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
         raise ValueError(
             f"engine=continuous needs a causal LM; {loaded.info['name_or_path']!r} is a {loaded.family} model"
         )
-    store = open_store(settings.store)
+    store = open_store(settings.store, settings.keep_versions)
     prompts = PromptCache(store, loaded, settings.prompt_cache_size, settings.max_artifact_bytes)
     batch_stats = BatchStats()
     scheduler = make_scheduler(settings, loaded, batch_stats)

@@ -67,17 +67,19 @@ class Inference:
         self.scheduler.start(self.router)
 
     async def generate(self, task_id: TaskOrHand, fields: dict[str, str], overrides: dict,
-                       stream: bool = False) -> AsyncIterator[Output]:  # fmt: skip
+                       stream: bool = False, version: int | None = None) -> AsyncIterator[Output]:  # fmt: skip
         """Prepare and submit a generate request (refusals raise here, before any
         record); -> its records: with `stream`, one per piece of settled text, and
-        always a last one holding the GenerateResult or the error."""
+        always a last one holding the GenerateResult or the error. `version`: a
+        kept version of the task to run instead of the latest."""
         work = await self.lanes.prepare(self.prepare_generate, chars_of(task_id, fields), task_id, fields, overrides,
-                                        stream)  # fmt: skip
+                                        stream, version)  # fmt: skip
         return self._records(work)
 
-    async def classify(self, task_id: TaskOrHand, fields: dict[str, str]) -> AsyncIterator[Output]:
+    async def classify(self, task_id: TaskOrHand, fields: dict[str, str],
+                       version: int | None = None) -> AsyncIterator[Output]:  # fmt: skip
         """Prepare and submit a classify request; -> its one record (ClassifyResult or error)."""
-        work = await self.lanes.prepare(self.prepare_classify, chars_of(task_id, fields), task_id, fields)
+        work = await self.lanes.prepare(self.prepare_classify, chars_of(task_id, fields), task_id, fields, version)
         return self._records(work)
 
     def _records(self, work: Request) -> AsyncIterator[Output]:
@@ -119,8 +121,10 @@ class Inference:
             if not finished:
                 self.scheduler.abort(request_id)
 
-    def resolve(self, task_id: TaskOrHand, task_type: str, fields: dict[str, str]) -> tuple[TaskPrompt, list[int]]:
-        """The task's prompt (or a hand-written one's) and the rendered input ids, within the input limits."""
+    def resolve(self, task_id: TaskOrHand, task_type: str, fields: dict[str, str],
+                version: int | None = None) -> tuple[TaskPrompt, list[int]]:  # fmt: skip
+        """The task's prompt (its latest version, or `version`; or a hand-written
+        one's) and the rendered input ids, within the input limits."""
         chars, limit = chars_of(task_id, fields), self.settings.max_input_tokens
         if chars > limit * CHARS_PER_TOKEN_BOUND:  # before anything is tokenized
             raise InvalidRequest(
@@ -132,7 +136,7 @@ class Inference:
             limits = self.settings.max_labels, self.settings.max_virtual_tokens
             prompt = handwritten_prompt(task_id, self.loaded, *limits)
         else:
-            prompt = self.prompts.get(task_id)
+            prompt = self.prompts.get(task_id, version)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
         ids = prompt.render(self.loaded.tokenizer, fields, self.loaded.vocab_size)
@@ -141,14 +145,15 @@ class Inference:
         return prompt, ids
 
     def prepare_generate(
-        self, task_id: TaskOrHand, fields: dict[str, str], overrides: dict, stream: bool = False
-    ) -> Request:
+        self, task_id: TaskOrHand, fields: dict[str, str], overrides: dict, stream: bool = False,
+        version: int | None = None,
+    ) -> Request:  # fmt: skip
         if self.loaded.family != "causal":
             raise InvalidRequest(
                 f"the served model {self.loaded.info['name_or_path']!r} is a {self.loaded.family} model, "
                 "not a causal LM: it cannot generate text, only classify"
             )
-        prompt, ids = self.resolve(task_id, "generate", fields)
+        prompt, ids = self.resolve(task_id, "generate", fields, version)
         params = self.sampling_params(prompt.generation, overrides)
         limit = self.position_limit
         if limit is not None and len(ids) + params.max_new_tokens > limit:
@@ -158,8 +163,8 @@ class Inference:
             )
         return Request.generate(prompt, ids, params, stream)
 
-    def prepare_classify(self, task_id: TaskOrHand, fields: dict[str, str]) -> Request:
-        prompt, ids = self.resolve(task_id, "classify", fields)
+    def prepare_classify(self, task_id: TaskOrHand, fields: dict[str, str], version: int | None = None) -> Request:
+        prompt, ids = self.resolve(task_id, "classify", fields, version)
         check_classify_input(prompt, ids, self.loaded)
         return Request.classify(prompt, ids)
 

@@ -59,6 +59,12 @@ class LRU(Generic[K, V]):
         with self._lock:
             self._entries.pop(key, None)
 
+    def pop_where(self, chosen: Callable[[K], bool]) -> None:
+        """Remove every entry whose key is `chosen`."""
+        with self._lock:
+            for key in [key for key in self._entries if chosen(key)]:
+                del self._entries[key]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

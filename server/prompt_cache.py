@@ -15,43 +15,61 @@ from server.lru import LRU
 log = logging.getLogger(__name__)
 
 
+def not_found(store: PromptStore, task_id: str, version: int | None) -> TaskNotFound:
+    """The 404 for a task the store lacks, or a version it does not keep (naming those it does)."""
+    summary = None if version is None else store.summary(task_id)
+    if summary is None:
+        return TaskNotFound(f"no prompt is stored for task {task_id!r}")
+    kept = ", ".join(map(str, summary["versions"]))
+    return TaskNotFound(f"task {task_id!r} has no version {version}: the store keeps versions {kept} (newest first)")
+
+
 class PromptCache:
     """Bounded LRU of TaskPrompts. Every lookup asks the store for the latest
     identity, (version, digest), and reloads when it changed. The disk store
     answers from a directory listing; the Redis store from memory while its
     invalidation channel is healthy, else with one HMGET
-    (prompt_store/redis_invalidation.py says exactly when)."""
+    (prompt_store/redis_invalidation.py says exactly when).
+
+    A request may name an older version the store keeps: that prompt is an entry
+    of its own, keyed (task id, version), checked against that version's identity
+    (one directory listing, or one Redis call, per lookup)."""
 
     def __init__(self, store: PromptStore, loaded: LoadedModel, capacity: int, max_artifact_bytes: int):
         self.store = store
         self.loaded = loaded
         self.capacity = capacity
         self.max_artifact_bytes = max_artifact_bytes
-        self._entries: LRU[str, TaskPrompt] = LRU(capacity)
+        self._entries: LRU[str | tuple[str, int], TaskPrompt] = LRU(capacity)
 
-    def get(self, task_id: str) -> TaskPrompt:
+    def get(self, task_id: str, version: int | None = None) -> TaskPrompt:
+        """The latest version's prompt, or that of `version` (a kept one)."""
+        key = task_id if version is None else (task_id, version)
         try:  # the store checks the task id first
-            identity = self.store.identity(task_id)
+            identity = self.store.identity(task_id, version)
         except StoreUnavailable:
-            cached = self._entries.peek(task_id)
+            cached = self._entries.peek(key)
             if cached is None:
                 raise
             log.warning("store unreachable; serving cached %s v%d", task_id, cached.version)
             return cached
         if identity is None:
-            self.drop(task_id)
-            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
-        cached = self._entries.get(task_id, lambda prompt: prompt.identity == identity)
-        return cached if cached is not None else self._load(task_id)
+            if version is None:
+                self.drop(task_id)  # the task is gone: every version
+            else:
+                self._entries.pop(key)
+            raise not_found(self.store, task_id, version)
+        cached = self._entries.get(key, lambda prompt: prompt.identity == identity)
+        return cached if cached is not None else self._load(task_id, version)
 
-    def _load(self, task_id: str) -> TaskPrompt:
-        stored = self.store.get(task_id)
+    def _load(self, task_id: str, version: int | None) -> TaskPrompt:
+        stored = self.store.get(task_id, version)
         if stored is None:
-            raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+            raise not_found(self.store, task_id, version)
         prompt = self._prompt(stored)
         # what the store held just now; a concurrent load of an older one that
         # lands later is noticed by the next lookup's identity check
-        for evicted in self._entries.put(task_id, prompt):
+        for evicted in self._entries.put(task_id if version is None else (task_id, version), prompt):
             log.info("prompt cache full: evicted %s", evicted)
         return prompt
 
@@ -60,7 +78,8 @@ class PromptCache:
         return task_prompt(stored.task_id, stored.version, artifact, self.loaded, stored.digest)
 
     def drop(self, task_id: str) -> None:
-        self._entries.pop(task_id)
+        """Forget every version of a deleted task."""
+        self._entries.pop_where(lambda key: key == task_id or (isinstance(key, tuple) and key[0] == task_id))
 
     def stats(self) -> dict:
         return self._entries.stats()

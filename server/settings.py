@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         "./ptserve-data",
         description="prompt store: a directory (default), a redis:// / rediss:// URL, or redis+sentinel://H:P,H:P/SERVICE[/DB]",
     )
+    keep_versions: int = Field(
+        5,  # prompt_store.store.DEFAULT_KEEP_VERSIONS (not imported: the client commands load no torch)
+        ge=1,
+        description="versions of each task the store keeps, the latest included (1: only the latest); requests "
+        "may name a kept one. A smaller value applies to a task at its next upload",
+    )
     host: str = Field("127.0.0.1", description="the address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, description="the TCP port to listen on")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")

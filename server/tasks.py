@@ -15,7 +15,7 @@ from ptcore.model import LoadedModel, default_bos_token
 from ptcore.task_prompt import check_limits, task_prompt
 from server.engine.stats import BatchStats
 from server.inference import Inference
-from server.prompt_cache import PromptCache
+from server.prompt_cache import PromptCache, not_found
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,18 @@ class TaskManager:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
         return summary
 
-    def artifact(self, task_id: str) -> StoredPrompt:
-        """The latest version's artifact, as uploaded."""
-        stored = self.store.get(task_id)
-        if stored is None:
+    def versions(self, task_id: str) -> list[dict]:
+        """The summary of every version the store keeps, newest first."""
+        versions = self.store.versions(task_id)  # the store checks the id
+        if versions is None:
             raise TaskNotFound(f"no prompt is stored for task {task_id!r}")
+        return versions
+
+    def artifact(self, task_id: str, version: int | None = None) -> StoredPrompt:
+        """The latest version's artifact (or a kept `version`'s), as uploaded."""
+        stored = self.store.get(task_id, version)
+        if stored is None:
+            raise not_found(self.store, task_id, version)
         return stored
 
     def delete(self, task_id: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.request import SAMPLING_KEYS
 
@@ -20,6 +20,8 @@ class InferenceInputs(BaseModel):
 
     input: str | None = Field(None, description="fills {input} of a single-field template")
     inputs: dict[str, str] | None = Field(None, description="fills every field of the template by name")
+    version: Int | None = Field(None, ge=1, description="a version of the task the store keeps (GET "
+                                "/v1/tasks/{id}/versions); unset: the latest")  # fmt: skip
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -52,12 +54,20 @@ class ClassifyRequest(InferenceInputs):
     pass
 
 
+def no_version(cls, version):
+    if version is not None:
+        raise ValueError("a hand-written prompt has no versions: leave 'version' out")
+    return version
+
+
 class HandWrittenGenerateRequest(GenerateRequest):
+    _no_version = field_validator("version")(no_version)
     template: str = Field(description="the hand-written prompt: words and {field} holes, e.g. "
                           "'The official language of {input} is'")  # fmt: skip
 
 
 class HandWrittenClassifyRequest(ClassifyRequest):
+    _no_version = field_validator("version")(no_version)
     template: str = Field(description="the hand-written prompt: words and {field} holes")
     labels: dict[str, str] = Field(description="label -> verbalizer, scored after the rendered prompt")
 
@@ -86,6 +96,8 @@ class TaskSummary(BaseModel):
     num_virtual_tokens: int
     template: str
     labels: dict[str, str] | None = None
+    versions: list[int] | None = Field(None, description="the kept versions, newest first (in task lists and "
+                                       "GET /v1/tasks/{id})")  # fmt: skip
 
 
 class CompletionRequest(BaseModel):

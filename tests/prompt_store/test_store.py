@@ -1,4 +1,5 @@
-"""One suite, run against both backends: a directory on disk and a real redis-server."""
+"""One suite, run against both backends: a directory on disk and a real redis-server
+(the `store` fixture: tests/prompt_store/conftest.py)."""
 
 import threading
 from pathlib import Path
@@ -8,18 +9,7 @@ import pytest
 from prompt_store.artifact import read_artifact
 from prompt_store.disk_store import DiskStore
 from prompt_store.errors import ArtifactError, InvalidTaskId
-from prompt_store.redis_store import RedisStore
 from tests.helpers import fill_of, filled_artifact
-
-
-@pytest.fixture(params=["disk", "redis"])
-def store(request, tmp_path):
-    if request.param == "disk":
-        s = DiskStore(tmp_path / "prompts")
-    else:
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix"))
-    yield s
-    s.close()
 
 
 def test_put_get_versions(store):
@@ -87,11 +77,12 @@ def test_concurrent_puts_get_distinct_versions(store):
 
 
 def test_disk_store_leaves_no_temporary_files(tmp_path):
-    s = DiskStore(tmp_path)
+    s = DiskStore(tmp_path, keep_versions=2)
     for i in range(3):
         s.put("t", filled_artifact(float(i)))
-    digest = s.get("t").digest
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".lock", f"3.{digest}.safetensors"]
+    digests = [s.get("t", v).digest for v in (2, 3)]
+    names = [".lock", f"2.{digests[0]}.safetensors", f"3.{digests[1]}.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == names
 
 
 def test_disk_listing_skips_entries_that_are_not_tasks(tmp_path):

@@ -58,3 +58,34 @@ def test_a_recreated_task_folder_is_never_served_stale(store, loaded, tmp_path):
     assert not (old.rows == new.rows).all(), "the cache served the deleted folder's rows"
     assert new.digest == store.get("t").digest != old.digest
     assert cache.get("t") is new  # and it is cached from then on
+
+
+def test_a_kept_version_is_an_entry_of_its_own_and_delete_forgets_every_version(store, loaded):
+    cache = PromptCache(store, loaded, capacity=4, max_artifact_bytes=1 << 20)
+    put(store, loaded, "t", 1)
+    put(store, loaded, "t", 2)
+    old, latest = cache.get("t", 1), cache.get("t")
+    assert (old.version, latest.version) == (1, 2) and not (old.rows == latest.rows).all()
+    assert cache.get("t", 1) is old and cache.get("t", 2).version == 2 and cache.stats()["size"] == 3
+    with pytest.raises(TaskNotFound) as caught:
+        cache.get("t", 7)
+    assert str(caught.value) == "task 't' has no version 7: the store keeps versions 2, 1 (newest first)"
+    store.delete("t")
+    with pytest.raises(TaskNotFound):
+        cache.get("t")
+    assert cache.stats()["size"] == 0  # the kept versions' entries went with the latest's
+
+
+def test_a_kept_version_whose_bytes_changed_is_reloaded(store, loaded, tmp_path):
+    """The folder is re-created behind the server's back: version 1 names other
+    rows now, and the pinned entry must not serve the old ones."""
+    import shutil
+
+    cache = PromptCache(store, loaded, capacity=4, max_artifact_bytes=1 << 20)
+    put(store, loaded, "t", 1)
+    put(store, loaded, "t", 2)
+    old = cache.get("t", 1)
+    shutil.rmtree(tmp_path / "t")
+    put(store, loaded, "t", 3)
+    new = cache.get("t", 1)
+    assert new.version == 1 and new.digest == store.get("t", 1).digest != old.digest

@@ -38,6 +38,7 @@ API = [
     ("GET", "/v1/tasks"),
     ("GET", "/v1/tasks/{task_id}"),
     ("GET", "/v1/tasks/{task_id}/artifact"),
+    ("GET", "/v1/tasks/{task_id}/versions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/files"),
     ("POST", "/v1/fine_tuning/jobs"),

@@ -161,3 +161,10 @@ def test_a_default_length_that_leaves_no_room_for_an_input(gpt2, tmp_path):
         f"(max_seq_len 64, the model's {gpt2.max_positions}): every generate request that keeps the default "
         "would be refused"
     )
+
+
+def test_the_servers_default_keeps_as_many_versions_as_a_store_opened_without_settings(tmp_path):
+    from prompt_store.disk_store import DiskStore
+    from prompt_store.store import DEFAULT_KEEP_VERSIONS
+
+    assert Settings().keep_versions == DEFAULT_KEEP_VERSIONS == DiskStore(tmp_path).keep_versions

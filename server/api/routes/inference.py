@@ -30,7 +30,7 @@ async def generate(task_id: str, body: GenerateRequest, request: Request, infere
 
 async def _generate(task_id: str, prompt: str | HandWritten, body: GenerateRequest, request: Request, inference):
     """One generate answer, streamed or whole; `prompt`: the task id, or a hand-written prompt."""
-    records = await inference.generate(prompt, body.fields(), body.sampling_overrides(), stream=body.stream)
+    records = await inference.generate(prompt, body.fields(), body.sampling_overrides(), body.stream, body.version)
     if body.stream:
 
         def final(rest: str, result) -> list:
@@ -47,7 +47,7 @@ async def _generate(task_id: str, prompt: str | HandWritten, body: GenerateReque
 
 @router.post("/{task_id}/classify", response_model=ClassifyResponse)
 async def classify(task_id: str, body: ClassifyRequest, request: Request, inference: InferenceDep):
-    result = await result_of(request, await inference.classify(task_id, body.fields()))
+    result = await result_of(request, await inference.classify(task_id, body.fields(), body.version))
     return ClassifyResponse(task_id=task_id, version=result.version, label=result.label, scores=result.scores)
 
 

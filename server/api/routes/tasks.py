@@ -1,6 +1,8 @@
 """Managing tasks: upload, list, read, delete prompts."""
 
-from fastapi import APIRouter, Request, Response, UploadFile
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from ptcore.errors import PayloadTooLarge
@@ -54,11 +56,19 @@ async def get_task(task_id: str, tasks: TasksDep):
     return await run_in_threadpool(tasks.summary, task_id)
 
 
+@router.get("/{task_id}/versions", response_model=list[TaskSummary])
+async def list_versions(task_id: str, tasks: TasksDep):
+    """Every version the store keeps (PTSERVE_KEEP_VERSIONS), newest first; a
+    generate or classify request may name one (`"version": N`)."""
+    return await run_in_threadpool(tasks.versions, task_id)
+
+
 @router.get("/{task_id}/artifact", response_class=Response)
-async def download_artifact(task_id: str, tasks: TasksDep):
-    """The latest version's artifact file, as uploaded (needs the write token:
-    the trained prompt is its owner's asset)."""
-    stored = await run_in_threadpool(tasks.artifact, task_id)
+async def download_artifact(task_id: str, tasks: TasksDep, version: Annotated[int | None, Query(ge=1)] = None):
+    """The latest version's artifact file (or a kept `version`'s), as uploaded
+    (needs the write token: the trained prompt is its owner's asset). Uploading
+    an older version's file again makes it the latest: a rollback."""
+    stored = await run_in_threadpool(tasks.artifact, task_id, version)
     return Response(
         stored.data, media_type="application/octet-stream", headers={"X-Ptserve-Version": str(stored.version)}
     )
