@@ -5,6 +5,7 @@
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "ptserve-token";
 let tasks = [];
+const versionsOf = new Map(); // task id -> its kept versions' summaries, newest first (GET .../versions)
 
 // -- talking to the server -----------------------------------------------------
 
@@ -89,7 +90,9 @@ async function loadTasks() {
     const button = element("button", task.task_id, { type: "button", "data-task": task.task_id });
     button.addEventListener("click", () => showTask(task));
     const item = element("li");
-    item.append(button, element("span", ` ${task.task_type}, version ${task.version}`, { class: "muted" }));
+    const older = (task.versions ?? []).slice(1);
+    const kept = older.length ? ` (older kept: ${older.join(", ")})` : "";
+    item.append(button, element("span", ` ${task.task_type}, version ${task.version}${kept}`, { class: "muted" }));
     return item;
   }));
   $("#tasks-empty").hidden = tasks.length > 0;
@@ -99,7 +102,8 @@ async function loadTasks() {
     select.replaceChildren(...blank, ...tasks.map((task) => element("option", task.task_id, { value: task.task_id })));
     if ([...select.options].some((option) => option.value === keep)) select.value = keep;
   }
-  buildFields();
+  versionsOf.clear();
+  await Promise.all(["a", "b"].map(showVersions));
 }
 
 function taskNamed(id) {
@@ -112,6 +116,7 @@ function showTask(task) {
   const rows = [
     ["Type", task.task_type],
     ["Version", task.version],
+    ["Versions kept", (task.versions ?? [task.version]).map((v, i) => i ? String(v) : `${v} (latest)`).join(", ")],
     ["Template", task.template],
     ["Virtual tokens", task.num_virtual_tokens],
     ["Base model", task.base_model?.name_or_path ?? ""],
@@ -156,28 +161,65 @@ function templateFields(template) {
 
 const HAND = "(hand-written)"; // side B's choice of a hand-written prompt instead of a task
 
+const sideSelect = (side, name) => $(`fieldset[data-side=${side}] select[name=${name}]`);
+
+// a side's stored task, as the summary of the version chosen (the latest unless another is)
+function chosenTask(side) {
+  const task = taskNamed(sideSelect(side, "task").value);
+  const version = sideSelect(side, "version").value;
+  if (!task || version === "") return task;
+  const summary = versionsOf.get(task.task_id)?.find((s) => String(s.version) === version);
+  return summary ? { ...summary, pinned: true } : task;
+}
+
 // side B as a task-like object: a stored task, a hand-written prompt (run like A's task type), or none
 function sideB() {
-  const value = $("fieldset[data-side=b] select").value;
-  if (value !== HAND) return taskNamed(value);
-  const a = taskNamed($("fieldset[data-side=a] select").value);
+  if (sideSelect("b", "task").value !== HAND) return chosenTask("b");
+  const a = chosenTask("a");
   const template = $("#hand input").value;
   return { task_id: HAND, version: 0, template, handwritten: true,
     task_type: a?.task_type === "classify" ? "classify" : "generate", labels: a?.task_type === "classify" ? a.labels : null };
 }
 
+// fill a side's version choice from its task's kept versions (read once per task and list)
+async function showVersions(side) {
+  const select = sideSelect(side, "version");
+  const task = taskNamed(sideSelect(side, "task").value);
+  const keep = select.value;
+  const latest = [...select.options].filter((option) => option.hasAttribute("data-static"));
+  select.closest("label").hidden = !task;
+  if (task && (task.versions ?? []).length > 1 && !versionsOf.has(task.task_id)) {
+    versionsOf.set(task.task_id, await (await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/versions`)).json());
+  }
+  const older = task ? (versionsOf.get(task.task_id) ?? []).slice(1) : [];
+  select.replaceChildren(...latest, ...older.map((s) => element("option", `${s.version}`, { value: String(s.version) })));
+  latest[0].textContent = task ? `latest (${task.version})` : "latest";
+  if ([...select.options].some((option) => option.value === keep)) select.value = keep;
+  buildFields();
+}
+
+async function chooseTask(side) {
+  sideSelect(side, "version").value = "";
+  showHand();
+  try {
+    await showVersions(side);
+  } catch (error) {
+    showError(error);
+  }
+}
+
 function showHand() {
-  const on = $("fieldset[data-side=b] select").value === HAND;
+  const on = sideSelect("b", "task").value === HAND;
   $("#hand").hidden = !on;
   const input = $("#hand input");
-  const a = taskNamed($("fieldset[data-side=a] select").value);
+  const a = taskNamed(sideSelect("a", "task").value);
   // A's own hand-written start (a prompt trained --from-prompt keeps it): the comparison it was trained for
   if (on && !input.value && a?.metrics?.from_prompt) input.value = a.metrics.from_prompt;
   buildFields();
 }
 
 function buildFields() {
-  const a = taskNamed($("fieldset[data-side=a] select").value);
+  const a = chosenTask("a");
   const chosen = [a, sideB()].filter((task) => task && task.template);
   const names = [...new Set(chosen.flatMap((task) => templateFields(task.template)))];
   const box = $("#fields");
@@ -210,7 +252,7 @@ async function run(event) {
   const form = event.target;
   const inputs = Object.fromEntries([...$("#fields").querySelectorAll("textarea")].map((a) => [a.name, a.value]));
   const sides = [
-    { task: taskNamed($("fieldset[data-side=a] select").value), out: $("#answer-a") },
+    { task: chosenTask("a"), out: $("#answer-a") },
     { task: sideB(), out: $("#answer-b") },
   ];
   $("#run").disabled = true;
@@ -241,7 +283,7 @@ async function answer(task, allInputs, params, out) {
 // where a task's requests go, and what they add to the body: a hand-written prompt sends its words
 function route(task, kind) {
   if (task.handwritten) return [`/v1/handwritten/${kind}`, { template: task.template, ...(task.labels ? { labels: task.labels } : {}) }];
-  return [`/v1/tasks/${encodeURIComponent(task.task_id)}/${kind}`, {}];
+  return [`/v1/tasks/${encodeURIComponent(task.task_id)}/${kind}`, task.pinned ? { version: task.version } : {}];
 }
 
 async function classify(task, fields, out) {
@@ -532,7 +574,10 @@ async function showModel() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#try-form").addEventListener("submit", run);
-  for (const select of document.querySelectorAll("select[name=task]")) select.addEventListener("change", showHand);
+  for (const side of ["a", "b"]) {
+    sideSelect(side, "task").addEventListener("change", () => chooseTask(side));
+    sideSelect(side, "version").addEventListener("change", buildFields);
+  }
   $("#hand input").addEventListener("input", buildFields);
   $("#delete-task").addEventListener("click", deleteTask);
   $("#upload-form").addEventListener("submit", upload);

@@ -46,6 +46,7 @@ def put(server, task_id, artifact):
 def live(gpt2, tmp_path_factory):
     with live_server(gpt2, str(tmp_path_factory.mktemp("store"))) as server:
         put(server, "gen", random_prompt(gpt2, "[P:2]{input}", seed=1))
+        put(server, "gen", random_prompt(gpt2, "[P:2]{input}", seed=4))  # version 2
         put(server, "cls", random_prompt(gpt2, "[P:2]{input}[P:1] It was", "classify", LABELS, seed=2))
         hostile = random_prompt(gpt2, f"[P:1]{HOSTILE[0]} {{input}} {HOSTILE[1]} {HOSTILE[2]}[P:1]", "classify",
                                 {h: f" {h}" for h in HOSTILE}, seed=3, description=" ".join(HOSTILE))  # fmt: skip
@@ -69,9 +70,23 @@ def page(browser, live):
     context.close()
 
 
-def run(page, a, b="", **fields):
-    page.select_option("fieldset[data-side=a] select", a)
-    page.select_option("fieldset[data-side=b] select", b)
+def choose(page, side, task, version=""):
+    """Choose a side's task, then its version ("": the latest) once the versions are listed."""
+    page.select_option(f"fieldset[data-side={side}] select[name=task]", task)
+    version_choice = page.locator(f"fieldset[data-side={side}] select[name=version]")
+    if task in ("", "(hand-written)"):  # no stored task: no version to choose
+        expect(version_choice).to_be_hidden()
+        return
+    if version:
+        expect(
+            page.locator(f"fieldset[data-side={side}] select[name=version] option[value='{version}']")
+        ).to_have_count(1)
+    version_choice.select_option(version)
+
+
+def run(page, a, b="", a_version="", b_version="", **fields):
+    choose(page, "a", a, a_version)
+    choose(page, "b", b, b_version)
     for name, value in fields.items():
         page.fill(f"#fields textarea[name={name}]", value)
     page.click("#run")
@@ -111,14 +126,38 @@ def test_classify_bars_show_the_rest_scores_and_two_tasks_answer_side_by_side(li
              for li in page.locator("#answer-a .bars li").all()}  # fmt: skip
     assert shown == pytest.approx(rest["scores"], rel=1e-9)  # the same request: the same probabilities
     expect(page.locator("#answer-a .label")).to_have_text(f"label: {rest['label']}")
-    expect(page.locator("#answer-b h3")).to_have_text("gen (version 1)")
+    expect(page.locator("#answer-b h3")).to_have_text("gen (version 2)")
     expect(page.locator("#answer-b .status")).to_contain_text("token")
+
+
+def test_two_versions_of_one_task_give_their_own_answers_side_by_side(live, page):
+    """Side A runs gen's latest version, side B its version 1 (GET .../versions
+    lists it): each answer is the REST answer of that version, and they differ."""
+    expect(page.locator("#tasks li").filter(has_text="gen")).to_contain_text("generate, version 2 (older kept: 1)")
+    page.click("#tasks button[data-task=gen]")
+    expect(page.locator("#task-detail")).to_contain_text("2 (latest), 1")
+    page.click("#sampling summary")
+    page.fill("#sampling input[name=max_new_tokens]", "12")
+    run(page, "gen", "gen", b_version="1", input="json parse")
+    expect(page.locator("#answer-a h3")).to_have_text("gen (version 2)")
+    expect(page.locator("#answer-b h3")).to_have_text("gen (version 1)")
+    expect(page.locator("#answer-b .status")).to_contain_text("12 tokens")
+    shown = [page.locator(f"#answer-{side} .text").text_content() for side in "ab"]
+    rest = [
+        httpx.post(
+            f"{live.url}/v1/tasks/gen/generate", json={"input": "json parse", "max_new_tokens": 12, **version}
+        ).json()  # fmt: skip
+        for version in ({}, {"version": 1})
+    ]
+    assert [r["version"] for r in rest] == [2, 1]
+    assert shown == [r["text"] for r in rest] and shown[0] != shown[1]
+    assert page.problems == []
 
 
 def test_a_task_beside_a_hand_written_prompt(live, page):
     """Side B runs words typed in the page (POST /v1/handwritten/generate): its
     answer is the REST answer for the same words."""
-    page.select_option("fieldset[data-side=b] select", "(hand-written)")
+    choose(page, "b", "(hand-written)")
     page.fill("#hand input", "Question: what is {input}? Answer:")
     run(page, "gen", "(hand-written)", input="json parse")
     expect(page.locator("#answer-b h3")).to_have_text("hand-written: Question: what is {input}? Answer:")
@@ -289,8 +328,8 @@ def test_screenshots_of_the_default_model_at_desktop_and_phone_width(browser, sm
             page.click("#tasks button[data-task=language]")
             page.click("#sampling summary")
             page.fill("#sampling input[name=max_new_tokens]", "4")
-            page.select_option("fieldset[data-side=a] select", "language")
-            page.select_option("fieldset[data-side=b] select", "(hand-written)")  # prefilled: language's start
+            choose(page, "a", "language")
+            choose(page, "b", "(hand-written)")  # prefilled: language's start
             expect(page.locator("#hand input")).to_have_value("The official language of {input} is")
             run(page, "language", "(hand-written)", input="Brazil")
             expect(page.locator("#answer-a .status")).to_contain_text("token")
