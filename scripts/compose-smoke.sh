@@ -185,6 +185,16 @@ curl -fsS -X POST "$url/v1/tasks/smoke-job/classify" -H 'content-type: applicati
     -d '{"input": "A fine film"}' | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["version"] == 1, r; print(r)'
 echo "OK: the image trains a prompt on the model it serves and serves the new task"
 
+say "kept versions in Redis: another prompt as smoke-job's version 2, and version 1 still answers"
+other=examples/prompts/sentiment.safetensors
+if [ "$model" = tiny ]; then other="$work/cls.safetensors"; fi
+curl -fsS -X PUT --data-binary @"$other" "$url/v1/tasks/smoke-job" >/dev/null
+curl -fsS "$url/v1/tasks/smoke-job/versions" \
+    | python3 -c 'import json,sys; v=[t["version"] for t in json.load(sys.stdin)]; assert v == [2, 1], v; print(v)'
+curl -fsS -X POST "$url/v1/tasks/smoke-job/classify" -H 'content-type: application/json' \
+    -d '{"input": "A fine film", "version": 1}' | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["version"] == 1, r; print(r)'
+echo "OK: both versions are kept and the older one answers when named"
+
 say "the playground and /docs, from the installed package"
 curl -fsS -D - -o /dev/null "$url/" | grep -qi "^content-security-policy: default-src 'self'" \
     || { echo "FAIL: GET / has no strict Content-Security-Policy"; exit 1; }
