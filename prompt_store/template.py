@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 from .errors import TemplateError
@@ -148,17 +149,30 @@ def lone_surrogate(text: str) -> tuple[int, str] | None:
     return None if m is None else (m.start(), m.group(0))
 
 
-# A fast tokenizer applies `split_special_tokens` by setting a flag on the one
-# Rust tokenizer that every thread shares, then encoding: two threads that ask
-# for different settings can each encode with the other's. Encoding is
-# microseconds for the texts served here, so all encoding takes turns.
-_ENCODING = threading.Lock()
+# A fast tokenizer applies `split_special_tokens` by setting a flag on its Rust
+# tokenizer, then encoding: two threads that ask one tokenizer for different
+# settings can each encode with the other's. So a tokenizer encodes for one
+# thread at a time, under its own lock. The lock belongs to the tokenizer
+# object, not to the process: a copy (copy.deepcopy) has its own, and the
+# server's long-input lane tokenizes on a copy (server/inference.py), so a
+# long input being tokenized never holds up an ordinary request's tokenizing.
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its lock
+_LOCKS_GUARD = threading.Lock()
+
+
+def encoding_lock(tokenizer) -> threading.Lock:
+    """The lock that `tokenizer` encodes under."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _LOCKS[tokenizer] = threading.Lock()
+        return lock
 
 
 def tokenize_text(tokenizer, text: str, split_special_tokens: bool = False) -> list[int]:
     """Rule 2: one piece of text, as written, with no special tokens added.
     `split_special_tokens`: special-token strings in `text` are plain text (field values)."""
-    with _ENCODING:
+    with encoding_lock(tokenizer):
         encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
     return list(encoded["input_ids"])
 

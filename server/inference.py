@@ -12,6 +12,7 @@ route was cancelled) or the request's deadline passes, the request is aborted.
 from __future__ import annotations
 
 import asyncio
+import copy
 import weakref
 from collections.abc import AsyncIterator
 
@@ -23,7 +24,7 @@ from server.engine.outputs import Output
 from server.engine.request import SAMPLING_KEYS, Request, SamplingParams
 from server.engine.scheduler import Scheduler
 from server.handwritten import HandWritten, handwritten_prompt
-from server.input_lanes import InputLanes, input_chars
+from server.input_lanes import InputLanes, input_chars, long_input
 from server.output_router import OutputRouter
 from server.prompt_cache import PromptCache
 from server.settings import Settings
@@ -59,6 +60,8 @@ class Inference:
         self.scheduler = scheduler
         self.position_limit = position_limit
         self.lanes = InputLanes(settings.request_timeout_s)
+        # the long lane's own tokenizer: a long input tokenizing on it holds no lock that ordinary requests take
+        self.long_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.router: OutputRouter | None = None  # from start(), on the event loop
 
     def start(self) -> None:
@@ -139,7 +142,8 @@ class Inference:
             prompt = self.prompts.get(task_id, version)
         if prompt.task_type != task_type:
             raise InvalidRequest(f"task {task_id!r} is a {prompt.task_type} task; use its /{prompt.task_type} route")
-        ids = prompt.render(self.loaded.tokenizer, fields, self.loaded.vocab_size)
+        tokenizer = self.long_tokenizer if long_input(chars) else self.loaded.tokenizer
+        ids = prompt.render(tokenizer, fields, self.loaded.vocab_size)
         if len(ids) > limit:
             raise InvalidRequest(f"rendered input is {len(ids)} tokens; the limit is {limit}")
         return prompt, ids

@@ -282,8 +282,8 @@ class HeldTokenizer:
     """The served tokenizer, with a long input's tokenization held, as a slow
     one would be, from inside the tokenizer call (where the real work is, under
     whatever lock the server takes around it) until `release` is set; and the
-    tokenizer lock of prompt_store/template.py watched for threads that must
-    wait for it."""
+    tokenizer locks of prompt_store/template.py watched for threads that must
+    wait for one."""
 
     def __init__(self, loaded, monkeypatch):
         from server.input_lanes import LONG_INPUT_CHARS
@@ -307,9 +307,9 @@ class HeldTokenizer:
             return real(tokenizer, text, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__call__", call)
-        lock = getattr(prompt_store.template, "_ENCODING", None)
-        if lock is not None:
-            monkeypatch.setattr(prompt_store.template, "_ENCODING", WatchedLock(lock, self.lock_waited))
+        real_lock = prompt_store.template.encoding_lock
+        monkeypatch.setattr(prompt_store.template, "encoding_lock",
+                            lambda tokenizer: WatchedLock(real_lock(tokenizer), self.lock_waited))  # fmt: skip
 
 
 class WatchedLock:
@@ -361,11 +361,6 @@ def test_long_inputs_are_prepared_one_at_a_time(gpt2, tmp_path, monkeypatch):
     assert held.most == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prompt_store/template.py tokenizes under one process-wide lock (_ENCODING): an ordinary request's "
-    "tokenization waits while a long input's holds it",
-)
 def test_ordinary_requests_do_not_wait_behind_a_long_input_being_tokenized(gpt2, tmp_path, monkeypatch):
     """README, Access, limits and faults: ordinary requests never wait behind
     long inputs. A long input held inside its tokenization must not keep an
