@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import read_header, summarize
-from .errors import ArtifactError, StoreOutcomeUnknown, StoreUnavailable
+from .check import damaged
+from .errors import ArtifactError, StoredPromptDamaged, StoreOutcomeUnknown, StoreUnavailable
 from .store import (
     DEFAULT_KEEP_VERSIONS,
     PromptIdentity,
@@ -72,6 +73,14 @@ def _files(d: Path) -> list[_File]:
     except FileNotFoundError:
         return []
     return sorted((f for f in map(_parse, names) if f is not None), key=lambda f: f.version)
+
+
+def _summarize(stored: StoredPrompt) -> dict:
+    """The summary of a stored version: one whose header does not parse is damaged (a 503, not the client's 422)."""
+    try:
+        return summarize(stored.task_id, stored.version, read_header(stored.data))
+    except ArtifactError as e:
+        raise damaged(stored, f"it is not a valid artifact: {e}") from None
 
 
 def _pick(files: list[_File], version: int | None) -> _File | None:
@@ -188,7 +197,7 @@ class DiskStore(PromptStore):
         with self._faults("store the upload"), self._locked(task_id) as d:
             files = _files(d)
             latest = files[-1] if files else None
-            if latest is not None and (latest.digest or digest_of((d / latest.name).read_bytes())) == digest:
+            if latest is not None and latest.digest in (None, digest) and (d / latest.name).read_bytes() == data:
                 return {**summary, "version": latest.version}  # these bytes are already the latest version
             version = self._high_water(d, files) + 1
             path = d / f"{version}.{digest}{_SUFFIX}"
@@ -218,22 +227,30 @@ class DiskStore(PromptStore):
             ) from None
 
     def delete(self, task_id: str) -> bool:
-        with self._faults("delete the task"):
+        return self._remove(task_id, None)
+
+    def drop_version(self, task_id: str, version: int) -> bool:
+        return self._remove(task_id, version)
+
+    def _remove(self, task_id: str, version: int | None) -> bool:
+        """Remove every version (None), or one."""
+        with self._faults("delete the task" if version is None else "remove the version"):
             if not self._dir(task_id).is_dir():
                 return False
             with self._locked(task_id) as d:
                 files = _files(d)
-                if not files:
+                gone = files if version is None else [f for f in files if f.version == version]
+                if not gone:
                     return False
                 high_water = self._high_water(d, files)
                 _write_file(d / ".version", str(high_water).encode())  # versions never repeat
                 _sync_dir(d)
-                for f in files:  # newest last: a failure here leaves the task as it was
+                for f in gone:  # newest last: a failure here leaves the task as it was
                     (d / f.name).unlink()
                 try:
                     _sync_dir(d)
                 except OSError as e:
-                    log.error("prompt store %s: a delete is not known to be durable: %s", self.root, e)
+                    log.error("prompt store %s: a removal is not known to be durable: %s", self.root, e)
                     raise StoreOutcomeUnknown(
                         f"task {task_id!r} was removed, but the prompt store could not make that durable: "
                         "it may come back after a crash; deleting it again is safe"
@@ -275,7 +292,7 @@ class DiskStore(PromptStore):
         if stored is None:
             return None
         versions = [f.version for f in reversed(files) if f.version <= stored.version]
-        return {**summarize(task_id, stored.version, read_header(stored.data)), "versions": versions}
+        return {**_summarize(stored), "versions": versions}
 
     def summary(self, task_id: str) -> dict | None:
         with self._faults("read the task"):
@@ -289,8 +306,16 @@ class DiskStore(PromptStore):
             for f in reversed(files):
                 stored = self._read(task_id, f.version)[0]
                 if stored is not None:
-                    out.append(summarize(task_id, f.version, read_header(stored.data)))
+                    out.append(_summarize(stored))
         return out or None
+
+    def task_ids(self) -> list[str]:
+        with self._faults("list the tasks"):
+            return sorted(e.name for e in os.scandir(self.root) if e.is_dir() and is_task_id(e.name) and _files(e.path))
+
+    def kept_versions(self, task_id: str) -> list[int]:
+        with self._faults("read the task"):
+            return [f.version for f in reversed(_files(self._dir(task_id)))]
 
     def list(self) -> list[dict]:
         """Every task; entries that are not task directories (lost+found, a
@@ -303,7 +328,7 @@ class DiskStore(PromptStore):
                 if not d.is_dir() or not is_task_id(d.name):
                     continue
                 s = self._summary(d.name)
-            except (ArtifactError, OSError) as e:
+            except (ArtifactError, StoredPromptDamaged, OSError) as e:
                 log.warning("prompt store: skipping %s: %s", d, e)
                 continue
             if s is not None:

@@ -21,6 +21,14 @@ class StoreUnavailable(ServiceUnavailable):
     """The prompt store cannot be reached."""
 
 
+class StoredPromptDamaged(StoreUnavailable):
+    """A stored artifact does not match the digest recorded with it, or does not
+    parse: the store's fault, not the client's. Uploading the same artifact again
+    repairs the task; `ptserve store check` finds every such version."""
+
+    why: str = ""  # what is wrong with it, in words
+
+
 class StoreOutcomeUnknown(DeadlineExceeded):
     """A write was sent but the store did not confirm it in time: it may or may
     not have happened. Repeating the same upload is safe (see store.py)."""

@@ -32,6 +32,7 @@ import redis
 
 from .artifact import read_header, summarize
 from .errors import StoreOutcomeUnknown, StoreUnavailable
+from .redis_backoff import Backoff
 from .redis_connect import connect
 from .redis_invalidation import IdentityWatcher
 from .store import (
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 # KEYS: counter, task hash, task set; ARGV: artifact, summary, task id, digest, channel, versions to keep
 _PUT = """#!lua
 local h = KEYS[2]
-if redis.call('HGET', h, 'digest') == ARGV[4] then
-  return tonumber(redis.call('HGET', h, 'version'))
+local same = redis.call('HMGET', h, 'version', 'digest', 'artifact')
+if same[2] == ARGV[4] and same[3] == ARGV[1] then  -- the bytes themselves: a damaged copy is replaced
+  return tonumber(same[1])
 end
 local v = redis.call('INCR', KEYS[1])
 local old = redis.call('HMGET', h, 'version', 'digest', 'artifact', 'summary', 'kept')
@@ -100,6 +102,42 @@ return {ARGV[1], found[1], found[2]}
 """
 
 
+# KEYS: task hash, task set; ARGV: version, task id, channel. -> 1, or 0 when that version is not kept.
+# The latest's removal makes the newest kept one the latest; the only one's, deletes the task. allow-oom: it frees.
+_DROP_VERSION = """#!lua flags=allow-oom
+local h = KEYS[1]
+local fields = redis.call('HMGET', h, 'version', 'kept')
+if not fields[1] then return 0 end
+local kept = {}
+if fields[2] then
+  for n in string.gmatch(fields[2], '%d+') do table.insert(kept, n) end
+end
+if fields[1] == ARGV[1] then
+  if #kept == 0 then
+    redis.call('DEL', h)
+    redis.call('SREM', KEYS[2], ARGV[2])
+  else
+    local p = 'v' .. table.remove(kept, 1) .. ':'
+    local older = redis.call('HMGET', h, p .. 'digest', p .. 'artifact', p .. 'summary')
+    redis.call('HSET', h, 'version', string.sub(p, 2, -2), 'digest', older[1], 'artifact', older[2],
+               'summary', older[3], 'kept', table.concat(kept, ','))
+    redis.call('HDEL', h, p .. 'digest', p .. 'artifact', p .. 'summary')
+  end
+else
+  local found = false
+  for i, n in ipairs(kept) do
+    if n == ARGV[1] then table.remove(kept, i); found = true; break end
+  end
+  if not found then return 0 end
+  local p = 'v' .. ARGV[1] .. ':'
+  redis.call('HDEL', h, p .. 'digest', p .. 'artifact', p .. 'summary')
+  redis.call('HSET', h, 'kept', table.concat(kept, ','))
+end
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+
 OUT_OF_MEMORY = ("prompt store (Redis) is out of memory (its maxmemory): it refuses new prompts until memory "
                  "is freed; deleting tasks frees it, or raise maxmemory (docs/operations.md)")  # fmt: skip
 
@@ -122,11 +160,17 @@ class RedisStore(PromptStore):
         self.prefix = prefix
         self.keep_versions = check_keep_versions(keep_versions)
         self._redis = connect(url, socket_timeout=5, socket_connect_timeout=5)
+        self.backoff = Backoff(self._redis.ping)  # remembers that Redis is down (redis_backoff.py)
         self._watcher = (
             IdentityWatcher(self._redis.connection_pool, f"{prefix}:changed", identity_max_lag)
             if identity_max_lag > 0
             else None
         )
+
+    def _error(self, e: redis.RedisError) -> StoreUnavailable:
+        """The 503 for a failed call; one that got no answer starts the back-off."""
+        self.backoff.failed(e)
+        return _unavailable(e)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{check_task_id(task_id)}"
@@ -141,11 +185,12 @@ class RedisStore(PromptStore):
                 self._watcher.forget(task_id)
 
     def _send_write(self, script: str, keys: list[str], args: list) -> int:
+        self.backoff.check()
         pool = self._redis.connection_pool
         try:
             conn = pool.get_connection()
         except redis.RedisError as e:
-            raise _unavailable(e) from None
+            raise self._error(e) from None
         try:
             try:  # nothing has been sent yet: every failure here stored nothing
                 conn.send_command("PING")
@@ -153,14 +198,15 @@ class RedisStore(PromptStore):
                 conn.send_command("EVAL", script, len(keys), *keys, *args)
             except redis.RedisError as e:
                 conn.disconnect()  # a half-written command is dropped with the connection
-                raise _unavailable(e) from None
+                raise self._error(e) from None
             try:
                 result = int(conn.read_response())
             except redis.ResponseError as e:  # refused whole (e.g. out of memory): nothing stored
-                raise _unavailable(e) from None
+                raise self._error(e) from None
             except redis.RedisError as e:
                 conn.disconnect()
                 log.error("prompt store (Redis): no answer to a write: %s", e)
+                self.backoff.failed(e)
                 raise StoreOutcomeUnknown(
                     f"the prompt store (Redis) did not answer in time ({type(e).__name__}): the outcome is "
                     "unknown, the change may still be applied; repeating the same request is safe"
@@ -194,17 +240,19 @@ class RedisStore(PromptStore):
         return {**summary, "version": version}
 
     def _hmget(self, task_id: str, *fields: str) -> list:
+        self.backoff.check()
         try:
             return self._redis.hmget(self._task_key(task_id), fields)
         except redis.RedisError as e:
-            raise _unavailable(e) from None
+            raise self._error(e) from None
 
     def _read_version(self, task_id: str, version: int, artifact: bool) -> list | None:
         """[version, digest or None, artifact or None] of a kept version, or None, in one call."""
+        self.backoff.check()
         try:
             found = self._redis.eval(_READ_VERSION, 1, self._task_key(task_id), str(version), "1" if artifact else "0")
         except redis.RedisError as e:
-            raise _unavailable(e) from None
+            raise self._error(e) from None
         return found or None
 
     def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
@@ -248,9 +296,12 @@ class RedisStore(PromptStore):
         return PromptIdentity(int(version), digest.decode())
 
     @staticmethod
-    def _summary(version, summary, kept) -> dict:
-        older = [int(n) for n in kept.decode().split(",") if n] if kept else []
-        return {**json.loads(summary), "version": int(version), "versions": [int(version), *older]}
+    def _versions(version: bytes, kept: bytes | None) -> list[int]:
+        """The kept versions, newest first, from a task hash's `version` and `kept` fields."""
+        return [int(version), *(int(n) for n in (kept or b"").decode().split(",") if n)]
+
+    def _summary(self, version: bytes, summary: bytes, kept: bytes | None) -> dict:
+        return {**json.loads(summary), "version": int(version), "versions": self._versions(version, kept)}
 
     def summary(self, task_id: str) -> dict | None:
         version, summary, kept = self._hmget(task_id, "version", "summary", "kept")
@@ -267,27 +318,45 @@ class RedisStore(PromptStore):
         return [latest] + [{**json.loads(s), "version": n} for n, s in zip(older, rows) if s is not None]
 
     def list(self) -> list[dict]:
+        ids = self.task_ids()
+        self.backoff.check()
         try:
-            ids = sorted(m.decode() for m in self._redis.smembers(f"{self.prefix}:tasks"))
             pipe = self._redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hmget(self._task_key(task_id), ("version", "summary", "kept"))
             rows = pipe.execute()
         except redis.RedisError as e:
-            raise _unavailable(e) from None
+            raise self._error(e) from None
         return [self._summary(*row) for row in rows if row[0] is not None]
 
     def delete(self, task_id: str) -> bool:
         keys = [self._task_key(task_id), f"{self.prefix}:tasks"]
         return bool(self._run_write(task_id, _DELETE, keys, [task_id, f"{self.prefix}:changed"]))
 
+    def drop_version(self, task_id: str, version: int) -> bool:
+        keys = [self._task_key(task_id), f"{self.prefix}:tasks"]
+        return bool(self._run_write(task_id, _DROP_VERSION, keys, [str(version), task_id, f"{self.prefix}:changed"]))
+
+    def task_ids(self) -> list[str]:
+        self.backoff.check()
+        try:
+            return sorted(m.decode() for m in self._redis.smembers(f"{self.prefix}:tasks"))
+        except redis.RedisError as e:
+            raise self._error(e) from None
+
+    def kept_versions(self, task_id: str) -> list[int]:
+        version, kept = self._hmget(task_id, "version", "kept")
+        return [] if version is None else self._versions(version, kept)
+
     def ping(self) -> None:
+        self.backoff.check()
         try:
             self._redis.ping()
         except redis.RedisError as e:
-            raise _unavailable(e) from None
+            raise self._error(e) from None
 
     def close(self) -> None:
+        self.backoff.close()
         if self._watcher is not None:
             self._watcher.close()
         self._redis.close()

@@ -78,8 +78,10 @@ class PromptStore(ABC):
     @abstractmethod
     def put(self, task_id: str, data: bytes) -> dict:
         """Store a new version; return the task summary (with its new version).
-        When `data` is exactly the latest version's bytes, store nothing and
-        return that version's summary. Versions past `keep_versions` go."""
+        When `data` is exactly the latest version's bytes (compared byte for
+        byte: a damaged copy whose digest matches does not count), store
+        nothing and return that version's summary. Versions past
+        `keep_versions` go."""
 
     @abstractmethod
     def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
@@ -103,6 +105,20 @@ class PromptStore(ABC):
     @abstractmethod
     def versions(self, task_id: str) -> list[dict] | None:
         """The summary of every kept version, newest first; None when the task does not exist."""
+
+    @abstractmethod
+    def task_ids(self) -> list[str]:
+        """Every task id, sorted, without reading any artifact (as `store check` needs)."""
+
+    @abstractmethod
+    def kept_versions(self, task_id: str) -> list[int]:
+        """The numbers of the task's kept versions, newest first ([] when none)."""
+
+    @abstractmethod
+    def drop_version(self, task_id: str, version: int) -> bool:
+        """Remove one kept version (a damaged one); False when it was not kept.
+        When it was the latest, the newest kept one before it becomes the latest;
+        when it was the only one, the task is gone. Version numbers still never repeat."""
 
     @abstractmethod
     def list(self) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prompt_store.artifact import read_artifact
+from prompt_store.check import load_stored
 from prompt_store.errors import StoreUnavailable
 from prompt_store.store import PromptStore, StoredPrompt
 from ptcore.errors import TaskNotFound
@@ -74,7 +74,7 @@ class PromptCache:
         return prompt
 
     def _prompt(self, stored: StoredPrompt) -> TaskPrompt:
-        artifact = read_artifact(stored.data, self.max_artifact_bytes)
+        artifact = load_stored(stored, self.max_artifact_bytes)  # a damaged one: 503
         return task_prompt(stored.task_id, stored.version, artifact, self.loaded, stored.digest)
 
     def drop(self, task_id: str) -> None:

@@ -5,6 +5,7 @@ serve.py      serve (flags and help from the Settings fields)
 train.py      train (flags and help from the TrainConfig fields)
 peft.py       import-peft, export-peft
 client.py     push, generate, classify, tasks (against a running server)
+store.py      store check (on the store itself)
 jobs.py       jobs: fine-tuning jobs on a running server
 models.py     models, tiny-model, make-artifact
 common.py     what they share
@@ -20,7 +21,7 @@ import sys
 
 from ptcore.errors import PtserveError  # torch-free, as every import of the parser
 
-from . import client, jobs, models, peft, serve, train
+from . import client, jobs, models, peft, serve, store, train
 from .serve import serve_settings
 
 __all__ = ["COMMANDS", "build_parser", "main", "serve_settings"]
@@ -28,7 +29,7 @@ __all__ = ["COMMANDS", "build_parser", "main", "serve_settings"]
 # in the order `ptserve --help` lists them
 COMMANDS = (
     serve.SERVE, models.TINY_MODEL, train.TRAIN, peft.IMPORT_PEFT, peft.EXPORT_PEFT, client.PUSH, client.GENERATE,
-    client.CLASSIFY, client.TASKS, jobs.JOBS, models.MAKE_ARTIFACT, models.MODELS,
+    client.CLASSIFY, client.TASKS, jobs.JOBS, store.STORE, models.MAKE_ARTIFACT, models.MODELS,
 )  # fmt: skip
 
 

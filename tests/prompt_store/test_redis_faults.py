@@ -52,6 +52,7 @@ def test_an_upload_to_a_stopped_redis_answers_unavailable_and_stores_nothing(own
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     wait_until_dropped(raw, used)  # anything Redis had received, it has run by now
+    wait_until(lambda: not store.backoff.down, "the store's probe to find Redis answering again")
     assert store.get("t") is None and raw.get("ptserve:version:t") is None
     assert store.put("t", filled_artifact(1.0))["version"] == 1
 
@@ -70,6 +71,7 @@ def test_an_upload_redis_does_not_answer_is_unknown_and_a_retry_makes_one_versio
     finally:
         raw.execute_command("CLIENT", "UNPAUSE")
     wait_until_dropped(raw, used)  # the first script has run, or was dropped with its connection
+    wait_until(lambda: not store.backoff.down, "the store's probe to find Redis answering again")
     # whether the first one ran or not, the same bytes again leave exactly version 1
     assert store.put("t", filled_artifact(1.0))["version"] == 1
     assert store.version("t") == 1 and fill_of(store.get("t")) == 1.0
@@ -93,3 +95,27 @@ def test_a_full_redis_refuses_uploads_saying_so_and_still_deletes(own_redis):
     files = RedisFineTuningStore(url)
     with pytest.raises(StoreUnavailable, match=r"fine-tuning store \(Redis\) is out of memory"):
         files.put_file({"id": "file-x", "created_at": 0}, b"{}")
+
+
+def test_a_stopped_redis_is_remembered_and_calls_fail_at_once_until_it_answers_again(own_redis):
+    """After one call waits out the socket timeout, the store counts Redis as down:
+    calls fail at once without reaching it, until the probe finds it answering."""
+    proc, url = own_redis
+    store = RedisStore(url + "?socket_timeout=0.5", identity_max_lag=0)
+    store.put("t", filled_artifact(1.0))
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            store.identity("t")  # waits out the socket timeout
+        assert store.backoff.down and store.backoff.refused == 0
+        for call in (lambda: store.identity("t"), lambda: store.get("t"), store.list, store.ping,
+                     lambda: store.put("u", filled_artifact(2.0)), lambda: store.delete("t")):  # fmt: skip
+            with pytest.raises(StoreUnavailable, match="is tried again every 1 s"):
+                call()
+        assert store.backoff.refused == 6  # each refused at once, none sent
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: not store.backoff.down, "the store's probe to find Redis answering again")
+    assert store.identity("t").version == 1 and store.get("u") is None
+    assert store.put("u", filled_artifact(2.0))["version"] == 1
+    store.close()

@@ -21,7 +21,7 @@ from prompt_store.redis_connect import parse_sentinel_url
 from prompt_store.redis_store import RedisStore
 from prompt_store.store import digest_of
 from ptcore.model import load_model
-from tests.helpers import filled_artifact, live_server, random_prompt, start_redis, start_sentinel
+from tests.helpers import filled_artifact, live_server, random_prompt, start_redis, start_sentinel, wait_until
 
 
 def test_the_url_names_sentinels_service_and_db():
@@ -144,6 +144,8 @@ def test_a_failover_keeps_acknowledged_uploads_and_the_gap_is_unavailable(cluste
     finally:
         took = cluster.resume_sentinel_and_wait_for_failover()
     print(f"failover {took:.2f} s after the sentinel resumed")
+    # the store counted Redis as down: its probe finds the new master (prompt_store/redis_backoff.py)
+    wait_until(lambda: not store.backoff.down, "the store's probe to reach the new master")
 
     for task_id, data in uploads.items():
         stored = store.get(task_id)
@@ -177,6 +179,8 @@ def test_a_server_on_sentinel_answers_503_during_a_failover_and_everything_after
             cached = client.post("/v1/tasks/t0/generate", json=generate)
         finally:
             cluster.resume_sentinel_and_wait_for_failover()
+        backoff = live.app.state.engine.store.backoff
+        wait_until(lambda: not backoff.down, "the store's probe to reach the new master")
         for name, r in answers.items():
             assert r.status_code == 503 and "prompt store" in r.json()["detail"], (name, r.status_code, r.text)
         assert cached.status_code == 200 and cached.json()["version"] == 1  # served from the device's copy

@@ -66,9 +66,48 @@ def test_an_upload_redis_does_not_confirm_is_504_and_the_same_upload_again_is_sa
             # run the script or dropped it with the connection (it reads a connection's
             # bytes in order, its end last)
             wait_until(lambda: before - connections(raw), "Redis to drop the connection of the unconfirmed put")
+            store = live.app.state.engine.store  # the timeout counts Redis as down until its probe is answered
+            wait_until(lambda: not store.backoff.down, "the store's probe to find Redis answering again")
             r = c.put("/v1/tasks/t", content=data)  # the client retries the same bytes
             assert r.status_code == 201 and r.json()["version"] == 1
             assert c.post("/v1/tasks/t/generate", json={"input": "x", "max_new_tokens": 2}).json()["version"] == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_with_redis_stopped_cached_tasks_are_served_and_the_rest_refused_at_once(gpt2_dir):
+    """SIGSTOP of redis-server: once one call has waited out the socket timeout, a
+    cached task is served without asking Redis, others get 503 without waiting,
+    and after SIGCONT the server uses Redis again, with no restart."""
+    import os
+    import signal
+
+    loaded = load_model(str(gpt2_dir), device="cpu", dtype="float32")
+    proc, url = start_redis()
+    body = {"input": "x", "max_new_tokens": 2}
+    try:
+        with serve(loaded, url + "?socket_timeout=0.5") as live, httpx.Client(base_url=live.url, timeout=60) as c:
+            for task, seed in (("cached", 1), ("cold", 2)):
+                data = artifact_bytes(random_prompt(loaded, "[P:2]{input}", seed=seed))
+                assert c.put(f"/v1/tasks/{task}", content=data).status_code == 201
+            expected = c.post("/v1/tasks/cached/generate", json=body).json()  # now in the prompt cache
+            backoff = live.app.state.engine.store.backoff
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                assert c.post("/v1/tasks/cached/generate", json=body).json() == expected  # after one timeout
+                assert backoff.down
+                refused = backoff.refused
+                assert c.post("/v1/tasks/cached/generate", json=body).json() == expected
+                cold = c.post("/v1/tasks/cold/generate", json=body)
+                assert cold.status_code == 503 and "is tried again every 1 s" in cold.json()["detail"]
+                assert c.get("/ready").status_code == 503
+                assert backoff.refused == refused + 3  # none of them waited for Redis
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            wait_until(lambda: not backoff.down, "the store's probe to find Redis answering again")
+            assert c.get("/ready").status_code == 200
+            assert c.post("/v1/tasks/cold/generate", json=body).status_code == 200
     finally:
         proc.kill()
         proc.wait()
