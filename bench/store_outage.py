@@ -41,8 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from tests.helpers import start_redis
+    from tests.helpers import start_redis  # the tests' redis-server starter (run from the repository root)
 
     redis_proc, url = start_redis()
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prompt_store.errors import StoreUnavailable
 from prompt_store.factory import open_fine_tuning_store, open_store
@@ -31,7 +31,7 @@ from server.tasks import TaskManager
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Engine:
     settings: Settings
     loaded: LoadedModel
@@ -49,13 +49,30 @@ class Engine:
         self.inference.start()
         self.jobs.start()
 
+    draining: bool = field(default=False, init=False)  # shutting down: new requests are refused (api/shutdown.py)
+    stopped: bool = field(default=False, init=False)
+
     def stop(self) -> None:
+        """Fail what is queued or running, and close the store (once; later calls do nothing)."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.jobs.stop()
         self.scheduler.stop()
         self.store.close()
 
+    def drain(self) -> None:
+        """From now on, refuse new requests; those queued or running go on."""
+        self.draining = True
+
+    def busy(self) -> bool:
+        """Whether requests are queued or running (fine-tuning jobs aside: they stop with the server)."""
+        return self.scheduler.queue_depth() > 0 or self.scheduler.running() > 0
+
     def why_not_ready(self) -> str | None:
         """What keeps this engine from serving now, or None. Blocks: pings the store."""
+        if self.draining:
+            return "server is shutting down"
         if not self.scheduler.alive():
             return "the model worker is not running"
         try:

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         "./ptserve-data",
         description="prompt store: a directory (default), a redis:// / rediss:// URL, or redis+sentinel://H:P,H:P/SERVICE[/DB]",
     )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM, how long requests already queued or running may go on before they are failed "
+        "(new ones get 503 at once); keep it below the platform's grace (compose stop_grace_period, k8s "
+        "terminationGracePeriodSeconds)",
+    )
     keep_versions: int = Field(
         5,  # prompt_store.store.DEFAULT_KEEP_VERSIONS (not imported: the client commands load no torch)
         ge=1,

@@ -159,6 +159,11 @@ def connection_bound(max_connections: int) -> int:
     return fitted
 
 
+# after the drain (server/api/shutdown.py) has answered every request the engine held, how long uvicorn
+# waits for the other ones (an upload mid-body, an answer still being written) before it cancels them
+SHUTDOWN_TAIL_S = 5.0
+
+
 def server_config(app, settings: Settings) -> uvicorn.Config:
     protocol = partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s,
                        body_timeout_s=settings.body_timeout_s,
@@ -166,4 +171,5 @@ def server_config(app, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, http=protocol,
         timeout_keep_alive=settings.keep_alive_timeout_s, h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=SHUTDOWN_TAIL_S,
     )  # fmt: skip

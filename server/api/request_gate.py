@@ -9,19 +9,22 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from ptcore.errors import PayloadTooLarge, PtserveError
+from ptcore.errors import PayloadTooLarge, PtserveError, ServiceUnavailable
 from server.api.access import access_for, bearer_token, check_access
 from server.api.errors import BadRequest
 from server.settings import Settings
 
 UPLOAD_SLACK = 64 * 1024  # multipart boundaries and part headers around a PEFT upload's files
+STILL_ANSWERED = ("/health", "/ready", "/metrics", "/v1/stats")  # while shutting down (server/api/shutdown.py)
 
 
 class RequestGate:
     """ASGI middleware. From the headers alone, before the body is read:
     - two Authorization headers: 400 (on every route);
     - the token the route needs (server/api/access.py): 401 / 403;
-    - a declared Content-Length over the limit: 413.
+    - a declared Content-Length over the limit: 413;
+    - while the server shuts down (server/api/shutdown.py): 503, except on
+      STILL_ANSWERED (/ready says 503 itself).
     A body sent without a length (chunked) is counted as the app reads it and
     refused with 413 once it passes the limit. Whenever an answer goes out before
     its request's body was read to the end, the connection is closed, so the rest
@@ -45,6 +48,8 @@ class RequestGate:
         declared = headers.get("content-length")
         limit = self._limit(scope)
         try:
+            if _draining(scope) and route_path(scope) not in STILL_ANSWERED:
+                raise ServiceUnavailable("server is shutting down")
             size = sum(len(name) + len(value) for name, value in scope["headers"])
             if size > self.settings.max_header_bytes:  # h11 checks only headers that arrive in pieces
                 raise BadRequest(f"request headers are {size} bytes; the limit is {self.settings.max_header_bytes}")
@@ -89,6 +94,11 @@ class RequestGate:
         if route_path(scope).endswith("/peft"):  # a PEFT adapter: two files in one multipart body
             return 2 * self.settings.max_artifact_bytes + UPLOAD_SLACK
         return self.settings.max_artifact_bytes
+
+
+def _draining(scope) -> bool:
+    engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+    return engine is not None and engine.draining
 
 
 def route_path(scope) -> str:

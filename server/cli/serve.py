@@ -36,19 +36,18 @@ def _arguments(parser) -> None:
 
 
 def _serve(args) -> None:
-    import uvicorn
-
     from ptcore import cpu_threads
     from ptcore.model_source import resolve_model
     from server.api.app import create_app
     from server.api.http_server import server_config
+    from server.api.shutdown import DrainingServer
 
     settings = serve_settings(args)
     cpu_threads.serial()  # before a conversion below computes: only the scheduler's thread uses several
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # a download or conversion happens (and fails, with its reason) before the server starts
     settings = settings.model_copy(update={"model": resolve_model(settings.model, settings.model_cache)})
-    server = uvicorn.Server(server_config(create_app(settings), settings))
+    server = DrainingServer(server_config(create_app(settings), settings), settings.shutdown_grace_s)
     server.run()
     if not server.started:
         sys.exit("ptserve serve: the server did not start (see the log above)")

@@ -16,11 +16,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def server_environment(**env: str) -> dict:
+def server_service(**env: str) -> dict:
+    """The ptserve service as `docker-compose config` renders it with `env` (and no other PTSERVE_*)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}
     out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], env={**clean, **env},
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout  # fmt: skip
-    return yaml.safe_load(out)["services"]["ptserve"]["environment"]
+    return yaml.safe_load(out)["services"]["ptserve"]
+
+
+def server_environment(**env: str) -> dict:
+    return server_service(**env)["environment"]
 
 
 def test_tokens_set_in_the_environment_reach_the_server():
@@ -41,3 +46,9 @@ def test_every_setting_named_in_env_example_is_passed_through():
         if key.startswith("PTSERVE_") and "=" in line and key != "PTSERVE_PORT":  # the port is nginx's
             named.add(key)
     assert named <= set(server_environment()), named - set(server_environment())
+
+
+def test_the_shutdown_grace_ends_before_docker_kills_the_server():
+    service = server_service()
+    assert service["stop_grace_period"] == "30s"
+    assert float(service["environment"]["PTSERVE_SHUTDOWN_GRACE_S"]) + 10 == 30

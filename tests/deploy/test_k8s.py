@@ -70,6 +70,15 @@ def test_probes(overlay):
     assert startup["periodSeconds"] * startup["failureThreshold"] == 900
 
 
+def test_the_shutdown_grace_ends_before_kubernetes_kills_the_pod(overlay):
+    _, objects = overlay
+    pod, container = server(objects)
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace = float(settings(objects)["PTSERVE_SHUTDOWN_GRACE_S"])
+    assert int(pre_stop[1]) + grace + 10 == pod["terminationGracePeriodSeconds"] == 60
+
+
 def test_the_pod_runs_as_the_images_user_on_a_read_only_root(overlay):
     _, objects = overlay
     pod, container = server(objects)
