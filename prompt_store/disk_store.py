@@ -299,15 +299,20 @@ class DiskStore(PromptStore):
             return self._summary(task_id)
 
     def versions(self, task_id: str) -> list[dict] | None:
-        """A version removed while this reads (pushed out by a put) is left out."""
+        """A version removed while this reads (pushed out by a put) is left out, and so is a
+        damaged one (logged; `ptserve store check` reports it)."""
         out = []
         with self._faults("read the task"):
             files = _files(self._dir(task_id))
             for f in reversed(files):
                 stored = self._read(task_id, f.version)[0]
-                if stored is not None:
+                if stored is None:
+                    continue
+                try:
                     out.append(_summarize(stored))
-        return out or None
+                except StoredPromptDamaged:  # logged where it is raised
+                    continue
+        return out if files else None
 
     def task_ids(self) -> list[str]:
         with self._faults("list the tasks"):

@@ -27,6 +27,8 @@ from .errors import StoreUnavailable
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 1.0
 UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # TimeoutError: socket timeouts
+# ConnectionError subclasses that are Redis's answer (a wrong password, a missing permission), not silence
+ANSWERED = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
 
 
 class Backoff:
@@ -56,7 +58,7 @@ class Backoff:
     def failed(self, error: Exception) -> None:
         """A call failed with `error`: when Redis gave no answer, count it as down
         and start the probe (one at a time)."""
-        if not isinstance(error, UNREACHABLE):
+        if not isinstance(error, UNREACHABLE) or isinstance(error, ANSWERED):
             return
         with self._lock:
             if self._down.is_set() or self._stopped.is_set():
@@ -70,9 +72,12 @@ class Backoff:
         while not self._stopped.wait(self.interval_s):
             try:
                 self._ping()
-            except redis.RedisError as e:
-                log.debug("prompt store (Redis) probe: %s", e)
-                continue
+            except Exception as e:  # any failure: probe again (an answer that refuses counts as an answer)
+                if isinstance(e, ANSWERED):
+                    log.error("prompt store (Redis) answers, refusing: %s", e)
+                else:
+                    log.debug("prompt store (Redis) probe: still no answer (%s)", type(e).__name__)
+                    continue
             self._down.clear()
             log.warning("prompt store (Redis) answers again")
             return

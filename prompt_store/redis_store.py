@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 _PUT = """#!lua
 local h = KEYS[2]
 local same = redis.call('HMGET', h, 'version', 'digest', 'artifact')
-if same[2] == ARGV[4] and same[3] == ARGV[1] then  -- the bytes themselves: a damaged copy is replaced
+if (not same[2] or same[2] == '' or same[2] == ARGV[4]) and same[3] == ARGV[1] then  -- the bytes decide:
+  -- a damaged copy is replaced; '' or no digest: a record from before digests were stored
   return tonumber(same[1])
 end
 local v = redis.call('INCR', KEYS[1])
@@ -290,7 +291,7 @@ class RedisStore(PromptStore):
         version, digest = self._hmget(task_id, "version", "digest")
         if version is None:
             return None
-        if digest is None:  # written before digests were stored
+        if not digest:  # written before digests were stored (b"" once kept as an older version)
             stored = self.get(task_id)
             return None if stored is None else stored.identity
         return PromptIdentity(int(version), digest.decode())

@@ -153,9 +153,10 @@ def lone_surrogate(text: str) -> tuple[int, str] | None:
 # tokenizer, then encoding: two threads that ask one tokenizer for different
 # settings can each encode with the other's. So a tokenizer encodes for one
 # thread at a time, under its own lock. The lock belongs to the tokenizer
-# object, not to the process: a copy (copy.deepcopy) has its own, and the
-# server's long-input lane tokenizes on a copy (server/inference.py), so a
-# long input being tokenized never holds up an ordinary request's tokenizing.
+# object, not to the process: another tokenizer object (a copy, or the
+# long-input lane's tokenizer process, server/tokenizer_process.py) has its
+# own, so a long input being tokenized never holds up an ordinary request's
+# tokenizing.
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its lock
 _LOCKS_GUARD = threading.Lock()
 

@@ -195,6 +195,12 @@ curl -fsS -X POST "$url/v1/tasks/smoke-job/classify" -H 'content-type: applicati
     -d '{"input": "A fine film", "version": 1}' | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["version"] == 1, r; print(r)'
 echo "OK: both versions are kept and the older one answers when named"
 
+say "a long input (over 4,096 characters): tokenized in the tokenizer process, inside the container"
+python3 -c 'import json; print(json.dumps({"input": "a fine film " * 400}))' \
+    | curl -fsS -X POST "$url/v1/tasks/smoke-job/classify" -H 'content-type: application/json' --data-binary @- \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["version"] == 2, r; print("long input:", r["label"])'
+echo "OK: a long input was tokenized and answered"
+
 say "the playground and /docs, from the installed package"
 curl -fsS -D - -o /dev/null "$url/" | grep -qi "^content-security-policy: default-src 'self'" \
     || { echo "FAIL: GET / has no strict Content-Security-Policy"; exit 1; }

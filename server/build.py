@@ -53,21 +53,28 @@ class Engine:
     stopped: bool = field(default=False, init=False)
 
     def stop(self) -> None:
-        """Fail what is queued or running, and close the store (once; later calls do nothing)."""
+        """Fail what is queued or running, and close the store (once; later calls do nothing).
+        Each step runs even when one before it failed (a store that is down fails the jobs' step)."""
         if self.stopped:
             return
         self.stopped = True
-        self.jobs.stop()
-        self.scheduler.stop()
-        self.store.close()
+        try:
+            self.jobs.stop()
+        finally:
+            try:
+                self.scheduler.stop()
+            finally:
+                self.inference.close()
+                self.store.close()
 
     def drain(self) -> None:
         """From now on, refuse new requests; those queued or running go on."""
         self.draining = True
 
     def busy(self) -> bool:
-        """Whether requests are queued or running (fine-tuning jobs aside: they stop with the server)."""
-        return self.scheduler.queue_depth() > 0 or self.scheduler.running() > 0
+        """Whether a request is being prepared, queued, running or read (fine-tuning jobs aside: they
+        stop with the server). On the event loop."""
+        return self.inference.busy() or self.scheduler.queue_depth() > 0 or self.scheduler.running() > 0
 
     def why_not_ready(self) -> str | None:
         """What keeps this engine from serving now, or None. Blocks: pings the store."""

@@ -12,7 +12,6 @@ route was cancelled) or the request's deadline passes, the request is aborted.
 from __future__ import annotations
 
 import asyncio
-import copy
 import weakref
 from collections.abc import AsyncIterator
 
@@ -28,6 +27,7 @@ from server.input_lanes import InputLanes, input_chars, long_input
 from server.output_router import OutputRouter
 from server.prompt_cache import PromptCache
 from server.settings import Settings
+from server.tokenizer_process import TokenizerProcess
 
 # No tokenizer we serve packs more than this many characters into one token of
 # ordinary text (English averages about 4), so input longer than
@@ -60,9 +60,13 @@ class Inference:
         self.scheduler = scheduler
         self.position_limit = position_limit
         self.lanes = InputLanes(settings.request_timeout_s)
-        # the long lane's own tokenizer: a long input tokenizing on it holds no lock that ordinary requests take
-        self.long_tokenizer = copy.deepcopy(loaded.tokenizer)
+        # the long lane's: a process of its own at the lowest CPU priority (server/tokenizer_process.py)
+        self.long_tokenizer = TokenizerProcess(loaded.tokenizer, settings.request_timeout_s)
         self.router: OutputRouter | None = None  # from start(), on the event loop
+        self.preparing = 0  # requests in a lane now (on the event loop: no lock)
+
+    def close(self) -> None:
+        self.long_tokenizer.close()
 
     def start(self) -> None:
         """On the event loop: open the output channel and start the scheduler's thread."""
@@ -75,15 +79,25 @@ class Inference:
         record); -> its records: with `stream`, one per piece of settled text, and
         always a last one holding the GenerateResult or the error. `version`: a
         kept version of the task to run instead of the latest."""
-        work = await self.lanes.prepare(self.prepare_generate, chars_of(task_id, fields), task_id, fields, overrides,
-                                        stream, version)  # fmt: skip
-        return self._records(work)
+        return await self._submit(self.prepare_generate, chars_of(task_id, fields), task_id, fields, overrides, stream,
+                                  version)  # fmt: skip
 
     async def classify(self, task_id: TaskOrHand, fields: dict[str, str],
                        version: int | None = None) -> AsyncIterator[Output]:  # fmt: skip
         """Prepare and submit a classify request; -> its one record (ClassifyResult or error)."""
-        work = await self.lanes.prepare(self.prepare_classify, chars_of(task_id, fields), task_id, fields, version)
-        return self._records(work)
+        return await self._submit(self.prepare_classify, chars_of(task_id, fields), task_id, fields, version)
+
+    async def _submit(self, prepare_fn, chars: int, *args) -> AsyncIterator[Output]:
+        """Prepare (in a lane) and submit one request; counted in `preparing` until its channel is open."""
+        self.preparing += 1
+        try:
+            return self._records(await self.lanes.prepare(prepare_fn, chars, *args))
+        finally:
+            self.preparing -= 1
+
+    def busy(self) -> bool:
+        """Whether a request is being prepared, or submitted and not yet read to its end (on the event loop)."""
+        return self.preparing > 0 or (self.router is not None and self.router.listening() > 0)
 
     def _records(self, work: Request) -> AsyncIterator[Output]:
         request_id = self.scheduler.submit(work)  # a full queue raises here

@@ -17,10 +17,10 @@ log = logging.getLogger(__name__)
 
 def not_found(store: PromptStore, task_id: str, version: int | None) -> TaskNotFound:
     """The 404 for a task the store lacks, or a version it does not keep (naming those it does)."""
-    summary = None if version is None else store.summary(task_id)
-    if summary is None:
+    versions = [] if version is None else store.kept_versions(task_id)  # reads no artifact (one may be damaged)
+    if not versions:
         return TaskNotFound(f"no prompt is stored for task {task_id!r}")
-    kept = ", ".join(map(str, summary["versions"]))
+    kept = ", ".join(map(str, versions))
     return TaskNotFound(f"task {task_id!r} has no version {version}: the store keeps versions {kept} (newest first)")
 
 

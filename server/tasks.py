@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from prompt_store.artifact import artifact_bytes, read_artifact
+from prompt_store.check import load_stored
 from prompt_store.peft import artifact_from_peft, parse_peft_config
 from prompt_store.store import PromptStore, StoredPrompt, check_task_id
 from ptcore.errors import TaskNotFound
@@ -76,10 +77,12 @@ class TaskManager:
         return versions
 
     def artifact(self, task_id: str, version: int | None = None) -> StoredPrompt:
-        """The latest version's artifact (or a kept `version`'s), as uploaded."""
+        """The latest version's artifact (or a kept `version`'s), as uploaded; a damaged one
+        is a 503 (StoredPromptDamaged), so it is never handed out to be uploaded again."""
         stored = self.store.get(task_id, version)
         if stored is None:
             raise not_found(self.store, task_id, version)
+        load_stored(stored, len(stored.data))
         return stored
 
     def delete(self, task_id: str) -> None:

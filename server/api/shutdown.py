@@ -15,7 +15,8 @@ Here the first SIGTERM (or SIGINT) drains instead:
 3. then the engine stops: each request still queued or running gets its error
    (a stream its error event, a waiting request a 503 body), and
    uvicorn shuts down as usual, with nothing left to wait for.
-A second signal is uvicorn's own: exit now.
+A second signal ends the grace at once (step 3 now); a third is uvicorn's own:
+exit without waiting for anything.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class DrainingServer(uvicorn.Server):
         self.grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._grace_over = asyncio.Event()  # a second signal
         self._tasks: set[asyncio.Task] = set()  # the drain's task, kept from the garbage collector
 
     async def startup(self, sockets=None) -> None:
@@ -44,8 +46,11 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         """Signal handler (main thread, which runs the event loop)."""
         engine = getattr(self.config.app.state, "engine", None)
-        if self._draining or engine is None or self._loop is None:
-            return super().handle_exit(sig, frame)  # a second signal, or no engine yet: uvicorn's way
+        if engine is None or self._loop is None or self._grace_over.is_set():
+            return super().handle_exit(sig, frame)  # no engine yet, or a third signal: uvicorn's way
+        if self._draining:
+            self._loop.call_soon_threadsafe(self._grace_over.set)
+            return
         self._draining = True
         self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
         self._loop.call_soon_threadsafe(self._start_drain, engine)
@@ -59,11 +64,13 @@ class DrainingServer(uvicorn.Server):
         engine.drain()
         log.info("shutting down: new requests get 503; running requests may finish within %g s", self.grace_s)
         deadline = self._loop.time() + self.grace_s
-        while engine.busy() and self._loop.time() < deadline:
+        while engine.busy() and self._loop.time() < deadline and not self._grace_over.is_set():
             await asyncio.sleep(POLL_S)
         if engine.busy():
-            log.warning("shutting down: the grace of %g s is over; failing the requests still running", self.grace_s)
-        # on the event loop, as the lifespan's own stop (the jobs' tasks are cancelled there); it waits for
-        # the forward pass in progress, then answers what is left with "server is shutting down"
-        engine.stop()
-        self.should_exit = True
+            log.warning("shutting down: the grace is over; failing the requests still running")
+        try:
+            # on the event loop, as the lifespan's own stop (the jobs' tasks are cancelled there); it waits
+            # for the forward pass in progress, then answers what is left with "server is shutting down"
+            engine.stop()
+        finally:
+            self.should_exit = True

@@ -190,6 +190,7 @@ async function showVersions(side) {
   select.closest("label").hidden = !task;
   if (task && (task.versions ?? []).length > 1 && !versionsOf.has(task.task_id)) {
     versionsOf.set(task.task_id, await (await api(`/v1/tasks/${encodeURIComponent(task.task_id)}/versions`)).json());
+    if (sideSelect(side, "task").value !== task.task_id) return; // another task was chosen meanwhile: its own call fills this
   }
   const older = task ? (versionsOf.get(task.task_id) ?? []).slice(1) : [];
   select.replaceChildren(...latest, ...older.map((s) => element("option", `${s.version}`, { value: String(s.version) })));

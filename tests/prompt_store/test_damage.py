@@ -109,3 +109,19 @@ def test_the_store_check_command_reports_then_repairs(tmp_path):
     ]
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
     assert fill_of(store.get("t")) == 1.0
+
+
+def test_a_damaged_version_is_left_out_of_the_versions_and_a_missing_one_is_still_a_404(tmp_path):
+    from ptcore.errors import TaskNotFound
+    from server.prompt_cache import not_found
+
+    store = DiskStore(tmp_path, keep_versions=3)
+    for fill in (1.0, 2.0, 3.0):
+        store.put("t", filled_artifact(fill))
+    for version in (3, 1):
+        path = next((tmp_path / "t").glob(f"{version}.*.safetensors"))
+        path.write_bytes(b"garbage")
+    assert [s["version"] for s in store.versions("t")] == [2]
+    error = not_found(store, "t", 7)
+    assert isinstance(error, TaskNotFound)
+    assert str(error) == "task 't' has no version 7: the store keeps versions 3, 2, 1 (newest first)"

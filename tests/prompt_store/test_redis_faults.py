@@ -119,3 +119,15 @@ def test_a_stopped_redis_is_remembered_and_calls_fail_at_once_until_it_answers_a
     assert store.identity("t").version == 1 and store.get("u") is None
     assert store.put("u", filled_artifact(2.0))["version"] == 1
     store.close()
+
+
+def test_a_refused_password_is_an_answer_not_an_outage(own_redis):
+    """AuthenticationError is a ConnectionError in redis-py, but Redis answered: no back-off."""
+    proc, url = own_redis
+    redis.Redis.from_url(url).config_set("requirepass", "right")
+    wrong = RedisStore(url.replace("redis://", "redis://:wrong@"), identity_max_lag=0)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable, match="AuthenticationError"):
+            wrong.ping()
+    assert not wrong.backoff.down and wrong.backoff.refused == 0
+    wrong.close()

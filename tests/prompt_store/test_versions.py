@@ -117,4 +117,8 @@ def test_a_redis_record_from_before_kept_versions_is_kept_on_the_next_put(redis_
     assert store.summary("t")["versions"] == [8, 7]
     assert store.identity("t", 7) == PromptIdentity(7, digest_of(old))
     assert store.get("t", 7).data == old and store.get("t", 7).digest == digest_of(old)
+    # back as the latest (its digest field is empty): the identity still names its bytes, as get() does
+    assert store.drop_version("t", 8) is True
+    assert store.identity("t") == store.get("t").identity == PromptIdentity(7, digest_of(old))
+    assert store.put("t", old)["version"] == 7  # the same bytes: no new version
     store.close()

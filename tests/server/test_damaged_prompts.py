@@ -56,6 +56,8 @@ def test_a_damaged_prompt_is_a_503_and_the_same_upload_repairs_it(gpt2, where, c
         assert r.json()["detail"].startswith(f"the stored prompt of task 't' version {version} is damaged (its ")
         assert r.json()["detail"].endswith("upload the artifact again, or run `ptserve store check --repair`")
         assert f"task t version {version} is damaged" in caplog.text
+        download = c.get("/v1/tasks/t/artifact")  # never handed out, to be uploaded again as whole
+        assert download.status_code == 503 and download.json() == r.json()
         again = c.put("/v1/tasks/t", content=original)
         assert again.status_code == 201 and again.json()["version"] == version + 1
         r = c.post("/v1/tasks/t/generate", json=body)

@@ -1,31 +1,47 @@
-"""The long-input lane: one thread of its own, at the lowest CPU priority, so that
-the model's threads get the cores before a long input's tokenizing (Linux: a
-thread's own scheduling policy, SCHED_IDLE, and nice value)."""
+"""The long-input lane's tokenizer: a process of its own at the lowest CPU
+priority (server/tokenizer_process.py), which encodes exactly as the served
+tokenizer does, and comes back when it dies."""
 
 import os
-import threading
+import signal
 
-import anyio
+import pytest
 
-from server.input_lanes import LONG_INPUT_CHARS, InputLanes
+from prompt_store.template import tokenize_text
+from server.tokenizer_process import TokenizerProcess
 
-
-def priority_here() -> tuple[int, int, int]:
-    """(the calling thread's scheduling policy, its nice value, its native id)."""
-    tid = threading.get_native_id()
-    return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid), tid
+TEXTS = ["hello there", "<|endoftext|> and <s> </s>", "😀" * 300, "Ünïcödé\ttabs\nnewlines", " x", "", "a " * 3000]
 
 
-def test_long_inputs_are_prepared_on_one_thread_at_the_lowest_priority():
-    lanes = InputLanes(wait_s=10)
-    base = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+@pytest.fixture
+def process(loaded):
+    tp = TokenizerProcess(loaded.tokenizer, timeout_s=60)
+    yield tp
+    tp.close()
 
-    async def main():
-        long = [await lanes.prepare(priority_here, LONG_INPUT_CHARS + 1) for _ in range(3)]
-        short = await lanes.prepare(priority_here, LONG_INPUT_CHARS)
-        return long, short
 
-    long, short = anyio.run(main)
-    assert [(policy, nice) for policy, nice, _ in long] == [(os.SCHED_IDLE, 19)] * 3
-    assert len({tid for _, _, tid in long}) == 1  # one thread
-    assert short[:2] == base and short[2] != long[0][2]
+def test_it_encodes_as_the_served_tokenizer(loaded, process):
+    for text in TEXTS:
+        for split in (False, True):
+            assert tokenize_text(process, text, split) == tokenize_text(loaded.tokenizer, text, split), (text, split)
+    assert process.usable
+
+
+def test_it_runs_at_the_lowest_priority_and_restarts_when_it_dies(process):
+    tokenize_text(process, "start it", True)
+    pid = process._proc.pid
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE and os.getpriority(os.PRIO_PROCESS, pid) == 19
+    os.kill(pid, signal.SIGKILL)
+    process._proc.join()
+    assert tokenize_text(process, "hello there", True) == tokenize_text(process._served, "hello there", True)
+    assert process._proc.pid != pid
+
+
+def test_a_tokenizer_it_cannot_reproduce_is_used_in_process(loaded):
+    tp = TokenizerProcess(loaded.tokenizer, timeout_s=60)
+    tp._expected[0] = (tp._expected[0][0], tp._expected[0][1], [-1])  # as if the child encoded differently
+    try:
+        assert tokenize_text(tp, "hello there", True) == tokenize_text(loaded.tokenizer, "hello there", True)
+        assert not tp.usable and tp._proc is None
+    finally:
+        tp.close()

@@ -292,21 +292,26 @@ class HeldTokenizer:
         self.holding = 0  # long inputs inside the tokenizer now
         self.most = 0
         self.lock_waited = threading.Event()  # a thread had to wait for the tokenizer lock
-        cls = type(loaded.tokenizer)
-        real = cls.__call__
 
-        def call(tokenizer, text, *args, **kwargs):
-            if isinstance(text, str) and len(text) > LONG_INPUT_CHARS:
-                self.holding += 1
-                self.most = max(self.most, self.holding)
-                try:
-                    if not self.release.wait(DEADLINE_S):
-                        raise RuntimeError(f"the test did not release a long input's tokenization in {DEADLINE_S:g} s")
-                finally:
-                    self.holding -= 1
-            return real(tokenizer, text, *args, **kwargs)
+        def held(real):
+            def call(tokenizer, text, *args, **kwargs):
+                if isinstance(text, str) and len(text) > LONG_INPUT_CHARS:
+                    self.holding += 1
+                    self.most = max(self.most, self.holding)
+                    try:
+                        if not self.release.wait(DEADLINE_S):
+                            raise RuntimeError(f"the test did not release a long input in {DEADLINE_S:g} s")
+                    finally:
+                        self.holding -= 1
+                return real(tokenizer, text, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "__call__", call)
+            return call
+
+        # the served tokenizer, and the long lane's process (server/tokenizer_process.py)
+        from server.tokenizer_process import TokenizerProcess
+
+        for cls in (type(loaded.tokenizer), TokenizerProcess):
+            monkeypatch.setattr(cls, "__call__", held(cls.__call__))
         real_lock = prompt_store.template.encoding_lock
         monkeypatch.setattr(prompt_store.template, "encoding_lock",
                             lambda tokenizer: WatchedLock(real_lock(tokenizer), self.lock_waited))  # fmt: skip

@@ -94,3 +94,59 @@ def _ready(url: str) -> bool:
 
 def _running(url: str) -> int:
     return httpx.get(f"{url}/v1/stats", timeout=5).json()["running"]
+
+
+def test_a_request_being_prepared_keeps_the_engine_busy(gpt2, tmp_path, monkeypatch):
+    """The drain waits for requests that are not queued yet (a long input being
+    tokenized), not only for queued and running ones."""
+    from server.input_lanes import LONG_INPUT_CHARS
+    from tests.helpers import live_server
+    from tests.server.test_limits import HeldTokenizer
+
+    held = HeldTokenizer(gpt2, monkeypatch)
+    with live_server(gpt2, str(tmp_path / "store"), max_input_tokens=512) as live, ThreadPoolExecutor(1) as pool:
+        httpx.put(f"{live.url}/v1/tasks/t", content=artifact_bytes(random_prompt(gpt2, "[P:2]{input}")))
+        engine = live.app.state.engine
+        assert not engine.busy()
+        try:
+            answer = pool.submit(httpx.post, f"{live.url}/v1/tasks/t/generate",
+                                 json={"input": "x" * (LONG_INPUT_CHARS + 1)}, timeout=60)  # fmt: skip
+            wait_until(lambda: held.holding == 1, "the long input to be tokenized")
+            assert engine.busy() and engine.scheduler.queue_depth() == 0
+        finally:
+            held.release.set()
+        assert answer.result().status_code == 422  # over the 512-token limit
+        wait_until(lambda: not engine.busy(), "the engine to be idle once the answer is read")
+
+
+def test_the_drain_ends_in_an_exit_even_when_stopping_fails():
+    import asyncio
+
+    import uvicorn
+
+    from prompt_store.errors import StoreUnavailable
+    from server.api.shutdown import DrainingServer
+
+    class Engine:
+        draining = False
+
+        def drain(self):
+            self.draining = True
+
+        def busy(self):
+            return False
+
+        def stop(self):
+            raise StoreUnavailable("prompt store (Redis) is unreachable")
+
+    server = DrainingServer(uvicorn.Config(app=None), grace_s=1)
+
+    async def drain():
+        server._loop = asyncio.get_running_loop()
+        try:
+            await server._drain_then_exit(Engine())
+        except StoreUnavailable:
+            pass
+
+    asyncio.run(drain())
+    assert server.should_exit
