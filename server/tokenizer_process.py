@@ -15,8 +15,12 @@ behind a fast Hugging Face tokenizer) and encodes as prompt_store/template.py's
 probe texts; a tokenizer without a Rust one, or one that disagrees, is not used:
 the caller tokenizes in-process instead (`usable` is False).
 
-The child runs under SCHED_IDLE at nice 19 (Linux; elsewhere nice 19). It
-starts on the first long input and is started again if it dies.
+The child starts on the first long input, answers the probes at normal
+priority, then lowers itself to SCHED_IDLE at nice 19 (Linux; elsewhere nice
+19). An exchange (sending the text, reading the ids) that takes longer than
+the request timeout kills it (504); it is started again with the next long
+input, and after a failed start (it died, or did not answer the probes in
+START_TIMEOUT_S) long inputs are tokenized in-process.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ import threading
 from ptcore.errors import DeadlineExceeded, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+# probe texts: special-token strings, whitespace, non-ASCII, and one longer than any truncation a
+# tokenizer.json may carry (the child must never cut an input short)
 PROBES = ("hello there", "  two leading spaces", "<|endoftext|> <s></s> [MASK] <|im_start|>", "Ünïcödé\ttab\nline",
-          "😀 emoji", "x" * 300)  # fmt: skip
+          "😀 emoji", "x" * 300, "word " * 5000)  # fmt: skip
+START_TIMEOUT_S = 60.0  # for the child to start and answer the probes (at normal priority)
 
 
 class TokenizerProcess:
     """Callable as a Hugging Face tokenizer is by `tokenize_text`:
-    `tp(text, add_special_tokens=False, split_special_tokens=...)["input_ids"]`."""
+    `tp(text, add_special_tokens=False, split_special_tokens=...)["input_ids"]`.
+    One caller at a time (the long lane); `close` may come from another thread."""
 
     def __init__(self, tokenizer, timeout_s: float):
         """tokenizer: the served one. timeout_s: the longest one encode may take (the request timeout)."""
@@ -49,69 +57,108 @@ class TokenizerProcess:
         self.timeout_s = timeout_s
         self._served = tokenizer
         self.usable = self._json is not None  # False: encode in-process, on the served tokenizer
-        self._lock = threading.Lock()
+        self._calls = threading.Lock()  # one caller at a time
+        self._state = threading.Lock()  # the child and its pipe change hands under this (held briefly)
         self._proc = None
         self._conn = None
+        self._closed = False
 
     def __call__(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> dict:
         from prompt_store.template import tokenize_text
 
         if add_special_tokens:
             raise ValueError("the tokenizer process adds no special tokens")
-        with self._lock:
-            if self.usable and (self._proc is None or not self._proc.is_alive()):
-                self._start()
+        with self._calls:
             if self.usable:
-                return {"input_ids": self._encode(text, bool(split_special_tokens))}
+                proc, conn = self._running()
+                if proc is not None:
+                    return {"input_ids": self._exchange(proc, conn, (text, bool(split_special_tokens)), self.timeout_s)}
         return {"input_ids": tokenize_text(self._served, text, split_special_tokens)}
 
-    def _start(self) -> None:
+    def _running(self):
+        """The child and its pipe, started (and checked on the probes) if need be; (None, None) when
+        the child cannot be used: long inputs are then tokenized in-process."""
+        with self._state:
+            if self._closed:
+                raise ServiceUnavailable("server is shutting down")
+            if self._proc is not None and self._proc.is_alive():
+                return self._proc, self._conn
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the model's memory
-        self._conn, child = context.Pipe()
-        self._proc = context.Process(target=_serve, args=(child, self._json), name="ptserve-tokenizer", daemon=True)
-        self._proc.start()
+        conn, child = context.Pipe()
+        proc = context.Process(target=_serve, args=(child, self._json, len(self._expected)), daemon=True,
+                               name="ptserve-tokenizer")  # fmt: skip
+        proc.start()
         child.close()
-        for text, split, ids in self._expected:
-            if self._encode(text, split) != ids:
-                log.warning("the tokenizer process disagrees with the served tokenizer on %r: long inputs are "
-                            "tokenized in-process", text)  # fmt: skip
-                self.close()
-                self.usable = False
-                return
-        log.info("tokenizer process %d started (lowest CPU priority)", self._proc.pid)
-
-    def _encode(self, text: str, split: bool) -> list[int]:
+        with self._state:
+            self._proc, self._conn = proc, conn
         try:
-            self._conn.send((text, split))
-            if not self._conn.poll(self.timeout_s):
-                self.close()  # stuck, or starved of CPU: a new one starts with the next long input
-                raise DeadlineExceeded(f"tokenizing the long input took more than {self.timeout_s:g} s")
-            ok, value = self._conn.recv()
+            for text, split, ids in self._expected:
+                if self._exchange(proc, conn, (text, split), START_TIMEOUT_S) != ids:
+                    raise ValueError(f"it encodes {text[:40]!r} otherwise")
+        except Exception as e:
+            log.warning("the tokenizer process is not used (%s): long inputs are tokenized in-process", e)
+            self.usable = False
+            self._kill(proc)
+            return None, None
+        log.info("tokenizer process %d started (lowest CPU priority once started)", proc.pid)
+        return proc, conn
+
+    def _exchange(self, proc, conn, message, timeout_s: float):
+        """Send `message`, read the answer; past `timeout_s` (sending and reading alike) the
+        child is killed (stuck, or starved of CPU) and a new one starts with the next call."""
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            self._kill(proc)
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.start()
+        try:
+            conn.send(message)
+            ok, value = conn.recv()
         except (EOFError, OSError) as e:
-            self.close()
+            self._kill(proc)
+            if expired.is_set():
+                raise DeadlineExceeded(f"tokenizing the long input took more than {timeout_s:g} s") from None
+            if self._closed:
+                raise ServiceUnavailable("server is shutting down") from None
             raise ServiceUnavailable(f"the tokenizer process stopped ({type(e).__name__}); try again") from None
+        finally:
+            timer.cancel()
         if not ok:
             raise ValueError(value)
         return value
 
+    def _kill(self, proc) -> None:
+        """Stop `proc` (if it is still the child): its pipe then reads as closed."""
+        with self._state:
+            if proc is not self._proc:
+                return
+            self._proc, conn = None, self._conn
+            self._conn = None
+        proc.kill()
+        proc.join()
+        conn.close()
+
     def close(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.join()
-            self._conn.close()
-        self._proc = self._conn = None
+        """From any thread: stop the child; a call in progress gets 503, later ones too."""
+        with self._state:
+            self._closed = True
+            proc = self._proc
+        if proc is not None:
+            self._kill(proc)
 
 
-def _serve(conn, tokenizer_json: str) -> None:
-    """The child: encode each (text, split_special_tokens) it is sent, until the pipe closes."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass  # not Linux: nice 19 alone, or normal priority
+def _serve(conn, tokenizer_json: str, probes: int) -> None:
+    """The child: encode each (text, split_special_tokens) it is sent, until the pipe closes. It
+    answers the parent's `probes` first at normal priority, then lowers its own."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_truncation()  # a tokenizer.json may carry truncation or padding: tokenize_text uses neither
+    tokenizer.no_padding()
+    answered = 0
     while True:
         try:
             text, split = conn.recv()
@@ -122,3 +169,14 @@ def _serve(conn, tokenizer_json: str) -> None:
             conn.send((True, tokenizer.encode(text, add_special_tokens=False).ids))
         except Exception as e:  # reported to the caller; the child goes on
             conn.send((False, f"{type(e).__name__}: {e}"))
+        answered += 1
+        if answered == probes:
+            _lowest_priority()
+
+
+def _lowest_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not Linux: nice 19 alone, or normal priority

@@ -15,8 +15,8 @@ Here the first SIGTERM (or SIGINT) drains instead:
 3. then the engine stops: each request still queued or running gets its error
    (a stream its error event, a waiting request a 503 body), and
    uvicorn shuts down as usual, with nothing left to wait for.
-A second signal ends the grace at once (step 3 now); a third is uvicorn's own:
-exit without waiting for anything.
+A second signal ends the grace at once (step 3 now); later ones are uvicorn's
+own (a repeated SIGINT exits without waiting for anything).
 """
 
 from __future__ import annotations

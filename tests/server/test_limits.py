@@ -295,7 +295,8 @@ class HeldTokenizer:
 
         def held(real):
             def call(tokenizer, text, *args, **kwargs):
-                if isinstance(text, str) and len(text) > LONG_INPUT_CHARS:
+                # the tests' long inputs are x's (the tokenizer process's own probes are not held)
+                if isinstance(text, str) and len(text) > LONG_INPUT_CHARS and set(text) == {"x"}:
                     self.holding += 1
                     self.most = max(self.most, self.holding)
                     try:
