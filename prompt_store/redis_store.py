@@ -173,6 +173,15 @@ class RedisStore(PromptStore):
         self.backoff.failed(e)
         return _unavailable(e)
 
+    def _read(self, call, *args):
+        """One reading call to Redis, `call(*args)`: refused at once while Redis counts as down
+        (redis_backoff.py); a failure is a 503."""
+        self.backoff.check()
+        try:
+            return call(*args)
+        except redis.RedisError as e:
+            raise self._error(e) from None
+
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{check_task_id(task_id)}"
 
@@ -241,19 +250,12 @@ class RedisStore(PromptStore):
         return {**summary, "version": version}
 
     def _hmget(self, task_id: str, *fields: str) -> list:
-        self.backoff.check()
-        try:
-            return self._redis.hmget(self._task_key(task_id), fields)
-        except redis.RedisError as e:
-            raise self._error(e) from None
+        return self._read(self._redis.hmget, self._task_key(task_id), fields)
 
     def _read_version(self, task_id: str, version: int, artifact: bool) -> list | None:
         """[version, digest or None, artifact or None] of a kept version, or None, in one call."""
-        self.backoff.check()
-        try:
-            found = self._redis.eval(_READ_VERSION, 1, self._task_key(task_id), str(version), "1" if artifact else "0")
-        except redis.RedisError as e:
-            raise self._error(e) from None
+        found = self._read(self._redis.eval, _READ_VERSION, 1, self._task_key(task_id), str(version),
+                           "1" if artifact else "0")  # fmt: skip
         return found or None
 
     def get(self, task_id: str, version: int | None = None) -> StoredPrompt | None:
@@ -319,15 +321,10 @@ class RedisStore(PromptStore):
         return [latest] + [{**json.loads(s), "version": n} for n, s in zip(older, rows) if s is not None]
 
     def list(self) -> list[dict]:
-        ids = self.task_ids()
-        self.backoff.check()
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            for task_id in ids:
-                pipe.hmget(self._task_key(task_id), ("version", "summary", "kept"))
-            rows = pipe.execute()
-        except redis.RedisError as e:
-            raise self._error(e) from None
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id in self.task_ids():
+            pipe.hmget(self._task_key(task_id), ("version", "summary", "kept"))
+        rows = self._read(pipe.execute)
         return [self._summary(*row) for row in rows if row[0] is not None]
 
     def delete(self, task_id: str) -> bool:
@@ -339,22 +336,14 @@ class RedisStore(PromptStore):
         return bool(self._run_write(task_id, _DROP_VERSION, keys, [str(version), task_id, f"{self.prefix}:changed"]))
 
     def task_ids(self) -> list[str]:
-        self.backoff.check()
-        try:
-            return sorted(m.decode() for m in self._redis.smembers(f"{self.prefix}:tasks"))
-        except redis.RedisError as e:
-            raise self._error(e) from None
+        return sorted(m.decode() for m in self._read(self._redis.smembers, f"{self.prefix}:tasks"))
 
     def kept_versions(self, task_id: str) -> list[int]:
         version, kept = self._hmget(task_id, "version", "kept")
         return [] if version is None else self._versions(version, kept)
 
     def ping(self) -> None:
-        self.backoff.check()
-        try:
-            self._redis.ping()
-        except redis.RedisError as e:
-            raise self._error(e) from None
+        self._read(self._redis.ping)
 
     def close(self) -> None:
         self.backoff.close()
