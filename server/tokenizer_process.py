@@ -46,17 +46,14 @@ class TokenizerProcess:
     One caller at a time (the long lane); `close` may come from another thread."""
 
     def __init__(self, tokenizer, timeout_s: float):
-        """tokenizer: the served one. timeout_s: the longest one encode may take (the request timeout)."""
-        from prompt_store.template import tokenize_text
-
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._json = backend.to_str() if backend is not None else None
-        # what the child must answer for the probes, without and with split_special_tokens
-        self._expected = [(text, split, tokenize_text(tokenizer, text, split))
-                          for text in PROBES for split in (False, True)]  # fmt: skip
+        """tokenizer: the served one. timeout_s: the longest one encode may take (the request timeout).
+        Nothing is computed here (a server that never sees a long input pays nothing): the tokenizer's
+        JSON and the probes' expected ids are made when the child first starts."""
         self.timeout_s = timeout_s
         self._served = tokenizer
-        self.usable = self._json is not None  # False: encode in-process, on the served tokenizer
+        self.usable = getattr(tokenizer, "backend_tokenizer", None) is not None  # False: encode in-process
+        self._json: str | None = None  # the Rust tokenizer, for the child
+        self._expected: list | None = None  # (text, split_special_tokens, ids) the child must reproduce
         self._calls = threading.Lock()  # one caller at a time
         self._state = threading.Lock()  # the child and its pipe change hands under this (held briefly)
         self._proc = None
@@ -83,6 +80,13 @@ class TokenizerProcess:
                 raise ServiceUnavailable("server is shutting down")
             if self._proc is not None and self._proc.is_alive():
                 return self._proc, self._conn
+        from prompt_store.template import tokenize_text
+
+        if self._json is None:
+            self._json = self._served.backend_tokenizer.to_str()
+        if self._expected is None:  # without and with split_special_tokens
+            self._expected = [(text, split, tokenize_text(self._served, text, split))
+                              for text in PROBES for split in (False, True)]  # fmt: skip
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the model's memory
         conn, child = context.Pipe()
         proc = context.Process(target=_serve, args=(child, self._json, len(self._expected)), daemon=True,
