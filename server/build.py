@@ -73,8 +73,9 @@ class Engine:
 
     def busy(self) -> bool:
         """Whether a request is being prepared, queued, running or read (fine-tuning jobs aside: they
-        stop with the server). On the event loop."""
-        return self.inference.busy() or self.scheduler.queue_depth() > 0 or self.scheduler.running() > 0
+        stop with the server). On the event loop. Every submitted request keeps its output channel
+        open until its last record is read, so Inference.busy() covers the queue and the batch."""
+        return self.inference.busy()
 
     def why_not_ready(self) -> str | None:
         """What keeps this engine from serving now, or None. Blocks: pings the store."""

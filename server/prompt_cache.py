@@ -24,6 +24,11 @@ def not_found(store: PromptStore, task_id: str, version: int | None) -> TaskNotF
     return TaskNotFound(f"task {task_id!r} has no version {version}: the store keeps versions {kept} (newest first)")
 
 
+def _key(task_id: str, version: int | None) -> str | tuple[str, int]:
+    """A cache entry's key: the task id for its latest version, (task id, version) for a named one."""
+    return task_id if version is None else (task_id, version)
+
+
 class PromptCache:
     """Bounded LRU of TaskPrompts. Every lookup asks the store for the latest
     identity, (version, digest), and reloads when it changed. The disk store
@@ -44,7 +49,7 @@ class PromptCache:
 
     def get(self, task_id: str, version: int | None = None) -> TaskPrompt:
         """The latest version's prompt, or that of `version` (a kept one)."""
-        key = task_id if version is None else (task_id, version)
+        key = _key(task_id, version)
         try:  # the store checks the task id first
             identity = self.store.identity(task_id, version)
         except StoreUnavailable:
@@ -69,7 +74,7 @@ class PromptCache:
         prompt = self._prompt(stored)
         # what the store held just now; a concurrent load of an older one that
         # lands later is noticed by the next lookup's identity check
-        for evicted in self._entries.put(task_id if version is None else (task_id, version), prompt):
+        for evicted in self._entries.put(_key(task_id, version), prompt):
             log.info("prompt cache full: evicted %s", evicted)
         return prompt
 
