@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -150,9 +149,15 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
     """Built once per configuration: CUDA graphs are captured here, not per run."""
     max_len = args.prompt_len + args.input_len + args.new_tokens
     start = time.monotonic()
-    backend = SlotBackend(loaded, slot_model_for(loaded.model), max_running=args.max_running, max_len=max_len,
-                          max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
-                          compile=compile, pad_steps=pad)  # fmt: skip
+    threads = cpu_threads.resolve(getattr(args, "threads", None) or 0)
+
+    def make() -> SlotBackend:
+        return SlotBackend(loaded, slot_model_for(loaded.model, packed=not compile), max_running=args.max_running,
+                           max_len=max_len, max_tokens=args.max_running * max_len, prefix_cache_size=64,
+                           cuda_graphs=graphs, compile=compile, pad_steps=pad, packed=not compile)  # fmt: skip
+
+    # as the server builds it (server/build.py): on the CPU, with the model's thread count
+    backend = cpu_threads.on_thread(threads, make) if loaded.device.type == "cpu" else make()
     d = backend.decode_step
     print(
         f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "
@@ -169,19 +174,6 @@ def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:
     threads = cpu_threads.resolve(getattr(args, "threads", None) or 0)
     return Scheduler(batch, Classifier(batch.backend.loaded), args.max_running, args.max_wait_ms / 1000, stats,
                      threads=threads)  # fmt: skip
-
-
-def on_model_thread(fn, threads: int):
-    """fn()'s result, computed on a thread of its own with `threads` CPU threads.
-    The main thread computes on one (see main), so, as in the server, one
-    thread at a time holds an OpenMP team: HF's runs get what the engine gets."""
-    out = []
-    worker = threading.Thread(target=lambda: (cpu_threads.use(threads), out.append(fn())))
-    worker.start()
-    worker.join()
-    if not out:
-        raise SystemExit("the run failed (its traceback is above)")
-    return out[0]
 
 
 @dataclass
@@ -343,7 +335,7 @@ def main() -> None:
     args = ap.parse_args()
     args.max_running = args.max_running or args.concurrency
     threads = cpu_threads.resolve(args.threads or 0)
-    cpu_threads.serial()  # before anything computes: the model's threads are the scheduler's and HF's (on_model_thread)
+    cpu_threads.serial()  # before anything computes: the scheduler and HF (cpu_threads.on_thread) get the threads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     loaded = build(args.shape, args.device, dtype)
     mixed = make_requests(loaded, args.tasks, args.concurrency, args.prompt_len, args.input_len, args.new_tokens)
@@ -352,7 +344,7 @@ def main() -> None:
     engine = make_batcher(loaded, args, graphs=args.graphs)
     run_engine(engine, mixed, args)  # warm-up at full size: the first timed mode must not pay for page faults
     serial = mixed[: args.serial] if args.serial else mixed
-    hf = lambda per_task: on_model_thread(lambda: run_hf(loaded, mixed, args, per_task), threads)  # noqa: E731
+    hf = lambda per_task: cpu_threads.on_thread(threads, lambda: run_hf(loaded, mixed, args, per_task))  # noqa: E731
     plan = [
         ("a", "(a) ptserve engine, mixed tasks", lambda: run_engine(engine, mixed, args)),
         ("b", "(b) ptserve engine, one task", lambda: run_engine(engine, single, args)),

@@ -58,6 +58,30 @@ def use(threads: int) -> None:
     helper.join()
 
 
+def on_thread(threads: int, fn):
+    """fn()'s result (or its exception), computed on a new thread of its own
+    that uses `threads` CPU threads and ends when fn returns, taking its team
+    with it. For work that must run with the model's thread count but not on
+    the model's thread: MKL packs a weight for the thread count of the thread
+    that packs it (server/engine/models/cpu_linear.py)."""
+    out: list = []
+
+    def run():
+        use(threads)
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            out.append((False, e))
+
+    worker = threading.Thread(target=run, name="cpu-threads-work")
+    worker.start()
+    worker.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _set(n: int) -> None:
     torch.set_num_threads(n)
     # torch applies its process-wide count to a thread the first time that thread

@@ -17,6 +17,7 @@ from prompt_store.store import PromptStore
 from ptcore import cpu_threads
 from ptcore.model import LoadedModel, load_model
 from server.engine.backends import make_batch
+from server.engine.batch import GenerateBatch
 from server.engine.classify import Classifier
 from server.engine.scheduler import Scheduler
 from server.engine.slot_backend import SlotBackend
@@ -157,13 +158,18 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Engin
 def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -> Scheduler:
     """The one scheduler, over the generate batch whose backend suits this model
     and these settings (server/engine/backends.py), and the classifier."""
-    batch = make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
-                       settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
-                       settings.cuda_graphs, settings.compile,
-                       cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
-    return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
-                     settings.max_wait_ms / 1000, stats, settings.max_queue,
-                     cpu_threads.resolve(settings.cpu_threads), settings.train_share)  # fmt: skip
+    threads = cpu_threads.resolve(settings.cpu_threads)
+
+    def batch() -> GenerateBatch | None:
+        return make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
+                          settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
+                          settings.cuda_graphs, settings.compile,
+                          cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
+
+    # on the CPU, built with the scheduler's thread count: MKL packs weights for the packing thread's count
+    built = cpu_threads.on_thread(threads, batch) if loaded.device.type == "cpu" else batch()
+    return Scheduler(built, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
+                     settings.max_wait_ms / 1000, stats, settings.max_queue, threads, settings.train_share)  # fmt: skip
 
 
 def _backend(scheduler: Scheduler):

@@ -30,11 +30,11 @@ class SlotBackend:
         """model: a slot forward of server/engine/models for loaded.model.
         max_tokens bounds the sum of (input + max_new_tokens) over running rows.
         cuda_graphs, compile, pad_steps: how the decode step runs (server/engine/decode_step.py).
-        packed: the LM head reads a packed copy of its weight on the CPU (server/engine/models/cpu_linear.py)."""
+        packed: the LM head reads packed copies of its weight on the CPU (server/engine/models/cpu_linear.py)."""
         self.loaded = loaded
         self.model = model
         head = loaded.model.get_output_embeddings()
-        self.lm_head = Linear(head.weight, head.bias, packed)
+        self.lm_head = Linear(head.weight, head.bias, packed, dnn=True)
         self.embed_tokens = loaded.model.get_input_embeddings()
         self.logits_device = loaded.model.get_output_embeddings().weight.device
         self.max_running = max_running

@@ -48,3 +48,26 @@ def test_serial_and_use_pin_each_thread_whatever_another_sets_later():
 def test_resolve_zero_is_torchs_default_taken_before_any_change():
     assert cpu_threads.resolve(0) == cpu_threads.DEFAULT >= 1
     assert cpu_threads.resolve(5) == 5
+
+
+def test_on_thread_computes_with_its_count_on_a_thread_that_ends_and_hands_back_errors():
+    seen = []
+
+    def work():
+        seen.append((threading.current_thread() is not threading.main_thread(), torch.get_num_threads()))
+        return "done"
+
+    assert cpu_threads.on_thread(3, work) == "done"
+    assert seen == [(True, 3)]
+    assert not [t for t in threading.enumerate() if t.name == "cpu-threads-work"]  # it ended
+
+    def fails():
+        raise KeyError("no such weight")
+
+    try:
+        cpu_threads.on_thread(2, fails)
+    except KeyError as e:
+        assert e.args == ("no such weight",)
+    else:
+        raise AssertionError("the error was not handed back")
+    assert on_thread(torch.get_num_threads) == 1  # and a thread that never chose still computes on one

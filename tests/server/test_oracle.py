@@ -18,6 +18,7 @@ import server.engine.hf_backend
 from prompt_store.template import render
 from ptcore.task_prompt import task_prompt
 from server.engine.classify import Classifier
+from server.engine.models.cpu_linear import MKL_ROWS
 from server.engine.outputs import Collected
 from server.engine.request import Request, SamplingParams
 from tests.helpers import (
@@ -91,6 +92,18 @@ def test_batched_greedy_equals_alone(loaded, engine):
         # with no stop strings, a row stops early only at an end-of-sequence token
         assert r.finish_reason == ("stop" if len(r.token_ids) < w.params.max_new_tokens else "length")
         assert r.text == loaded.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def test_decode_steps_of_mkl_rows_rows_equal_alone(loaded):
+    """At MKL_ROWS running rows every product of a CPU decode step reads MKL's
+    packed weights (server/engine/models/cpu_linear.py), a path no smaller batch takes."""
+    works = [make_generate(loaded, i, *TEMPLATES[i % len(TEMPLATES)], max_new_tokens=4 + i % 3)
+             for i in range(MKL_ROWS)]  # fmt: skip
+    scheduler = make_scheduler(loaded, max_running=MKL_ROWS)
+    results, _ = drive(scheduler, works)
+    assert any(b["kind"] == "decode" and b["size"] == MKL_ROWS for b in scheduler.stats.snapshot()["recent"])
+    for w, r in zip(works, results):
+        assert_oracle_tokens(loaded, w, r.token_ids)
 
 
 def test_the_prompt_changes_the_output(loaded):

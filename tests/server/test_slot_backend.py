@@ -31,7 +31,7 @@ def test_packing_llama_projections_changes_nothing_the_model_computes(tiny_model
     assert torch.equal(loaded.model(ids).logits, before)
     assert sum(p.numel() for p in loaded.model.parameters()) == params
     attn = loaded.model.model.layers[0].self_attn
-    assert first.qkv[0][0].data_ptr() == second.qkv[0][0].data_ptr() == attn.q_proj.weight.data_ptr()
+    assert first.qkv[0].weight.data_ptr() == second.qkv[0].weight.data_ptr() == attn.q_proj.weight.data_ptr()
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
 
 

@@ -28,8 +28,8 @@ def slot_model_for(model, packed: bool = True):
     cfg = model.config
     if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
         layer = model.model.layers[0]
-        linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                   layer.mlp.up_proj)  # fmt: skip
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
         plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
         if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):

@@ -1,22 +1,37 @@
-"""A linear product over one of a model's large weights, which on the CPU
-reads a copy of the weight packed once in oneDNN's blocked layout.
+"""A linear product over one of a model's large weights, which on the CPU in
+float32 reads copies of the weight packed once, each where it was measured
+to be the fastest.
 
 PyTorch's float32 linear on the CPU hands the product to MKL, which copies the
 weight into its own blocked layout in every call. For the few rows of a
-decode step that copy costs more than the arithmetic. oneDNN, given the
-weight already packed (`torch.ops.mkldnn._reorder_linear_weight`, what
-torch.compile's freezing uses), skips it. Measured on a 2-core VM (30
-distinct weights, so that none stays in cache; F.linear / packed):
+decode step that copy costs more than the arithmetic. Two libraries take a
+weight packed in advance:
 
-  Llama's gate+up [M, 576] x [576, 3072], us:  M=1 279/374  4: 550/354  8: 681/416  32: 1009/663
-  the default model's LM head [M, 576] x [576, 49152], ms:  M=1 4.2/4.8  8: 15.3/5.6  32: 13.2/9.5
-  (the smaller q/k/v, o and down projections: within 10% either way, so they stay F.linear)
+- MKL's packed GEMM (`torch.ops.mkl._mkl_reorder_linear_weight`), for products
+  of exactly the row count it was packed for, MKL_ROWS: a full decode step.
+  Its results are F.linear's at that row count, bit for bit (the same kernels).
+- oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+  torch.compile's freezing uses), for products of at least MIN_ROWS rows.
 
-So the packed copy serves products of at least MIN_ROWS rows: decode steps
-of several rows and prefills. Its cost is a second copy of those weights
-(the default model: 325 MB); `PTSERVE_CPU_PACKED_WEIGHTS=false` turns it
-off. Its sums run in another order than MKL's, so results differ from
-F.linear's in the last bits, as between any two batch shapes.
+Measured on a 2-core VM (Intel Xeon, AVX-512), 30 distinct weights so that
+none stays in cache; F.linear / oneDNN / MKL packed for 32 rows, us:
+
+  rows                        4          8          16         24         32
+  q/k/v [576 -> 960]       138/131    167/171    209/207    238/257    265/358/240
+  o [576 -> 576]            72/79      88/107    110/131    128/143    141/171/134
+  gate+up [576 -> 3072]    608/434    813/491    812/570    917/677    949/743/661
+  down [1536 -> 576]       209/255    259/305    354/367    412/413    440/461/386
+  LM head [576 -> 49152]  9811/5185 15406/6122 10534/7543 11943/9082 13492/10657/9882  (ms/1000)
+
+In a whole decode step of the default model at 32 rows, MKL's packed products
+for every weight took the step from 96 to 84 ms (alternating runs in one
+process). So every weight keeps an MKL copy, and the two where oneDNN wins at
+other row counts (`dnn=True`: the MLP's gate/up and the LM head) keep a oneDNN
+copy too. The cost is memory: one more copy of every layer weight and of the
+LM head, and a second of the gate/up and LM head weights (the default model:
+about 0.9 GB). `PTSERVE_CPU_PACKED_WEIGHTS=false` turns both off. oneDNN's
+sums run in another order than MKL's, so its results differ from F.linear's
+in the last bits, as between any two batch shapes.
 """
 
 from __future__ import annotations
@@ -25,23 +40,35 @@ import torch
 from torch.nn import functional as F
 
 MIN_ROWS = 4
+MKL_ROWS = 32
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """A float32 weight on a CPU with oneDNN."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """A float32 weight on a CPU."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 class Linear:
     """x -> x @ weight.T + bias, like F.linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool = True):
-        """packed: keep a packed copy where `packable` (else this is F.linear)."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool = True,
+                 dnn: bool = False):  # fmt: skip
+        """packed: keep MKL's packed copy where `packable` (else this is
+        F.linear); dnn: also keep oneDNN's, for products of MIN_ROWS rows or more."""
         self.weight = weight
         self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if packed and packable(weight) else None
+        packed = packed and packable(weight)
+        self.mkl = None
+        if packed and torch.backends.mkl.is_available():
+            self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_ROWS)
+        self.dnn = None
+        if packed and dnn and torch.backends.mkldnn.is_available():
+            self.dnn = torch.ops.mkldnn._reorder_linear_weight(weight, MKL_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.numel() < MIN_ROWS * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.numel() // x.shape[-1]
+        if self.mkl is not None and rows == MKL_ROWS:
+            return torch.ops.mkl._mkl_linear(x, self.mkl, self.weight, self.bias, MKL_ROWS)
+        if self.dnn is not None and rows >= MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.dnn, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)

@@ -53,7 +53,7 @@ class LlamaSlotModel:
     in float32; in bfloat16/float16 it rounds once where Llama's rounds twice."""
 
     def __init__(self, model, packed: bool = True):
-        """packed: the gate/up product reads a packed copy on the CPU (cpu_linear.py)."""
+        """packed: the products read packed copies of their weights on the CPU (cpu_linear.py)."""
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -63,8 +63,10 @@ class LlamaSlotModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.no_grad():
             attns, mlps = [x.self_attn for x in self.inner.layers], [x.mlp for x in self.inner.layers]
-            self.qkv = [pack_linears([a.q_proj, a.k_proj, a.v_proj]) for a in attns]
-            self.gate_up = [Linear(*pack_linears([m.gate_proj, m.up_proj]), packed) for m in mlps]
+            self.qkv = [Linear(*pack_linears([a.q_proj, a.k_proj, a.v_proj]), packed) for a in attns]
+            self.o = [Linear(a.o_proj.weight, a.o_proj.bias, packed) for a in attns]
+            self.gate_up = [Linear(*pack_linears([m.gate_proj, m.up_proj]), packed, dnn=True) for m in mlps]
+            self.down = [Linear(m.down_proj.weight, m.down_proj.bias, packed) for m in mlps]
         # "dynamic" rotary scaling compares the largest position with a cached length on the host
         self.capturable = "dynamic" not in str(getattr(self.inner.rotary_emb, "rope_type", "default"))
 
@@ -80,14 +82,13 @@ class LlamaSlotModel:
         D, qk_heads = self.head_dim, self.heads + self.kv_heads
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            qkv = F.linear(rms_norm(layer.input_layernorm, x), *self.qkv[i]).view(B, T, -1, D).transpose(1, 2)
+            qkv = self.qkv[i](rms_norm(layer.input_layernorm, x)).view(B, T, -1, D).transpose(1, 2)
             qk = qkv[:, :qk_heads]
             qk = qk * cos + qk.roll(half, dims=-1) * sin  # rotary position, on q and k at once
             q, k, v = qk[:, : self.heads], qk[:, self.heads :], qkv[:, qk_heads:]
-            x = x + attn.o_proj(attention(i, q, k, v, attn.scaling))
-            mlp = layer.mlp
+            x = x + self.o[i](attention(i, q, k, v, attn.scaling))
             gate, up = self.gate_up[i](rms_norm(layer.post_attention_layernorm, x)).chunk(2, dim=-1)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            x = x + self.down[i](layer.mlp.act_fn(gate) * up)
         return rms_norm(self.inner.norm, x)
 
 
