@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="continuous, on CUDA: replay the decode step from CUDA graphs "
                               "captured at startup")  # fmt: skip
     compile: bool = Field(False, description="continuous: fuse the decode step with torch.compile at startup "
-                          "(slower start, faster steps)")  # fmt: skip
+                          "(a slower start; on the CPU, a C++ compiler needed and packed weights off)")  # fmt: skip
     cpu_threads: int = Field(0, ge=0, description="CPU threads the model computes with (0: torch's default, one "
                              "per core); the server's other threads compute on one")  # fmt: skip
     cpu_packed_weights: bool = Field(True, description="continuous, float32 on the CPU: the decode step's "

@@ -12,8 +12,11 @@ On CUDA (with `graphs`), every bucket is captured once at startup and a step
 is one graph replay plus one small copy in: per-kernel launch cost, which
 dominates a small-batch decode step, is paid once. Elsewhere the same function
 runs eagerly at the exact (n, length), no padding. With `compile`, the function
-is first fused by torch.compile, on any device (a few compilations: shapes
-become dynamic after the first, with special cases such as one row).
+is first fused by torch.compile, on any device, at startup: capturing compiles
+it on CUDA, and elsewhere `warm_up` runs the shapes that make torch.compile
+build every graph a step will use (one for the first shape, one with dynamic
+rows and lengths, one for a single row), so that no request waits for a
+compilation and a compiler that is missing fails the start, not the requests.
 
 Graphs and compile need a step that never looks at values on the host; a
 slot model says whether its architecture allows that (`capturable`: Llama's "dynamic"
@@ -22,6 +25,7 @@ rotary scaling reads the largest position), and otherwise the step runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -74,13 +78,18 @@ class DecodeStep:
         self.use_graphs = graphs
         self.pad = self.use_graphs if pad is None else pad
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.use_graphs:
+        if self.use_graphs or compile:
             try:
-                with torch.cuda.device(device):  # capture streams live on the current device
-                    self.capture()
+                on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+                with on_device:  # capture streams and compiled kernels live on the current device
+                    if self.use_graphs:
+                        self.capture()
+                    else:
+                        self.warm_up()
             except Exception as e:
-                how, fix = ("torch.compile and CUDA graphs", "PTSERVE_COMPILE=false") if compile else (
-                    "CUDA graphs", "PTSERVE_CUDA_GRAPHS=false")  # fmt: skip
+                how = ("torch.compile and CUDA graphs" if compile and self.use_graphs
+                       else "CUDA graphs" if self.use_graphs else "torch.compile")  # fmt: skip
+                fix = "PTSERVE_COMPILE=false" if compile else "PTSERVE_CUDA_GRAPHS=false"
                 raise RuntimeError(f"preparing the decode step ({how}) failed ({e}); {fix} runs it without") from e
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -88,6 +97,16 @@ class DecodeStep:
         attention = SlotAttention(self.cache, 0, positions[:, None], length)
         hidden = self.model.hidden(self.embed_tokens(tokens[:, None]), attention)  # [B, 1, H]
         return self.lm_head(hidden[:, 0])
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the step before serving (see the module's text). Like
+        `capture`, it writes position 0 of slots that hold nothing yet."""
+        start = time.monotonic()
+        slots = self.cache.slots
+        for n, length in ((min(2, slots), 2), (min(3, slots), 3), (1, 4)):
+            self.forward(self.inputs[0, :n], self.inputs[1, :n], length)
+        log.info("compiled the decode step with torch.compile in %.1f s", time.monotonic() - start)
 
     @torch.inference_mode()
     def capture(self) -> None:

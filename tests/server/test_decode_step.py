@@ -4,6 +4,7 @@ alone. CUDA graphs themselves need a GPU (bench/engine.py checks them there,
 against the eager step); on CPU the same function runs, padded to the same
 buckets, so everything a graph would replay is checked here."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,3 +91,29 @@ def test_a_step_that_reads_values_on_the_host_is_neither_compiled_nor_captured()
         # the tolerance fails the same tokens stepped at position 1 (a wrong
         # position: each then also attends to the empty cache entry at 0)
         assert float_mismatch(step(graphs=False, compile=False)([3, 4], [1, 1]), own).startswith("max difference ")
+
+
+def test_compiling_happens_at_startup_so_no_request_waits_for_it(loaded):
+    """Without CUDA graphs, DecodeStep compiles at construction the graphs that
+    every later step uses: steps of any row count and length afterwards compile nothing."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s = make_scheduler(loaded, max_running=4, compile=True, cuda_graphs=False)
+    built = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert built == 3  # the first shape, dynamic rows and lengths, one row
+    works = generate_requests(loaded, 6)
+    results, _ = drive(s, works, arrivals=[0, 0, 1, 3, 3, 7])
+    for w, r in zip(works, results):
+        assert r.token_ids == oracle_tokens(loaded, w)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == built
+
+
+def test_a_compiler_that_fails_fails_the_start_and_says_how_to_run_without(loaded, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    with pytest.raises(RuntimeError) as raised:
+        make_scheduler(loaded, max_running=4, compile=True, cuda_graphs=False)
+    assert str(raised.value) == ("preparing the decode step (torch.compile) failed (no working C++ compiler found); "
+                                 "PTSERVE_COMPILE=false runs it without")  # fmt: skip

@@ -53,7 +53,10 @@ class SlotAttention:
         is, in every call (every layer), unless it already is."""
         if self._bias is None:
             B, T = self.positions.shape
-            width = -(-self.length // MASK_ALIGN) * MASK_ALIGN
+            # always wider than length (a whole block more when length is a multiple):
+            # the slice below then never covers the whole row, which torch.compile
+            # would otherwise take as a special case and compile again for
+            width = (self.length // MASK_ALIGN + 1) * MASK_ALIGN
             visible = torch.arange(width, device=self.positions.device) <= self.positions[:, :, None]
             visible = visible[:, None].expand(B, group, T, width).reshape(B, 1, group * T, width)
             bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
