@@ -152,12 +152,13 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
     threads = cpu_threads.resolve(getattr(args, "threads", None) or 0)
 
     def make() -> SlotBackend:
-        return SlotBackend(loaded, slot_model_for(loaded.model, packed=not compile), max_running=args.max_running,
-                           max_len=max_len, max_tokens=args.max_running * max_len, prefix_cache_size=64,
-                           cuda_graphs=graphs, compile=compile, pad_steps=pad, packed=not compile)  # fmt: skip
+        model = slot_model_for(loaded.model, not compile, args.max_running)
+        return SlotBackend(loaded, model, max_running=args.max_running, max_len=max_len,
+                           max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
+                           compile=compile, pad_steps=pad, packed=not compile)  # fmt: skip
 
-    # as the server builds it (server/build.py): on the CPU, with the model's thread count
-    backend = cpu_threads.on_thread(threads, make) if loaded.device.type == "cpu" else make()
+    # as the server builds it (server/build.py): with the model's thread count
+    backend = cpu_threads.on_thread(threads, make) if loaded.device.type == "cpu" or compile else make()
     d = backend.decode_step
     print(
         f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "

@@ -71,8 +71,9 @@ def main() -> None:
     engine.SHAPES.update(SHAPES)
     loaded = build(args.shape, args.device, getattr(torch, args.dtype))
     requests = make_requests(loaded, 2, args.rows, prompt_len=4, input_len=16, new=8)
-    backend = SlotBackend(loaded, slot_model_for(loaded.model), max_running=args.rows, max_len=64, max_tokens=10**6,
-                          prefix_cache_size=8, cuda_graphs=False, compile=args.compile)  # fmt: skip
+    model = slot_model_for(loaded.model, max_rows=args.rows)
+    backend = SlotBackend(loaded, model, max_running=args.rows, max_len=64, max_tokens=10**6, prefix_cache_size=8,
+                          cuda_graphs=False, compile=args.compile)  # fmt: skip
     batch = GenerateBatch(backend, loaded)
 
     admit(batch, requests, fresh_prefixes=True)

@@ -63,12 +63,13 @@ def on_thread(threads: int, fn):
     that uses `threads` CPU threads and ends when fn returns, taking its team
     with it. For work that must run with the model's thread count but not on
     the model's thread: MKL packs a weight for the thread count of the thread
-    that packs it (server/engine/models/cpu_linear.py)."""
+    that packs it (server/engine/models/cpu_linear.py), and torch.compile
+    compiles again for a thread whose count differs from the one it compiled on."""
     out: list = []
 
     def run():
-        use(threads)
         try:
+            use(threads)
             out.append((True, fn()))
         except BaseException as e:  # handed to the caller
             out.append((False, e))

@@ -166,8 +166,10 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
                           settings.cuda_graphs, settings.compile,
                           cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
 
-    # on the CPU, built with the scheduler's thread count: MKL packs weights for the packing thread's count
-    built = cpu_threads.on_thread(threads, batch) if loaded.device.type == "cpu" else batch()
+    # built with the scheduler's thread count where it matters: MKL packs weights for the packing
+    # thread's count, and torch.compile compiles again for a thread with another count
+    same_count = loaded.device.type == "cpu" or settings.compile
+    built = cpu_threads.on_thread(threads, batch) if same_count else batch()
     return Scheduler(built, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
                      settings.max_wait_ms / 1000, stats, settings.max_queue, threads, settings.train_share)  # fmt: skip
 

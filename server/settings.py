@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                              "per core); the server's other threads compute on one")  # fmt: skip
     cpu_packed_weights: bool = Field(True, description="continuous, float32 on the CPU: the decode step's "
                                      "products read copies of their weights packed for MKL and oneDNN (faster "
-                                     "steps of several rows, about 1.8x the weights' memory more)")  # fmt: skip
+                                     "steps of several rows, about 1.9x the weights' memory more)")  # fmt: skip
     prompt_cache_size: int = Field(256, ge=1, description="tasks whose prompt rows stay on the device (LRU)")
     max_artifact_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_new_tokens_limit: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask for")

@@ -29,7 +29,7 @@ def make_batch(loaded: LoadedModel, engine: str = "auto", spread: bool = False, 
     if loaded.family != "causal":
         return None
     packed = cpu_packed_weights and not compile
-    model = None if engine == "static" or spread else slot_model_for(loaded.model, packed)
+    model = None if engine == "static" or spread else slot_model_for(loaded.model, packed, max_running)
     if model is None:
         if engine == "continuous":
             why = "a model spread by device_map" if spread else f"model_type {loaded.model.config.model_type!r}"

@@ -103,9 +103,9 @@ class DecodeStep:
         """Compile the step before serving (see the module's text). Like
         `capture`, it writes position 0 of slots that hold nothing yet."""
         start = time.monotonic()
-        slots = self.cache.slots
+        slots, longest = self.cache.slots, self.cache.max_len
         for n, length in ((min(2, slots), 2), (min(3, slots), 3), (1, 4)):
-            self.forward(self.inputs[0, :n], self.inputs[1, :n], length)
+            self.forward(self.inputs[0, :n], self.inputs[1, :n], min(length, longest))
         log.info("compiled the decode step with torch.compile in %.1f s", time.monotonic() - start)
 
     @torch.inference_mode()

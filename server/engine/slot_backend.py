@@ -34,7 +34,7 @@ class SlotBackend:
         self.loaded = loaded
         self.model = model
         head = loaded.model.get_output_embeddings()
-        self.lm_head = Linear(head.weight, head.bias, packed, dnn=True)
+        self.lm_head = Linear(head.weight, head.bias, packed, dnn=True, max_rows=max_running)
         self.embed_tokens = loaded.model.get_input_embeddings()
         self.logits_device = loaded.model.get_output_embeddings().weight.device
         self.max_running = max_running

@@ -70,4 +70,11 @@ def test_on_thread_computes_with_its_count_on_a_thread_that_ends_and_hands_back_
         assert e.args == ("no such weight",)
     else:
         raise AssertionError("the error was not handed back")
+    try:
+        cpu_threads.on_thread(-1, work)  # setting the count itself fails
+    except RuntimeError as e:
+        assert str(e) == "set_num_threads expects a positive integer"
+    else:
+        raise AssertionError("the error was not handed back")
+    assert len(seen) == 1
     assert on_thread(torch.get_num_threads) == 1  # and a thread that never chose still computes on one

@@ -117,3 +117,17 @@ def test_a_compiler_that_fails_fails_the_start_and_says_how_to_run_without(loade
         make_scheduler(loaded, max_running=4, compile=True, cuda_graphs=False)
     assert str(raised.value) == ("preparing the decode step (torch.compile) failed (no working C++ compiler found); "
                                  "PTSERVE_COMPILE=false runs it without")  # fmt: skip
+
+
+def test_compiling_at_startup_stays_within_a_short_cache():
+    """The warm-up's lengths are cut to the cache's positions."""
+    torch._dynamo.reset()
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    cache = SlotKVCache(1, 2, 2, 3, 8, torch.float32, "cpu")  # 3 positions
+    step = DecodeStep(slot_model_for(model), model.get_input_embeddings(), model.get_output_embeddings(), cache,
+                      torch.device("cpu"), graphs=False, compile=True)  # fmt: skip
+    with torch.no_grad():
+        assert step([3, 4], [2, 1]).shape == (2, 64)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from server.engine.models.cpu_linear import MKL_ROWS
 from server.engine.models.gpt2 import GPT2SlotModel
 from server.engine.models.llama import LlamaSlotModel
 
 
-def slot_model_for(model, packed: bool = True):
+def slot_model_for(model, packed: bool = True, max_rows: int = MKL_ROWS):
     """A slot forward for this model, or None when its architecture is not covered.
-    packed: large CPU products read packed weights (server/engine/models/cpu_linear.py)."""
+    packed: large CPU products read packed weights (server/engine/models/cpu_linear.py);
+    max_rows: the most rows a decode step has (the engine's max_running)."""
     cfg = model.config
     if cfg.model_type == "llama" and hasattr(model, "model") and not getattr(cfg, "sliding_window", None):
         layer = model.model.layers[0]
@@ -33,7 +35,7 @@ def slot_model_for(model, packed: bool = True):
         # plain Llama attention and RMSNorm, and plain (not quantized) projections that can be packed
         plain_norm = hasattr(layer.input_layernorm, "variance_epsilon")
         if not hasattr(layer.self_attn, "q_norm") and plain_norm and all(type(m) is nn.Linear for m in linears):
-            return LlamaSlotModel(model, packed)
+            return LlamaSlotModel(model, packed, max_rows)
     if cfg.model_type == "gpt2" and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention:
         return GPT2SlotModel(model)
     return None

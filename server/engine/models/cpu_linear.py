@@ -9,7 +9,8 @@ weight packed in advance:
 
 - MKL's packed GEMM (`torch.ops.mkl._mkl_reorder_linear_weight`), for products
   of exactly the row count it was packed for, MKL_ROWS: a full decode step.
-  Its results are F.linear's at that row count, bit for bit (the same kernels).
+  For a contiguous input (a decode step's are), its results are F.linear's
+  at that row count, bit for bit (the same kernels).
 - oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
   torch.compile's freezing uses), for products of at least MIN_ROWS rows.
 
@@ -25,11 +26,16 @@ none stays in cache; F.linear / oneDNN / MKL packed for 32 rows, us:
 
 In a whole decode step of the default model at 32 rows, MKL's packed products
 for every weight took the step from 96 to 84 ms (alternating runs in one
-process). So every weight keeps an MKL copy, and the two where oneDNN wins at
-other row counts (`dnn=True`: the MLP's gate/up and the LM head) keep a oneDNN
-copy too. The cost is memory: one more copy of every layer weight and of the
-LM head, and a second of the gate/up and LM head weights (the default model:
-about 0.9 GB). `PTSERVE_CPU_PACKED_WEIGHTS=false` turns both off. oneDNN's
+process). So every weight keeps an MKL copy, where steps can have MKL_ROWS
+rows (`max_rows`: the engine's max_running), and the two where oneDNN wins
+at other row counts (`dnn=True`: the MLP's gate/up and the LM head) keep a
+oneDNN copy too. The cost is memory: one more copy of every layer weight and
+of the LM head, and a second of the gate/up and LM head weights. On the
+default model (513 MiB of weights) the MKL copies are 515 MiB and the oneDNN
+copies 316 MiB, and building them added 966 MiB of resident memory (1.9x
+the weights); MKL also reserves 2 to 9 times each weight's size of address
+space, not resident.
+`PTSERVE_CPU_PACKED_WEIGHTS=false` turns both off. oneDNN's
 sums run in another order than MKL's, so its results differ from F.linear's
 in the last bits, as between any two batch shapes.
 """
@@ -52,14 +58,15 @@ class Linear:
     """x -> x @ weight.T + bias, like F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: bool = True,
-                 dnn: bool = False):  # fmt: skip
-        """packed: keep MKL's packed copy where `packable` (else this is
-        F.linear); dnn: also keep oneDNN's, for products of MIN_ROWS rows or more."""
+                 dnn: bool = False, max_rows: int = MKL_ROWS):  # fmt: skip
+        """packed: keep MKL's packed copy where `packable` and products of
+        MKL_ROWS rows can happen (max_rows: the most a decode step has); dnn:
+        also keep oneDNN's, for products of MIN_ROWS rows or more. Neither: F.linear."""
         self.weight = weight
         self.bias = bias
         packed = packed and packable(weight)
         self.mkl = None
-        if packed and torch.backends.mkl.is_available():
+        if packed and max_rows >= MKL_ROWS and torch.backends.mkl.is_available():
             self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_ROWS)
         self.dnn = None
         if packed and dnn and torch.backends.mkldnn.is_available():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.engine.models.cpu_linear import Linear
+from server.engine.models.cpu_linear import MKL_ROWS, Linear
 from server.engine.models.slot_attention import SlotAttention
 
 
@@ -52,8 +52,9 @@ class LlamaSlotModel:
     (bench/step_ops.py counts them). F.rms_norm gives Llama's norm bit for bit
     in float32; in bfloat16/float16 it rounds once where Llama's rounds twice."""
 
-    def __init__(self, model, packed: bool = True):
-        """packed: the products read packed copies of their weights on the CPU (cpu_linear.py)."""
+    def __init__(self, model, packed: bool = True, max_rows: int = MKL_ROWS):
+        """packed: the products read packed copies of their weights on the CPU
+        (cpu_linear.py); max_rows: the most rows a decode step has."""
         self.model = model
         self.inner = model.model
         cfg = model.config
@@ -63,10 +64,12 @@ class LlamaSlotModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.no_grad():
             attns, mlps = [x.self_attn for x in self.inner.layers], [x.mlp for x in self.inner.layers]
-            self.qkv = [Linear(*pack_linears([a.q_proj, a.k_proj, a.v_proj]), packed) for a in attns]
-            self.o = [Linear(a.o_proj.weight, a.o_proj.bias, packed) for a in attns]
-            self.gate_up = [Linear(*pack_linears([m.gate_proj, m.up_proj]), packed, dnn=True) for m in mlps]
-            self.down = [Linear(m.down_proj.weight, m.down_proj.bias, packed) for m in mlps]
+            qkv = [pack_linears([a.q_proj, a.k_proj, a.v_proj]) for a in attns]
+            gate_up = [pack_linears([m.gate_proj, m.up_proj]) for m in mlps]
+            self.qkv = [Linear(*wb, packed, max_rows=max_rows) for wb in qkv]
+            self.o = [Linear(a.o_proj.weight, a.o_proj.bias, packed, max_rows=max_rows) for a in attns]
+            self.gate_up = [Linear(*wb, packed, dnn=True, max_rows=max_rows) for wb in gate_up]
+            self.down = [Linear(m.down_proj.weight, m.down_proj.bias, packed, max_rows=max_rows) for m in mlps]
         # "dynamic" rotary scaling compares the largest position with a cached length on the host
         self.capturable = "dynamic" not in str(getattr(self.inner.rotary_emb, "rope_type", "default"))
 

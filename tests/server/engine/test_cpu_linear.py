@@ -36,6 +36,8 @@ def test_packed_copies_exist_only_for_float32_cpu_weights_when_asked():
     assert (plain.mkl is not None) == torch.backends.mkl.is_available()
     assert plain.dnn is None  # oneDNN's copy only where asked for
     assert (Linear(weight, dnn=True).dnn is not None) == torch.backends.mkldnn.is_available()
+    # no decode step of an engine with fewer rows can use MKL's copy: none is made
+    assert Linear(weight, dnn=True, max_rows=MKL_ROWS - 1).mkl is None
     for other in (Linear(weight, packed=False, dnn=True), Linear(weight.to(torch.bfloat16), dnn=True),
                   Linear(weight.double(), dnn=True)):  # fmt: skip
         assert other.mkl is None and other.dnn is None
