@@ -158,7 +158,8 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
                            compile=compile, pad_steps=pad, packed=not compile)  # fmt: skip
 
     # as the server builds it (server/build.py): with the model's thread count
-    backend = cpu_threads.on_thread(threads, make) if loaded.device.type == "cpu" or compile else make()
+    same_count = loaded.device.type == "cpu" or (compile and not graphs)
+    backend = cpu_threads.on_thread(threads, make) if same_count else make()
     d = backend.decode_step
     print(
         f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "

@@ -167,8 +167,9 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
                           cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
 
     # built with the scheduler's thread count where it matters: MKL packs weights for the packing
-    # thread's count, and torch.compile compiles again for a thread with another count
-    same_count = loaded.device.type == "cpu" or settings.compile
+    # thread's count, and torch.compile compiles again for a thread with another count (CUDA graphs
+    # replay what was captured, whatever the thread)
+    same_count = loaded.device.type == "cpu" or (settings.compile and not settings.cuda_graphs)
     built = cpu_threads.on_thread(threads, batch) if same_count else batch()
     return Scheduler(built, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
                      settings.max_wait_ms / 1000, stats, settings.max_queue, threads, settings.train_share)  # fmt: skip
