@@ -55,13 +55,12 @@ from ptcore import cpu_threads
 from ptcore.inputs import embed, pack, prompt_table
 from ptcore.model import LoadedModel, avoid_cudnn_attention, describe_model
 from ptcore.task_prompt import task_prompt
+from server.engine.backends import make_batch
 from server.engine.batch import GenerateBatch
 from server.engine.classify import Classifier
-from server.engine.models import slot_model_for
 from server.engine.outputs import Collected
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import Scheduler
-from server.engine.slot_backend import SlotBackend
 from server.engine.stats import BatchStats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,23 +149,16 @@ def make_batcher(loaded, args, graphs: bool, compile: bool = False, pad: bool | 
     max_len = args.prompt_len + args.input_len + args.new_tokens
     start = time.monotonic()
     threads = cpu_threads.resolve(getattr(args, "threads", None) or 0)
-
-    def make() -> SlotBackend:
-        model = slot_model_for(loaded.model, not compile, args.max_running)
-        return SlotBackend(loaded, model, max_running=args.max_running, max_len=max_len,
-                           max_tokens=args.max_running * max_len, prefix_cache_size=64, cuda_graphs=graphs,
-                           compile=compile, pad_steps=pad, packed=not compile)  # fmt: skip
-
-    # as the server builds it (server/build.py): with the model's thread count
-    same_count = loaded.device.type == "cpu" or (compile and not graphs)
-    backend = cpu_threads.on_thread(threads, make) if same_count else make()
-    d = backend.decode_step
+    # as the server builds it (server/build.py), with the model's thread count
+    batch = make_batch(loaded, "continuous", max_running=args.max_running, max_seq_len=max_len, prefix_cache_size=64,
+                       cuda_graphs=graphs, compile=compile, pad_steps=pad, threads=threads)  # fmt: skip
+    d = batch.backend.decode_step
     print(
         f"engine built in {time.monotonic() - start:.1f} s: graphs={d.use_graphs} ({len(d.graphs)} captured) "
         f"compile={compile} pad={d.pad}",
         flush=True,
     )
-    return GenerateBatch(backend, loaded)
+    return batch
 
 
 def scheduler_for(batch: GenerateBatch, args, stats: BatchStats) -> Scheduler:

@@ -17,7 +17,6 @@ from prompt_store.store import PromptStore
 from ptcore import cpu_threads
 from ptcore.model import LoadedModel, load_model
 from server.engine.backends import make_batch
-from server.engine.batch import GenerateBatch
 from server.engine.classify import Classifier
 from server.engine.scheduler import Scheduler
 from server.engine.slot_backend import SlotBackend
@@ -159,19 +158,11 @@ def make_scheduler(settings: Settings, loaded: LoadedModel, stats: BatchStats) -
     """The one scheduler, over the generate batch whose backend suits this model
     and these settings (server/engine/backends.py), and the classifier."""
     threads = cpu_threads.resolve(settings.cpu_threads)
-
-    def batch() -> GenerateBatch | None:
-        return make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
-                          settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
-                          settings.cuda_graphs, settings.compile,
-                          cpu_packed_weights=settings.cpu_packed_weights)  # fmt: skip
-
-    # built with the scheduler's thread count where it matters: MKL packs weights for the packing
-    # thread's count, and torch.compile compiles again for a thread with another count (CUDA graphs
-    # replay what was captured, whatever the thread)
-    same_count = loaded.device.type == "cpu" or (settings.compile and not settings.cuda_graphs)
-    built = cpu_threads.on_thread(threads, batch) if same_count else batch()
-    return Scheduler(built, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
+    batch = make_batch(loaded, settings.engine.value, bool(settings.device_map), settings.max_running,
+                       settings.max_seq_len, settings.max_tokens_in_flight, settings.prefix_cache_size,
+                       settings.cuda_graphs, settings.compile, cpu_packed_weights=settings.cpu_packed_weights,
+                       threads=threads)  # fmt: skip
+    return Scheduler(batch, Classifier(loaded, settings.max_classify_rows), settings.max_batch_size,
                      settings.max_wait_ms / 1000, stats, settings.max_queue, threads, settings.train_share)  # fmt: skip
 
 

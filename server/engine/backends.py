@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
+from ptcore import cpu_threads
 from ptcore.model import LoadedModel
 from server.engine.batch import GenerateBatch
 from server.engine.hf_backend import HFBackend
@@ -15,8 +17,8 @@ log = logging.getLogger(__name__)
 
 def make_batch(loaded: LoadedModel, engine: str = "auto", spread: bool = False, max_running: int = 32,
                max_seq_len: int = 1024, max_tokens: int = 0, prefix_cache_size: int = 64, cuda_graphs: bool = True,
-               compile: bool = False, pad_steps: bool | None = None,
-               cpu_packed_weights: bool = True) -> GenerateBatch | None:  # fmt: skip
+               compile: bool = False, pad_steps: bool | None = None, cpu_packed_weights: bool = True,
+               threads: int = 0) -> GenerateBatch | None:  # fmt: skip
     """The generate batch for `loaded`, or None for a model that cannot generate.
 
     engine "continuous" (the slot backend: requests join between any two decode
@@ -25,7 +27,18 @@ def make_batch(loaded: LoadedModel, engine: str = "auto", spread: bool = False, 
     not spread over devices by device_map (`spread`). max_tokens 0 means
     max_running * max_len. cpu_packed_weights: see server/engine/models/cpu_linear.py;
     not with compile (inductor cannot lower oneDNN's product over a packed weight
-    that is not a constant of the graph)."""
+    that is not a constant of the graph).
+
+    threads: the CPU threads of the thread that will run the model (0: build
+    here, as this thread is). Where the build depends on that count, it runs on
+    a thread of its own with it (ptcore/cpu_threads.py): on the CPU, MKL packs
+    a weight for the packing thread's count, and torch.compile without CUDA
+    graphs compiles again for a thread with another count (a CUDA graph
+    replays what was captured, whatever the thread)."""
+    if threads and (loaded.device.type == "cpu" or (compile and not cuda_graphs)):
+        return cpu_threads.on_thread(threads, partial(make_batch, loaded, engine, spread, max_running, max_seq_len,
+                                                      max_tokens, prefix_cache_size, cuda_graphs, compile, pad_steps,
+                                                      cpu_packed_weights))  # fmt: skip
     if loaded.family != "causal":
         return None
     packed = cpu_packed_weights and not compile

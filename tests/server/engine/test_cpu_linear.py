@@ -49,17 +49,18 @@ def test_the_server_packs_weights_with_the_schedulers_thread_count(tiny_model_di
     took twice as long per product (measured: 1542 against 899 us)."""
     from ptcore.model import load_model
     from server import build
+    from server.engine import backends
     from server.engine.stats import BatchStats
     from server.settings import Settings
 
     loaded = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
-    seen, real = [], build.make_batch
+    seen, real = [], backends.slot_model_for
 
-    def spy(*args, **kwargs):
+    def spy(*args, **kwargs):  # where the layers' weights are packed
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(build, "make_batch", spy)
+    monkeypatch.setattr(backends, "slot_model_for", spy)
     scheduler = build.make_scheduler(Settings(model="m", cpu_threads=3), loaded, BatchStats())
     assert seen == [3]
     assert scheduler.threads == 3
